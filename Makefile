@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# torch and torchvision are pinned first: on the project's machines pip takes exactly that pair
+# from local disk, while other pins pull multi-GB CUDA builds or a torchvision that won't import.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test lint typecheck check-imports unit clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(PIP) $(TORCH_PIN) 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, torchvision"
+	$(PIP) -e '.[cpu,export,test]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import dbmef.runtime, onnxruntime, diffusers, timm"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/dbmef demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check dbmef tests benchmarks
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+check-imports: $(BIN)/.installed
+	$(BIN)/lint-imports
+
+unit: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck check-imports unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The export side (heavy: torch, diffusers, timm, onnx): writes bundles the runtime loads."""

@@ -1,0 +1,130 @@
+"""The one ``Engine`` interface every backend implements, and the component contracts.
+
+An engine maps named numpy inputs to named numpy outputs. Backends: ONNX Runtime
+(``dbmef.runtime.ort_backend``), native TensorRT, and the torch reference (``dbmef.reference``),
+which exists for parity tests and baselines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from dbmef.errors import EngineError
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Named inputs -> named outputs. Implementations are context managers (close on exit)."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """The I/O contract of one exported component (names, dtypes, symbolic shapes)."""
+
+    name: str
+    inputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
+    outputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i[0] for i in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o[0] for o in self.outputs)
+
+
+# The contracts shared by export, validation, engine building and the runtime. Symbolic dims:
+# B batch, C classes, H/W image size, L token length (77), D text width, h/w latent size.
+BACKBONE = ComponentSpec(
+    "backbone",
+    inputs=(("pixel_values", "float32", ("B", 3, "H", "W")),),
+    outputs=(("logits", "float32", ("B", "C")),),
+)
+TEXT_ENCODER = ComponentSpec(
+    "text_encoder",
+    inputs=(("input_ids", "int64", ("B", "L")),),
+    outputs=(("last_hidden_state", "float32", ("B", "L", "D")),),
+)
+VAE_ENCODER = ComponentSpec(
+    "vae_encoder",
+    inputs=(("image", "float32", ("B", 3, "H", "W")),),
+    outputs=(("latent", "float32", ("B", 4, "h", "w")),),
+)
+UNET = ComponentSpec(
+    "unet",
+    inputs=(
+        ("sample", "float32", ("B", 4, "h", "w")),
+        ("timestep", "int64", ("B",)),
+        ("encoder_hidden_states", "float32", ("B", "L", "D")),
+    ),
+    outputs=(("noise_pred", "float32", ("B", 4, "h", "w")),),
+)
+# The fused scorer: noising, both conditions, the lam combination and the squared error in one
+# graph, so only B floats leave the device per call.
+SCORER = ComponentSpec(
+    "scorer",
+    inputs=(
+        ("x0", "float32", ("B", 4, "h", "w")),
+        ("eps", "float32", ("B", 4, "h", "w")),
+        ("timestep", "int64", ("B",)),
+        ("emb_pos", "float32", ("B", "L", "D")),
+        ("emb_neg", "float32", ("B", "L", "D")),
+        ("lam", "float32", (1,)),
+    ),
+    outputs=(("error", "float32", ("B",)),),
+)
+COMPONENTS: dict[str, ComponentSpec] = {
+    s.name: s for s in (BACKBONE, TEXT_ENCODER, VAE_ENCODER, UNET, SCORER)
+}
+
+
+def check_feeds(engine: Engine, feeds: Mapping[str, np.ndarray]) -> None:
+    """Raise EngineError naming missing or unexpected inputs (shared by every backend)."""
+    missing = [n for n in engine.input_names if n not in feeds]
+    extra = [n for n in feeds if n not in engine.input_names]
+    if missing or extra:
+        raise EngineError(
+            f"engine '{engine.name}' expects inputs {list(engine.input_names)}; "
+            f"missing {missing}, unexpected {extra}"
+        )
+
+
+class FunctionEngine:
+    """An engine over a plain Python function; for tests and simple host-side components."""
+
+    def __init__(self, name: str, input_names: tuple[str, ...], output_names: tuple[str, ...], fn):  # type: ignore[no-untyped-def]
+        self.name = name
+        self.input_names = input_names
+        self.output_names = output_names
+        self._fn = fn
+        self.calls = 0
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self, feeds)
+        self.calls += 1
+        out = self._fn(**{n: feeds[n] for n in self.input_names})
+        if not isinstance(out, dict):
+            out = {self.output_names[0]: out}
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> FunctionEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

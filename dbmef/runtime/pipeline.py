@@ -1,0 +1,279 @@
+"""The DBMEF decision procedure over engines: backbone -> softmax -> protector ->
+(VAE encode -> negative prompts -> scorer) -> results, with per-stage timings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dbmef.errors import ConfigError, DBMEFError
+from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.engine import Engine
+from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreprocess, describe, load_image
+from dbmef.runtime.prompts import negative_prompts, positive_prompt
+from dbmef.runtime.protector import Protector, softmax
+from dbmef.runtime.scorer import DiffusionScorer
+from dbmef.runtime.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode_preprocess", "backbone", "protector", "vae_encode", "text_encoder", "unet_scoring", "vote")
+
+
+@dataclass
+class ImageResult:
+    """The answer for one input. ``label`` is None only when ``error`` says why."""
+
+    index: int
+    image: str
+    label: int | None = None
+    class_name: str | None = None
+    rethought: bool = False
+    backbone_label: int | None = None
+    max_prob: float | None = None
+    topk: list[tuple[int, float]] = field(default_factory=list)
+    candidates: list[int] = field(default_factory=list)
+    errors: list[list[float]] = field(default_factory=list)  # (V, k)
+    votes: list[int] = field(default_factory=list)  # (k,)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds, this image's share
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "image": self.image,
+            "label": self.label,
+            "class_name": self.class_name,
+            "rethought": self.rethought,
+            "backbone_label": self.backbone_label,
+            "max_prob": self.max_prob,
+            "topk": [[c, p] for c, p in self.topk],
+            "candidates": self.candidates,
+            "errors": self.errors,
+            "votes": self.votes,
+            "timings": self.timings,
+            "error": self.error,
+        }
+
+
+class StageTimer:
+    """Accumulates wall time per stage. Engines are synchronous here, so a stage's clock stops when
+    its outputs are on the host."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {s: 0.0 for s in STAGES}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+class EmbeddingCache:
+    """A bounded LRU cache of negative embeddings keyed by the ordered candidate tuple."""
+
+    def __init__(self, maxsize: int = 4096):
+        self.maxsize = maxsize
+        self._d: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[int, ...]) -> np.ndarray | None:
+        v = self._d.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._d.move_to_end(key)
+        return v
+
+    def put(self, key: tuple[int, ...], value: np.ndarray) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.maxsize:
+            self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+@dataclass
+class PipelineEngines:
+    """The four networks of a DBMEF system, each behind the Engine interface."""
+
+    backbone: Engine
+    text_encoder: Engine
+    vae_encoder: Engine
+    scorer: Engine  # a fused scorer or a plain UNet
+
+    def close(self) -> None:
+        for e in (self.backbone, self.text_encoder, self.vae_encoder, self.scorer):
+            e.close()
+
+
+class DBMEFPipeline:
+    """Classify batches of images with DBMEF over any engine backend.
+
+    class_names: (C,) names in the backbone's class order. positive_embeddings: (C,L,D), computed
+    with the text encoder on first use when not given (a bundle ships them precomputed).
+    latent_shape: (4, h, w) of the VAE latent for ``vae_image_size`` inputs.
+    """
+
+    def __init__(
+        self,
+        engines: PipelineEngines,
+        tokenizer: ClipTokenizer,
+        class_names: Sequence[str],
+        config: ScoringConfig,
+        protector: Protector,
+        backbone_preprocess: BackbonePreprocess,
+        vae_image_size: int,
+        latent_shape: tuple[int, int, int],
+        positive_embeddings: np.ndarray | None = None,
+        backbone_batch: int = 32,
+        cache_size: int = 4096,
+    ):
+        if config.k > len(class_names):
+            raise ConfigError(f"k = {config.k} exceeds the number of classes ({len(class_names)})")
+        self.engines = engines
+        self.tokenizer = tokenizer
+        self.class_names = list(class_names)
+        self.config = config
+        self.protector = protector
+        self.backbone_preprocess = backbone_preprocess
+        self.vae_preprocess = VaePreprocess(vae_image_size)
+        self.backbone_batch = backbone_batch
+        self.scorer = DiffusionScorer(config, engines.scorer, latent_shape)
+        self.negative_cache = EmbeddingCache(cache_size)
+        if positive_embeddings is None:
+            positive_embeddings = self.encode_text(
+                [positive_prompt(n, config.templates) for n in self.class_names]
+            )
+        if positive_embeddings.shape[0] != len(self.class_names):
+            raise ConfigError(
+                f"{positive_embeddings.shape[0]} positive embeddings for {len(self.class_names)} classes"
+            )
+        self.positive_embeddings = np.ascontiguousarray(positive_embeddings, dtype=np.float32)
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> (N, L, D) last hidden states, in text-encoder batches of at most 64."""
+        outs = []
+        for s in range(0, len(texts), 64):
+            ids = self.tokenizer(texts[s : s + 64])
+            outs.append(self.engines.text_encoder({"input_ids": ids})["last_hidden_state"])
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def negative_embeddings(self, candidates: np.ndarray) -> np.ndarray:
+        """(M,k) candidate ids -> (M,k,L,D): each image's k negatives in one text-encoder call,
+        cached by the ordered candidate tuple."""
+        out = []
+        for row in candidates:
+            key = tuple(int(c) for c in row)
+            emb = self.negative_cache.get(key)
+            if emb is None:
+                names = [self.class_names[c] for c in key]
+                emb = self.encode_text(negative_prompts(names, self.config.templates))
+                self.negative_cache.put(key, emb)
+            out.append(emb)
+        return np.stack(out)
+
+    def classify(
+        self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[ImageResult]:
+        """Classify a batch. One result per input, in input order; an input that cannot be read
+        gets ``error`` set and does not stop the others. ``progress`` receives UNet rows done."""
+        timer = StageTimer()
+        results = [ImageResult(i, names[i] if names else describe(src)) for i, src in enumerate(images)]
+        pils: dict[int, Image.Image] = {}
+        pixel: list[np.ndarray] = []
+        with timer("decode_preprocess"):
+            for r, src in zip(results, images):
+                try:
+                    img = load_image(src)
+                    pixel.append(self.backbone_preprocess(img))
+                    pils[r.index] = img
+                except DBMEFError as exc:
+                    r.error = str(exc)
+                    log.warning("skipping %s: %s", r.image, exc)
+        ok = [r for r in results if r.error is None]
+        if ok:
+            self._classify_ok(ok, np.stack(pixel), pils, timer, progress)
+        self._share_timings(ok, timer)
+        self.last_timings = timer.seconds
+        return results
+
+    def _classify_ok(
+        self, ok: list[ImageResult], pixel: np.ndarray, pils: dict[int, Image.Image],
+        timer: StageTimer, progress: Callable[[int], None] | None,
+    ) -> None:
+        k = self.config.k
+        with timer("backbone"):
+            logits = np.concatenate([
+                self.engines.backbone({"pixel_values": pixel[s : s + self.backbone_batch]})["logits"]
+                for s in range(0, len(pixel), self.backbone_batch)
+            ])  # (N, C)
+        if logits.shape[1] != len(self.class_names):
+            raise ConfigError(
+                f"the backbone outputs {logits.shape[1]} classes but {len(self.class_names)} class names "
+                "are configured; pass class names that match the backbone"
+            )
+        with timer("protector"):
+            probs = softmax(logits)  # (N, C)
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k) rank order
+            top_p = np.take_along_axis(probs, top, axis=1)
+            rethink = self.protector.rethink(top_p[:, 0])
+        for j, r in enumerate(ok):
+            r.backbone_label = int(top[j, 0])
+            r.max_prob = float(top_p[j, 0])
+            r.topk = [(int(c), float(p)) for c, p in zip(top[j], top_p[j])]
+            r.rethought = bool(rethink[j])
+            r.label = r.backbone_label
+        sel = np.flatnonzero(rethink)
+        if sel.size:
+            with timer("vae_encode"):
+                imgs = np.stack([self.vae_preprocess(pils[ok[j].index]) for j in sel])
+                latents = np.concatenate([
+                    self.engines.vae_encoder({"image": imgs[s : s + 8]})["latent"] for s in range(0, len(imgs), 8)
+                ])  # (M,4,h,w)
+            cands = top[sel]  # (M,k)
+            with timer("text_encoder"):
+                neg = self.negative_embeddings(cands)  # (M,k,L,D)
+            with timer("unet_scoring"):
+                sr = self.scorer.score(latents, cands, self.positive_embeddings, neg, progress)
+            with timer("vote"):
+                for q, j in enumerate(sel.tolist()):
+                    r = ok[j]
+                    r.label = int(sr.labels[q])
+                    r.candidates = [int(c) for c in sr.candidates[q]]
+                    r.errors = sr.errors[q].astype(float).tolist()
+                    r.votes = [int(v) for v in sr.votes[q]]
+        for r in ok:
+            r.class_name = self.class_names[r.label] if r.label is not None else None
+
+    @staticmethod
+    def _share_timings(ok: list[ImageResult], timer: StageTimer) -> None:
+        """Attribute batch stage time to images: shared stages split over all readable images,
+        rethink stages over the rethought ones only."""
+        s = timer.seconds
+        n_ok = max(len(ok), 1)
+        n_re = max(sum(r.rethought for r in ok), 1)
+        for r in ok:
+            r.timings = {
+                st: s[st] / (n_re if st in ("vae_encode", "text_encoder", "unet_scoring", "vote") else n_ok)
+                for st in STAGES
+                if r.rethought or st not in ("vae_encode", "text_encoder", "unet_scoring", "vote")
+            }
+
+

@@ -1,0 +1,221 @@
+"""Image decoding and the two preprocessing paths (backbone and VAE), numpy + Pillow only.
+
+The backbone path reproduces timm's eval transform from the model's own data config
+(``resolve_data_config``): resize the short side to ``floor(size / crop_pct)``, center crop,
+scale to [0, 1], normalise. torchvision's Resize on a PIL image calls PIL's resize with the same
+filter, so the two agree bit for bit before normalisation.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dbmef.errors import ConfigError, ImageError
+
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def describe(src: ImageInput) -> str:
+    """A short name for an input, for results and error messages."""
+    if isinstance(src, (str, Path)):
+        return str(src)
+    if isinstance(src, bytes):
+        return f"<{len(src)} bytes>"
+    if isinstance(src, np.ndarray):
+        return f"<array {src.shape} {src.dtype}>"
+    return f"<PIL {src.mode} {src.size[0]}x{src.size[1]}>"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: grey, 16-bit and float are rescaled, alpha is composited
+    on white (a transparent background is not black), CMYK and palettes are converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            a = a / 257.0  # 65535 -> 255
+        elif mode == "I":
+            a = a / 257.0 if a.max(initial=0) > 255 else a
+        else:  # float images: assume [0, 1] when they look like it
+            a = a * 255.0 if a.max(initial=0) <= 1.0 else a
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(src: ImageInput) -> Image.Image:
+    """Decode a path, encoded bytes, a PIL image or an array (H,W[,C], uint8/uint16/float) to RGB.
+
+    Raises ImageError naming the input when it cannot be read.
+    """
+    name = describe(src)
+    img: Image.Image
+    try:
+        if isinstance(src, (str, Path)):
+            p = Path(src)
+            if not p.is_file():
+                raise ImageError(f"{name}: no such file")
+            with Image.open(p) as im:
+                im.load()
+                img = im
+        elif isinstance(src, bytes):
+            with Image.open(io.BytesIO(src)) as im:
+                im.load()
+                img = im
+        elif isinstance(src, Image.Image):
+            img = src
+        elif isinstance(src, np.ndarray):
+            img = _array_to_pil(src)
+        else:
+            raise ImageError(
+                f"unsupported image input of type {type(src).__name__}; pass a path, bytes, PIL image or array"
+            )
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # CHW -> HWC
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ImageError(f"array of shape {a.shape} is not an image (H,W), (H,W,3|4) or (3|4,H,W)")
+    if a.dtype == np.uint16:
+        a = (a.astype(np.float64) / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = np.clip(np.rint(a * 255.0 if a.max(initial=0) <= 1.0 else a), 0, 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageError(f"array dtype {a.dtype} is not supported; use uint8, uint16 or float")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def resize_short_side(img: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Resize so the short side is ``size``, as torchvision's ``Resize(int)`` does."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), _filter(interpolation))
+
+
+def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """torchvision's CenterCrop rounding: top = round((h - th) / 2)."""
+    th, tw = size
+    w, h = img.size
+    if w < tw or h < th:
+        raise ImageError(f"image {w}x{h} is smaller than the crop {tw}x{th}")
+    top = round((h - th) / 2.0)
+    left = round((w - tw) / 2.0)
+    return img.crop((left, top, left + tw, top + th))
+
+
+def _filter(name: str) -> Image.Resampling:
+    try:
+        return _FILTERS[name]
+    except KeyError:
+        raise ConfigError(f"interpolation {name!r} is not supported; use one of {sorted(_FILTERS)}") from None
+
+
+@dataclass(frozen=True)
+class BackbonePreprocess:
+    """timm's eval preprocessing, from the model's data config (``resolve_data_config``)."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    @classmethod
+    def from_data_config(cls, cfg: Mapping[str, Any]) -> BackbonePreprocess:
+        mode = cfg.get("crop_mode", "center")
+        if mode not in ("center", "squash"):
+            raise ConfigError(f"timm crop_mode {mode!r} is not supported; supported: 'center', 'squash'")
+        return cls(
+            input_size=tuple(int(x) for x in cfg["input_size"]),  # type: ignore[arg-type]
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            mean=tuple(float(x) for x in cfg.get("mean", cls.mean)),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in cfg.get("std", cls.std)),  # type: ignore[arg-type]
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            crop_mode=mode,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": list(self.input_size),
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> (3, H, W) float32, normalised."""
+        _, h, w = self.input_size
+        if self.crop_mode == "squash":
+            scale = (math.floor(h / self.crop_pct), math.floor(w / self.crop_pct))
+            img = img.resize((scale[1], scale[0]), _filter(self.interpolation))
+        else:
+            scale_size = math.floor(min(h, w) / self.crop_pct) if h == w else None
+            if scale_size is not None:
+                img = resize_short_side(img, scale_size, self.interpolation)
+            else:
+                img = img.resize(
+                    (math.floor(w / self.crop_pct), math.floor(h / self.crop_pct)), _filter(self.interpolation)
+                )
+        img = center_crop(img, (h, w))
+        a = np.asarray(img, dtype=np.float32) / 255.0  # (H,W,3)
+        a = ((a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(np.float32)
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class VaePreprocess:
+    """DESIGN.md §1.4: bicubic resize of the short side to ``size``, center crop, scale to [-1, 1]."""
+
+    size: int = 512
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> (3, size, size) float32 in [-1, 1]."""
+        img = resize_short_side(img, self.size, "bicubic")
+        img = center_crop(img, (self.size, self.size))
+        a = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.stack(arrays)) if arrays else np.empty((0,), np.float32)

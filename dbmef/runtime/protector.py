@@ -1,0 +1,77 @@
+"""The confidence protector (DESIGN.md §1.2): which answers of the backbone get rethought."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dbmef.errors import ConfigError
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis, computed in float64 then cast to float32."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Protector:
+    """Rethink an image iff its top softmax probability ``S(x) <= threshold``.
+
+    ``threshold`` is ``S_alpha``, the lower ``alpha = 1 - prot`` quantile of ``S`` over calibration
+    images the backbone classifies correctly. ``prot = 0`` rethinks everything (threshold +inf),
+    ``prot = 1`` nothing (threshold -inf).
+    """
+
+    threshold: float
+    prot: float | None = None
+    n_samples: int | None = None
+
+    @classmethod
+    def calibrate(cls, max_probs: np.ndarray, correct: np.ndarray, prot: float) -> Protector:
+        """Fit the threshold from calibration data.
+
+        max_probs: (N,) top softmax probability per calibration image. correct: (N,) bool, whether
+        the backbone's top-1 was right. The quantile uses numpy's ``lower`` method so that the
+        threshold is an observed S value: exactly ``ceil``-free and reproducible.
+        """
+        if not 0.0 <= prot <= 1.0:
+            raise ConfigError(f"prot = {prot} must lie in [0, 1] (paper default 0.95)")
+        s = np.asarray(max_probs, dtype=np.float64).reshape(-1)
+        ok = np.asarray(correct, dtype=bool).reshape(-1)
+        if s.shape != ok.shape:
+            raise ConfigError(f"max_probs has {s.size} entries but correct has {ok.size}")
+        n_correct = int(ok.sum())
+        if prot <= 0.0:
+            return cls(math.inf, prot, n_correct)
+        if prot >= 1.0:
+            return cls(-math.inf, prot, n_correct)
+        if n_correct == 0:
+            raise ConfigError(
+                "cannot calibrate the protector: the backbone classified none of the "
+                f"{s.size} calibration images correctly; check the labels and class order"
+            )
+        alpha = 1.0 - prot
+        threshold = float(np.quantile(s[ok], alpha, method="lower"))
+        return cls(threshold, prot, n_correct)
+
+    def rethink(self, max_probs: np.ndarray) -> np.ndarray:
+        """(B,) bool: True where the image is rethought (``S <= threshold``)."""
+        return np.asarray(max_probs) <= self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        # JSON has no infinities: encode them as strings that float() reads back.
+        thr: float | str = self.threshold if math.isfinite(self.threshold) else str(self.threshold)
+        return {"threshold": thr, "prot": self.prot, "n_samples": self.n_samples}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Protector:
+        try:
+            return cls(float(data["threshold"]), data.get("prot"), data.get("n_samples"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"protector record {data!r} is invalid: {exc}") from exc

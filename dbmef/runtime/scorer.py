@@ -1,0 +1,180 @@
+"""The DBMEF diffusion scorer (DESIGN.md §1.4-1.8): rows, fixed-size UNet batches, lam, votes.
+
+One *row* is one (image m, vote v, timestep i, candidate c) with both of its conditions. For a
+batch of M rethought images there are R = M*V*n*k rows, gathered in fixed-size chunks of
+``unet_batch`` rows (the tail padded by repeating the last row) so every engine call has the
+same shape: the shape a TensorRT engine or a CUDA graph was built for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dbmef.errors import ConfigError, EngineError
+from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.engine import Engine
+from dbmef.runtime.noise import NoiseBank
+from dbmef.runtime.schedule import alphas_cumprod, timestep_grid
+
+log = logging.getLogger(__name__)
+
+# A row kernel maps gathered rows to one error per row:
+# (x0 (B,4,h,w), eps (B,4,h,w), t (B,), emb_pos (B,L,D), emb_neg (B,L,D)) -> err (B,)
+RowKernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def combine_and_error(eps: np.ndarray, pred_pos: np.ndarray, pred_neg: np.ndarray, lam: float) -> np.ndarray:
+    """``eps_hat = neg + lam (pos - neg)``; per-row ``mean((eps - eps_hat)^2)``. (B,4,h,w)x3 -> (B,)."""
+    eps_hat = pred_neg + np.float32(lam) * (pred_pos - pred_neg)
+    diff = eps.astype(np.float32) - eps_hat
+    return np.asarray(np.mean(diff * diff, axis=tuple(range(1, diff.ndim)), dtype=np.float64), dtype=np.float32)
+
+
+def vote(errors: np.ndarray) -> tuple[int, np.ndarray]:
+    """Majority vote over V repeats with the paper's tie-break.
+
+    errors: (V, k) per-vote, per-candidate mean error. Each vote picks its argmin (a tie inside a
+    vote goes to the better-ranked candidate). The candidate with the most votes wins; a tie goes to
+    the tied candidate with the least mean error over votes, then to the better rank.
+    Returns (winning candidate position, (k,) vote counts).
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.ndim != 2:
+        raise ConfigError(f"vote() needs errors of shape (V, k), got {errors.shape}")
+    counts = np.bincount(errors.argmin(axis=1), minlength=errors.shape[1])
+    tied = np.flatnonzero(counts == counts.max())
+    mean_err = errors.mean(axis=0)
+    winner = int(tied[np.argmin(mean_err[tied])])  # argmin: first (best-ranked) among equal means
+    return winner, counts
+
+
+@dataclass
+class ScoreResult:
+    """Scorer output for M images. candidates (M,k) class ids in rank order; errors (M,V,k);
+    votes (M,k) counts; labels (M,) winning class ids; rows: UNet rows evaluated (padding excluded);
+    engine_calls: engine invocations made."""
+
+    candidates: np.ndarray
+    errors: np.ndarray
+    votes: np.ndarray
+    labels: np.ndarray
+    rows: int
+    engine_calls: int
+
+
+class DiffusionScorer:
+    """Re-rank candidates by how well each text condition lets the UNet predict fixed noise.
+
+    ``engine`` is either a fused scorer engine (component ``scorer``: inputs x0, eps, timestep,
+    emb_pos, emb_neg, lam -> error) or a plain UNet engine (component ``unet``: sample, timestep,
+    encoder_hidden_states -> noise_pred), in which case noising, the lam combination and the
+    error run on the host. ``mode`` is inferred from the engine's input names.
+    """
+
+    def __init__(self, config: ScoringConfig, engine: Engine, latent_shape: tuple[int, int, int]):
+        self.config = config
+        self.engine = engine
+        self.latent_shape = tuple(latent_shape)
+        self.timesteps = timestep_grid(config.n_timesteps, config.num_train_timesteps)  # (n,)
+        self.abar = alphas_cumprod(config.num_train_timesteps, config.beta_start, config.beta_end)
+        # Square roots taken in float64, then cast: the fused graph embeds these same tables.
+        self.sqrt_abar = np.sqrt(self.abar).astype(np.float32)  # (T,)
+        self.sqrt_one_minus_abar = np.sqrt(1.0 - self.abar).astype(np.float32)  # (T,)
+        self.noise = NoiseBank(config.votes, config.n_timesteps, self.latent_shape, config.seed)
+        names = set(engine.input_names)
+        if {"x0", "eps", "emb_pos", "emb_neg"} <= names:
+            self.mode = "fused"
+            self._kernel: RowKernel = self._fused_kernel
+        elif {"sample", "timestep", "encoder_hidden_states"} <= names:
+            self.mode = "unet"
+            self._kernel = self._unet_kernel
+        else:
+            raise EngineError(
+                f"engine '{engine.name}' has inputs {list(engine.input_names)}: neither a fused "
+                "scorer (x0, eps, timestep, emb_pos, emb_neg, lam) nor a UNet "
+                "(sample, timestep, encoder_hidden_states)"
+            )
+        self._lam = np.array([config.lam], dtype=np.float32)
+
+    # -- row kernels -------------------------------------------------------------------------
+    def _fused_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+        out = self.engine(
+            {"x0": x0, "eps": eps, "timestep": t, "emb_pos": emb_pos, "emb_neg": emb_neg, "lam": self._lam}
+        )
+        return np.asarray(out["error"], dtype=np.float32).reshape(-1)
+
+    def _unet_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+        a = self.sqrt_abar[t][:, None, None, None]  # (B,1,1,1)
+        s = self.sqrt_one_minus_abar[t][:, None, None, None]
+        x_t = a * x0 + s * eps  # (B,4,h,w)
+        # Both conditions in one call: rows [0, B) positive, [B, 2B) negative.
+        out = self.engine(
+            {
+                "sample": np.concatenate([x_t, x_t]),
+                "timestep": np.concatenate([t, t]),
+                "encoder_hidden_states": np.concatenate([emb_pos, emb_neg]),
+            }
+        )["noise_pred"]
+        b = x0.shape[0]
+        return combine_and_error(eps, out[:b], out[b:], self.config.lam)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def score(
+        self,
+        latents: np.ndarray,
+        candidates: np.ndarray,
+        positive_table: np.ndarray,
+        negative_embeddings: np.ndarray,
+        progress: Callable[[int], None] | None = None,
+    ) -> ScoreResult:
+        """Score M images.
+
+        latents: (M,4,h,w) float32 VAE latents x0. candidates: (M,k) class ids in rank order.
+        positive_table: (C,L,D) positive embedding of every class. negative_embeddings: (M,k,L,D)
+        the negative condition of each image's candidates. progress: called with rows done.
+        """
+        cfg = self.config
+        latents = np.ascontiguousarray(latents, dtype=np.float32)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        m_count = latents.shape[0]
+        if latents.shape[1:] != self.latent_shape:
+            raise EngineError(f"latents have shape {latents.shape[1:]}, scorer expects {self.latent_shape}")
+        if candidates.shape != (m_count, cfg.k):
+            raise EngineError(f"candidates have shape {candidates.shape}, expected ({m_count}, {cfg.k})")
+        if negative_embeddings.shape[:2] != (m_count, cfg.k):
+            raise EngineError(
+                f"negative embeddings have shape {negative_embeddings.shape}, expected ({m_count}, {cfg.k}, L, D)"
+            )
+        V, n, k, B = cfg.votes, cfg.n_timesteps, cfg.k, cfg.unet_batch
+        total = m_count * V * n * k
+        errors = np.empty(total, dtype=np.float32)
+        calls = 0
+        for start in range(0, total, B):
+            stop = min(start + B, total)
+            idx = np.arange(start, start + B)
+            idx[stop - start :] = stop - 1  # pad the tail by repeating the last real row
+            m, v, i, c = np.unravel_index(idx, (m_count, V, n, k))
+            err = self._kernel(
+                latents[m],  # (B,4,h,w)
+                self.noise.eps[v, i],  # (B,4,h,w)
+                self.timesteps[i],  # (B,)
+                positive_table[candidates[m, c]],  # (B,L,D)
+                negative_embeddings[m, c],  # (B,L,D)
+            )
+            errors[start:stop] = err[: stop - start]
+            calls += 1
+            if progress is not None:
+                progress(stop - start)
+        # Mean over timesteps: (M,V,n,k) -> (M,V,k)
+        per_vote = errors.reshape(m_count, V, n, k).mean(axis=2, dtype=np.float64).astype(np.float32)
+        labels = np.empty(m_count, dtype=np.int64)
+        votes = np.empty((m_count, k), dtype=np.int64)
+        for j in range(m_count):
+            w, counts = vote(per_vote[j])
+            labels[j] = candidates[j, w]
+            votes[j] = counts
+        return ScoreResult(candidates, per_vote, votes, labels, rows=total, engine_calls=calls)
