@@ -214,6 +214,26 @@ class DBMEFPipeline:
         self.last_timings = timer.seconds
         return results
 
+    def backbone_logits(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
+        """Decode and run the backbone only: (N_ok, C) logits of the readable images, and one error
+        message (or None) per input."""
+        pixel: list[np.ndarray] = []
+        errors: list[str | None] = []
+        for src in images:
+            try:
+                pixel.append(self.backbone_preprocess(load_image(src)))
+                errors.append(None)
+            except DBMEFError as exc:
+                errors.append(str(exc))
+        if not pixel:
+            return np.empty((0, len(self.class_names)), np.float32), errors
+        arr = np.stack(pixel)
+        logits = np.concatenate([
+            self.engines.backbone({"pixel_values": arr[s : s + self.backbone_batch]})["logits"]
+            for s in range(0, len(arr), self.backbone_batch)
+        ])
+        return logits, errors
+
     def _classify_ok(
         self, ok: list[ImageResult], pixel: np.ndarray, pils: dict[int, Image.Image],
         timer: StageTimer, progress: Callable[[int], None] | None,

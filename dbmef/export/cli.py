@@ -1,0 +1,72 @@
+"""``dbmef-export``: a thin argparse wrapper over :func:`dbmef.export.exporter.export_bundle`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from dbmef.errors import DBMEFError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dbmef-export",
+        description="Export a DBMEF system (timm backbone + Stable Diffusion) to a validated ONNX bundle.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--backbone", default="resnet50",
+                   help="timm model name, a local timm folder (save_for_hf layout), or 'tiny' (with --sd tiny)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="backbone weights file (.safetensors or .pth state dict)")
+    w.add_argument("--random-init", action="store_true", help="backbone architecture only, random weights")
+    p.add_argument("--sd", default="auto",
+                   help="'auto' (SD v1.5 from the local Hugging Face cache), a local diffusers folder, "
+                        "'sd15' (SD v1.5 architecture, random weights) or 'tiny' (the test system)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--image-size", type=int, choices=[512, 256], default=512,
+                   help="VAE input size: latent 64x64 (512) or 32x32 (256, the paper's low-resolution setting)")
+    p.add_argument("--class-names", help="class names for a non-ImageNet backbone: JSON list or one per line")
+    p.add_argument("--out", help="bundle folder (default: engines/<backbone>-<sd>-<size>-<precision>)")
+    p.add_argument("--scorer", choices=["fused", "unet", "both"], default="fused",
+                   help="fused: one error per row leaves the graph; unet: the plain UNet, errors on the host")
+    p.add_argument("--unet-batch", type=int, default=32, help="rows per scorer call (static TensorRT profile)")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch validation")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Offline before anything imports huggingface_hub: a missing weight fails now, never hangs.
+    from dbmef.export.sources import offline_env
+
+    offline_env()
+    try:
+        from dbmef.export.exporter import ExportConfig, export_bundle
+        from dbmef.runtime.config import ScoringConfig
+
+        cfg = ExportConfig(
+            backbone=args.backbone, weights=args.weights, random_init=args.random_init, sd=args.sd,
+            precision=args.precision, image_size=args.image_size, class_names=args.class_names, out=args.out,
+            scorer=args.scorer, opset=args.opset, validate=not args.no_validate, seed=args.seed,
+            scoring=ScoringConfig(unet_batch=args.unet_batch),
+        )
+        t0 = time.perf_counter()
+        out = export_bundle(cfg)
+    except DBMEFError as exc:
+        print(f"dbmef-export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""ONNX export, clean-up and validation of one component."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dbmef.errors import ValidationError
+from dbmef.export.specs import ExportSpec
+
+log = logging.getLogger(__name__)
+
+TWO_GB = 2**31
+
+
+def export_onnx(module: nn.Module, spec: ExportSpec, out: Path, opset: int = 17, sample_batch: int = 2) -> Path:
+    """Trace ``module`` to ``out`` with a dynamic batch axis, fold constants and infer shapes.
+
+    Weights go to one external-data file ``<out>.data`` when the graph is over 2 GB (protobuf's
+    limit); smaller graphs are self-contained.
+    """
+    import onnx
+
+    args = spec.make_inputs(sample_batch)
+    with tempfile.TemporaryDirectory(prefix=f"dbmef-{spec.name}-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+            torch.onnx.export(
+                module.eval(), args, str(raw),
+                input_names=list(spec.contract.input_names), output_names=list(spec.contract.output_names),
+                dynamic_axes=spec.dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            )
+        model = onnx.load(str(raw))  # pulls in any external data the exporter split off
+    model = cleanup(model)
+    return save_onnx(model, out)
+
+
+def cleanup(model: Any) -> Any:
+    """Constant folding and dead-node removal with onnx-graphsurgeon (well-kept, by NVIDIA)."""
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError:
+        log.warning("onnx-graphsurgeon is not installed: skipping graph clean-up")
+        return model
+    graph = gs.import_onnx(model)
+    try:
+        graph.fold_constants(error_ok=True).cleanup().toposort()
+    except Exception as exc:  # folding is an optimisation; a failure must not lose the export
+        log.warning("constant folding skipped: %s", exc)
+        graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def save_onnx(model: Any, out: Path) -> Path:
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = out.with_name(out.name + ".data")
+    for p in (out, data):
+        if p.exists():
+            p.unlink()
+    if model.ByteSize() >= TWO_GB - (64 << 20):
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(out))
+    # Shape inference and the checker by path: both handle external data and > 2 GB graphs.
+    onnx.shape_inference.infer_shapes_path(str(out), str(out))
+    onnx.checker.check_model(str(out))
+    return out
+
+
+def compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
+    """Max abs/rel error and whether ``|got - ref| <= atol + rtol |ref|`` everywhere; reports
+    where the largest difference is."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return {"output": name, "ok": False, "reason": f"shape {got.shape} != {ref.shape}"}
+    diff = np.abs(got - ref)
+    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    ok = bool(np.all(diff <= atol + rtol * np.abs(ref)))
+    worst = np.unravel_index(int(diff.argmax()), diff.shape) if diff.size else ()
+    return {"output": name, "ok": ok, "max_abs": float(diff.max(initial=0)), "max_rel": float(rel.max(initial=0)),
+            "worst_index": [int(i) for i in worst], "atol": atol, "rtol": rtol}
+
+
+def validate_component(module: nn.Module, onnx_path: Path, spec: ExportSpec, precision: str,
+                       batches: tuple[int, ...] = (1, 3)) -> dict[str, Any]:
+    """Run the ONNX graph in ONNX Runtime (CPU) against the torch module at two batch sizes
+    (proving the batch axis is dynamic). Raises ValidationError past tolerance."""
+    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
+
+    atol, rtol = spec.tolerance(precision)
+    eng = OrtEngine(onnx_path, spec.name, OrtOptions(device="cpu"))
+    reports = []
+    for b in batches:
+        args = spec.make_inputs(b)
+        with torch.no_grad():
+            ref = module(*args).float().numpy()
+        feeds = {n: a.numpy() for n, a in zip(spec.contract.input_names, args)}
+        got = eng(feeds)[spec.contract.output_names[0]]
+        rep = compare(spec.contract.output_names[0], got, ref, atol, rtol)
+        rep["batch"] = b
+        reports.append(rep)
+        log.info("validate %s batch %d: max abs %.3g, max rel %.3g", spec.name, b, rep.get("max_abs", -1),
+                 rep.get("max_rel", -1))
+        if not rep["ok"]:
+            raise ValidationError(
+                f"exported {spec.name} ({onnx_path.name}, {precision}) differs from torch at batch {b}: "
+                f"max abs {rep.get('max_abs')}, max rel {rep.get('max_rel')} at {rep.get('worst_index')} "
+                f"(tolerance atol={atol}, rtol={rtol}). The export is refused; try --precision fp32 or report it"
+            )
+    eng.close()
+    return {"status": "passed", "runtime": "onnxruntime-cpu", "precision": precision, "checks": reports}
+
+
+def copy_if_exists(src: Path, dst: Path) -> None:
+    if src.exists():
+        shutil.copy2(src, dst)

@@ -1,0 +1,229 @@
+"""The bundle: one self-describing folder per exported system (DESIGN.md §2).
+
+``manifest.json`` records the format version, every component file with its hash, I/O names,
+shapes and dtypes, precision, sources, preprocessing, class names, prompt templates, the
+protector, the scheduler constants, the default scoring config and the tool versions. The
+runtime refuses a bundle it does not understand, naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbmef.errors import BundleError
+from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.protector import Protector
+
+FORMAT = "dbmef-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_COMPONENTS = ("backbone", "text_encoder", "vae_encoder")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[str | int]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorInfo:
+        return cls(str(d["name"]), str(d["dtype"]), list(d["shape"]))
+
+
+@dataclass
+class ComponentRecord:
+    """One ONNX component: its files (graph and optional external data) with their hashes."""
+
+    file: str
+    sha256: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    precision: str = "fp32"
+    external_data: str | None = None
+    external_data_sha256: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def files(self) -> list[tuple[str, str]]:
+        out = [(self.file, self.sha256)]
+        if self.external_data:
+            out.append((self.external_data, self.external_data_sha256 or ""))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "inputs": [vars(t) for t in self.inputs],
+            "outputs": [vars(t) for t in self.outputs],
+            "precision": self.precision,
+            "external_data": self.external_data,
+            "external_data_sha256": self.external_data_sha256,
+            "source": self.source,
+            "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ComponentRecord:
+        return cls(
+            file=d["file"],
+            sha256=d["sha256"],
+            inputs=[TensorInfo.from_dict(t) for t in d["inputs"]],
+            outputs=[TensorInfo.from_dict(t) for t in d["outputs"]],
+            precision=d.get("precision", "fp32"),
+            external_data=d.get("external_data"),
+            external_data_sha256=d.get("external_data_sha256"),
+            source=d.get("source", {}),
+            validation=d.get("validation", {}),
+        )
+
+
+@dataclass
+class BundleManifest:
+    """Everything the runtime needs to know about a bundle, round-tripped through JSON."""
+
+    components: dict[str, ComponentRecord]
+    scorer_component: str  # "scorer" (fused graph) or "unet"
+    class_names: list[str]
+    backbone_preprocess: dict[str, Any]
+    vae: dict[str, Any]  # image_size, latent_shape, scaling_factor
+    scheduler: dict[str, Any]
+    scoring: ScoringConfig
+    tokenizer: dict[str, Any]  # file, sha256, max_length, pad_id
+    positive_embeddings: dict[str, Any]  # file, sha256, shape, dtype
+    protector: Protector | None = None
+    precision: str = "fp32"
+    sources: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    tensorrt: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "created": self.created,
+            "precision": self.precision,
+            "components": {k: v.to_dict() for k, v in self.components.items()},
+            "scorer_component": self.scorer_component,
+            "class_names": self.class_names,
+            "backbone_preprocess": self.backbone_preprocess,
+            "vae": self.vae,
+            "scheduler": self.scheduler,
+            "scoring": self.scoring.to_dict(),
+            "tokenizer": self.tokenizer,
+            "positive_embeddings": self.positive_embeddings,
+            "protector": self.protector.to_dict() if self.protector else None,
+            "sources": self.sources,
+            "tools": self.tools,
+            "tensorrt": self.tensorrt,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> BundleManifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(f"{where}: 'format' is {d.get('format')!r}, not {FORMAT!r}; this is not a dbmef bundle")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: bundle format_version {version!r} is not supported by this dbmef "
+                f"(it reads version {FORMAT_VERSION}); re-export the bundle with this dbmef's dbmef-export, "
+                "or install the dbmef version that wrote it"
+            )
+        try:
+            m = cls(
+                components={k: ComponentRecord.from_dict(v) for k, v in d["components"].items()},
+                scorer_component=d["scorer_component"],
+                class_names=list(d["class_names"]),
+                backbone_preprocess=d["backbone_preprocess"],
+                vae=d["vae"],
+                scheduler=d["scheduler"],
+                scoring=ScoringConfig.from_dict(d["scoring"]),
+                tokenizer=d["tokenizer"],
+                positive_embeddings=d["positive_embeddings"],
+                protector=Protector.from_dict(d["protector"]) if d.get("protector") else None,
+                precision=d.get("precision", "fp32"),
+                sources=d.get("sources", {}),
+                tools=d.get("tools", {}),
+                created=d.get("created", ""),
+                tensorrt=d.get("tensorrt", {}),
+                format_version=version,
+            )
+        except KeyError as exc:
+            raise BundleError(f"{where}: required field {exc} is missing; re-export the bundle") from exc
+        missing = [c for c in (*REQUIRED_COMPONENTS, m.scorer_component) if c not in m.components]
+        if missing:
+            raise BundleError(f"{where}: components {missing} are missing from 'components'")
+        n = len(m.class_names)
+        emb_shape = m.positive_embeddings.get("shape", [n])
+        if emb_shape[0] != n:
+            raise BundleError(
+                f"{where}: {n} class names but positive_embeddings has {emb_shape[0]} rows; re-export the bundle"
+            )
+        return m
+
+    def save(self, bundle_dir: str | Path) -> Path:
+        """Write manifest.json atomically (a crash never leaves half a manifest)."""
+        d = Path(bundle_dir)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a bundle is meant to be shared
+        os.replace(tmp, d / MANIFEST)
+        return d / MANIFEST
+
+    # -- files -----------------------------------------------------------------------------------
+    def files(self) -> list[tuple[str, str]]:
+        """(relative path, sha256) of every file the manifest names."""
+        out: list[tuple[str, str]] = []
+        for rec in self.components.values():
+            out.extend(rec.files())
+        out.append((self.tokenizer["file"], self.tokenizer["sha256"]))
+        out.append((self.positive_embeddings["file"], self.positive_embeddings["sha256"]))
+        return out
+
+
+def load_manifest(bundle_dir: str | Path) -> BundleManifest:
+    d = Path(bundle_dir)
+    if not d.is_dir():
+        raise BundleError(f"bundle folder {d} does not exist; write one with `dbmef-export --backbone NAME --out {d}`")
+    p = d / MANIFEST
+    if not p.is_file():
+        raise BundleError(f"{p} is missing: {d} is not a dbmef bundle (export one with dbmef-export)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{p} is not valid JSON ({exc}); re-export the bundle") from exc
+    return BundleManifest.from_dict(data, where=str(p))
+
+
+def verify_files(bundle_dir: str | Path, manifest: BundleManifest, hashes: bool = True) -> None:
+    """Check that every file the manifest names exists and, with ``hashes``, is unaltered."""
+    d = Path(bundle_dir)
+    for rel, digest in manifest.files():
+        p = d / rel
+        if not p.is_file():
+            raise BundleError(f"bundle file {p} is missing (named in {d / MANIFEST}); re-export the bundle")
+        if hashes and sha256_file(p) != digest:
+            raise BundleError(
+                f"bundle file {p} does not match the sha256 recorded in {d / MANIFEST}: it was altered or "
+                "truncated; re-export the bundle (or pass verify=False to skip the check at your own risk)"
+            )
