@@ -1,11 +1,20 @@
-"""The ``dbmef`` command: a thin argparse layer over library functions."""
+"""The ``dbmef`` command: a thin argparse layer over library functions.
+
+Sub-commands: classify, calibrate, eval, info, demo (and bench, build-engines where installed).
+Every feature is reachable from Python: see ``dbmef.runtime.runtime.DBMEFRuntime`` and
+``dbmef.runtime.evaluate``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from dbmef.errors import DBMEFError
 
@@ -15,6 +24,158 @@ log = logging.getLogger("dbmef")
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain-text table; numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _progress(total: int, desc: str, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, file=sys.stderr, dynamic_ncols=True)
+
+
+# -- runtime construction shared by the sub-commands -------------------------------------------
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "auto"], default="onnxruntime")
+    p.add_argument("--device", choices=["cpu", "cuda", "tensorrt", "auto"], default="auto",
+                   help="ONNX Runtime execution provider")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    p.add_argument("--no-verify", action="store_true", help="skip the bundle's file-hash check")
+    g = p.add_argument_group("scoring overrides (default: the bundle's)")
+    g.add_argument("--k", type=int)
+    g.add_argument("--timesteps", type=int, dest="n_timesteps")
+    g.add_argument("--votes", type=int)
+    g.add_argument("--lam", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--unet-batch", type=int)
+    g.add_argument("--prot", type=float, help="rethink everything (0) or nothing (1) regardless of calibration")
+
+
+def make_runtime(args: argparse.Namespace, calibrated: bool = True) -> Any:
+    from dbmef.runtime.bundle import load_manifest
+    from dbmef.runtime.ort_backend import OrtOptions
+    from dbmef.runtime.protector import Protector
+    from dbmef.runtime.runtime import DBMEFRuntime
+
+    manifest = load_manifest(args.bundle)
+    overrides = {k: getattr(args, k) for k in ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch")
+                 if getattr(args, k, None) is not None}
+    scoring = manifest.scoring.replace(**overrides) if overrides else None
+    protector = None
+    prot = getattr(args, "prot", None)
+    if prot is not None and calibrated:
+        if prot not in (0.0, 1.0):
+            raise DBMEFError("--prot on classify/eval takes 0 (rethink all) or 1 (rethink none); "
+                             "calibrate other values with `dbmef calibrate`")
+        protector = Protector(math.inf if prot == 0.0 else -math.inf, prot, None)
+    return DBMEFRuntime(args.bundle, backend=args.backend, options=OrtOptions(device=args.device,
+                        intra_op_threads=args.threads), verify=not args.no_verify, scoring=scoring,
+                        protector=protector, batch_size=args.batch_size)
+
+
+# -- sub-commands --------------------------------------------------------------------------------
+def cmd_classify(args: argparse.Namespace) -> int:
+    from dbmef.runtime.data import expand_inputs
+
+    rt = make_runtime(args)
+    images = expand_inputs(args.images)
+    bar = _progress(len(images), "classify", args.quiet or args.json)
+    results = rt.classify(images, progress=bar.update)
+    bar.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        rows = [[r.image, r.label, r.class_name, r.rethought, r.max_prob,
+                 rt.class_names[r.backbone_label] if r.backbone_label is not None else None, r.error]
+                for r in results]
+        print(table(rows, ["image", "label", "class_name", "rethought", "p_top1", "backbone", "error"]))
+    return 1 if all(r.error for r in results) else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from dbmef.runtime.data import load_labelled
+    from dbmef.runtime.evaluate import calibrate, write_protector
+
+    rt = make_runtime(args, calibrated=False)
+    items = load_labelled(args.data, rt.class_names, rt.manifest.sources.get("class_wnids"))
+    bar = _progress(len(items), "calibrate", args.quiet)
+    protector, stats = calibrate(rt, items, args.prot, progress=bar.update)
+    bar.close()
+    write_protector(args.bundle, protector, stats, args.data)
+    out = {**protector.to_dict(), **stats}
+    print(json.dumps(out, indent=2) if args.json else table([[k, v] for k, v in out.items()], ["field", "value"]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dbmef.runtime.data import load_labelled
+    from dbmef.runtime.evaluate import evaluate
+
+    rt = make_runtime(args)
+    items = load_labelled(args.data, rt.class_names, rt.manifest.sources.get("class_wnids"))
+    results = args.results or str(Path(args.bundle) / "eval" / (Path(args.data).name + ".jsonl"))
+    bar = _progress(len(items), "eval", args.quiet or args.json)
+    summary = evaluate(rt, items, results, resume=not args.no_resume, progress=bar.update)
+    bar.close()
+    summary["results_file"] = results
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    keys = ["n_images", "n_errors", "backbone_accuracy", "dbmef_accuracy", "rethink_rate",
+            "flips_true_to_false", "flips_false_to_true", "results_file"]
+    print(table([[k, summary[k]] for k in keys], ["metric", "value"]))
+    lat = summary["latency_s_per_image"]
+    print()
+    print(table([[s, lat[s] * 1e3, summary["latency_s_per_rethought_image"][s] * 1e3] for s in lat],
+                ["stage", "ms/image", "ms/rethought image"]))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dbmef.runtime.bundle import load_manifest, verify_files
+
+    m = load_manifest(args.bundle)
+    verify_files(args.bundle, m, hashes=not args.no_verify)
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return 0
+    rows = []
+    for name, rec in m.components.items():
+        size = sum((Path(args.bundle) / f).stat().st_size for f, _ in rec.files())
+        val = rec.validation.get("status", "-")
+        worst = max((c.get("max_abs", 0) for c in rec.validation.get("checks", [])), default=None)
+        rows.append([name, rec.file, rec.precision, round(size / 2**20, 2), val, worst,
+                     ", ".join(f"{t.name}{tuple(t.shape)}" for t in rec.inputs)])
+    print(f"bundle      {args.bundle} (format v{m.format_version}, created {m.created})")
+    print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
+    print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
+    print(f"scorer      {m.scorer_component}; latent {m.vae['latent_shape']} from {m.vae['image_size']}px")
+    print(f"scoring     {json.dumps({k: v for k, v in m.scoring.to_dict().items() if k != 'templates'})}")
+    print(f"protector   {m.protector.to_dict() if m.protector else 'not calibrated (rethinks everything)'}")
+    print(f"tools       {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
+    print()
+    print(table(rows, ["component", "file", "precision", "MiB", "validation", "max_abs_err", "inputs"]))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -29,8 +190,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="build the tiny demo system and classify the sample image")
-    d.add_argument("--out", default="engines/demo", help="where the demo system is written")
+
+    c = sub.add_parser("classify", help="classify images (files or folders)")
+    add_runtime_args(c)
+    c.add_argument("images", nargs="+", help="image files or folders")
+    c.add_argument("--json", action="store_true", help="print a JSON list, one object per input")
+    c.set_defaults(func=cmd_classify)
+
+    k = sub.add_parser("calibrate", help="fit the protector threshold on a labelled set; writes the manifest")
+    add_runtime_args(k)
+    k.add_argument("--data", required=True, help="ImageFolder root or a 'path label' file list")
+    k.set_defaults(func=cmd_calibrate)
+    k.add_argument("--json", action="store_true")
+    # calibrate's --prot is the target protection rate, not an override
+    for a in k._actions:
+        if a.dest == "prot":
+            a.default, a.help = 0.95, "Prot = 1 - alpha (paper: 0.95; 0.99 for strong backbones)"
+
+    e = sub.add_parser("eval", help="accuracy of backbone vs DBMEF on a labelled set, resumable")
+    add_runtime_args(e)
+    e.add_argument("--data", required=True, help="ImageFolder root or a 'path label' file list")
+    e.add_argument("--results", help="per-image JSONL (default: <bundle>/eval/<data name>.jsonl)")
+    e.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="show what a bundle holds")
+    i.add_argument("--bundle", required=True)
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="export the tiny demo bundle (once) and classify the sample image")
+    d.add_argument("--out", default="engines/demo-tiny", help="where the demo bundle is written")
     d.set_defaults(func=cmd_demo)
     return p
 

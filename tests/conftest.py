@@ -41,3 +41,43 @@ def sample_images() -> list:
         base[..., j % 3] = ((xx * (j + 1) + yy * 3) % 256).astype(np.uint8)
         out.append(base)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny system exported to an ONNX bundle (same seed as ``tiny_system``: same weights)."""
+    if not (has("torch") and has("diffusers") and has("timm") and has("onnxruntime")):
+        pytest.skip("needs the [export] and [cpu] extras")
+    from dbmef.export.exporter import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return export_bundle(ExportConfig(backbone="tiny", sd="tiny", out=str(out), scorer="both"))
+
+
+def write_images(folder: Path, images: list, prefix: str = "img") -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for j, a in enumerate(images):
+        p = folder / f"{prefix}{j:03d}.png"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def many_images() -> list:
+    """40 seeded images with varied content, enough for parity on >= 32 images."""
+    import numpy as np
+
+    rng = np.random.default_rng(99)
+    out = []
+    for j in range(40):
+        h, w = int(rng.integers(64, 130)), int(rng.integers(64, 130))
+        yy, xx = np.mgrid[0:h, 0:w]
+        a = np.stack([(xx * (1 + j % 5) + yy * (j % 3)) % 256, (yy * (1 + j % 7)) % 256,
+                      ((xx + yy) * (j % 4 + 1)) % 256], -1).astype(np.uint8)
+        a = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+        out.append(a)
+    return out

@@ -40,6 +40,7 @@ def import_onnxruntime() -> Any:
             "onnxruntime is not installed: `pip install 'dbmef[cpu]'` (CPU) or `pip install 'dbmef[gpu]'` "
             "(CUDA/TensorRT) - one of the two, never both"
         ) from exc
+    ort.set_default_logger_severity(3)  # errors only; dbmef reports what matters itself
     return ort
 
 

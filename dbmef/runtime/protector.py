@@ -67,7 +67,8 @@ class Protector:
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinities: encode them as strings that float() reads back.
         thr: float | str = self.threshold if math.isfinite(self.threshold) else str(self.threshold)
-        return {"threshold": thr, "prot": self.prot, "n_samples": self.n_samples}
+        alpha = None if self.prot is None else round(1.0 - self.prot, 12)
+        return {"threshold": thr, "prot": self.prot, "alpha": alpha, "n_samples": self.n_samples}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Protector:

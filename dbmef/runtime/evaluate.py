@@ -1,0 +1,152 @@
+"""Calibration and evaluation over labelled sets, as library functions (the CLI wraps them).
+
+Evaluation streams one JSON line per image to a results file, flushed after every batch, so an
+interrupted run resumes where it stopped; the summary is computed from the file, so a resumed run
+reports the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dbmef.errors import ConfigError
+from dbmef.runtime.bundle import load_manifest
+from dbmef.runtime.data import LabelledImage
+from dbmef.runtime.pipeline import STAGES
+from dbmef.runtime.protector import Protector
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(runtime: Any, items: Sequence[LabelledImage], prot: float,
+              progress: Callable[[int], None] | None = None) -> tuple[Protector, dict[str, Any]]:
+    """Fit the protector on labelled images: S_alpha over the correctly classified ones."""
+    if not items:
+        raise ConfigError("no calibration images")
+    probs_all = []
+    errs_all: list[str | None] = []
+    bs = runtime.batch_size
+    for s in range(0, len(items), bs):
+        probs, errs = runtime.backbone_scores([it.path for it in items[s : s + bs]])
+        probs_all.append(probs)
+        errs_all.extend(errs)
+        if progress:
+            progress(len(errs))
+    probs = np.concatenate(probs_all)
+    ok = np.array([e is None for e in errs_all])
+    labels = np.array([it.label for it in items])
+    for it, e in zip(items, errs_all):
+        if e is not None:
+            log.warning("calibration skips %s: %s", it.path, e)
+    if not ok.any():
+        raise ConfigError("none of the calibration images could be read")
+    s = probs[ok].max(axis=1)
+    correct = probs[ok].argmax(axis=1) == labels[ok]
+    protector = Protector.calibrate(s, correct, prot)
+    stats = {"n_images": int(ok.sum()), "n_unreadable": int((~ok).sum()), "n_correct": int(correct.sum()),
+             "backbone_accuracy": float(correct.mean()),
+             "rethink_rate_on_calibration": float(protector.rethink(s).mean())}
+    return protector, stats
+
+
+def write_protector(bundle_dir: str | Path, protector: Protector, stats: dict[str, Any], data: str) -> None:
+    """Record the protector (threshold, Prot, alpha, sample count, data) in the bundle's manifest."""
+    m = load_manifest(bundle_dir)
+    m.protector = protector
+    m.sources["calibration"] = {**stats, "data": str(data)}
+    m.save(bundle_dir)
+
+
+def _record(item: LabelledImage, r: Any) -> dict[str, Any]:
+    d = r.to_dict()
+    d.pop("index", None)
+    d["image"] = item.path
+    d["label_true"] = item.label
+    d["correct"] = None if r.error else (r.label == item.label)
+    d["backbone_correct"] = None if r.error else (r.backbone_label == item.label)
+    return d
+
+
+def read_results(path: Path) -> dict[str, dict[str, Any]]:
+    """Records already in a results file, keyed by image; a torn last line (a crash mid-write) is
+    dropped and that image is redone."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[rec["image"]] = rec
+    return done
+
+
+def evaluate(runtime: Any, items: Sequence[LabelledImage], results_path: str | Path, resume: bool = True,
+             progress: Callable[[int], None] | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Classify every item, appending per-image records to ``results_path`` (JSONL), and return
+    the summary. ``stop_after``: stop after that many new images (for tests of resuming)."""
+    path = Path(results_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume and path.exists():
+        path.unlink()
+    done = read_results(path)
+    if done:
+        # rewrite without a possibly torn last line before appending
+        with open(path, "w") as f:
+            for rec in done.values():
+                f.write(json.dumps(rec) + "\n")
+        log.info("resuming: %d of %d images already in %s", len(done), len(items), path)
+    todo = [it for it in items if it.path not in done]
+    if progress and len(items) - len(todo):
+        progress(len(items) - len(todo))
+    new = 0
+    with open(path, "a") as f:
+        for s in range(0, len(todo), runtime.batch_size):
+            batch = todo[s : s + runtime.batch_size]
+            results = runtime.classify([it.path for it in batch])
+            for it, r in zip(batch, results):
+                rec = _record(it, r)
+                done[it.path] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            new += len(batch)
+            if progress:
+                progress(len(batch))
+            if stop_after is not None and new >= stop_after:
+                break
+    return summarize([done[it.path] for it in items if it.path in done], total=len(items))
+
+
+def summarize(records: Sequence[dict[str, Any]], total: int | None = None) -> dict[str, Any]:
+    """Accuracy, rethink rate, flips and mean per-stage latency from per-image records."""
+    ok = [r for r in records if r.get("error") is None]
+    n = len(ok)
+    rethought = [r for r in ok if r["rethought"]]
+    per_stage = {s: float(np.mean([r["timings"].get(s, 0.0) for r in ok])) if ok else 0.0 for s in STAGES}
+    per_stage_rethought = {s: float(np.mean([r["timings"].get(s, 0.0) for r in rethought])) if rethought else 0.0
+                           for s in STAGES}
+    out = {
+        "n_images": n,
+        "n_total": total if total is not None else len(records),
+        "n_done": len(records),
+        "n_errors": len(records) - n,
+        "backbone_accuracy": float(np.mean([r["backbone_correct"] for r in ok])) if n else 0.0,
+        "dbmef_accuracy": float(np.mean([r["correct"] for r in ok])) if n else 0.0,
+        "rethink_rate": len(rethought) / n if n else 0.0,
+        "flips_true_to_false": sum(1 for r in ok if r["backbone_correct"] and not r["correct"]),
+        "flips_false_to_true": sum(1 for r in ok if not r["backbone_correct"] and r["correct"]),
+        "latency_s_per_image": per_stage,
+        "latency_s_per_rethought_image": per_stage_rethought,
+        "errors": [{"image": r["image"], "error": r["error"]} for r in records if r.get("error")][:50],
+    }
+    return out
