@@ -229,7 +229,8 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         step(f"exporting {name}")
         t0 = time.perf_counter()
         module = exported(name)
-        path = export_onnx(module, spec, out / f"{name}.onnx", opset=cfg.opset)
+        path = export_onnx(module, spec, out / f"{name}.onnx", opset=cfg.opset,
+                           small=precision_of(name) == "fp16", sample_batch=1 if precision_of(name) == "fp16" else 2)
         timings[f"export_{name}"] = time.perf_counter() - t0
         validation: dict[str, Any] = {"status": "skipped"}
         if cfg.validate:

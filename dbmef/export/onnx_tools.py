@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 TWO_GB = 2**31
 
 
-def export_onnx(module: nn.Module, spec: ExportSpec, out: Path, opset: int = 17, sample_batch: int = 2) -> Path:
+def export_onnx(module: nn.Module, spec: ExportSpec, out: Path, opset: int = 17, sample_batch: int = 2,
+                small: bool = False) -> Path:
     """Trace ``module`` to ``out`` with a dynamic batch axis, fold constants and infer shapes.
 
     Weights go to one external-data file ``<out>.data`` when the graph is over 2 GB (protobuf's
@@ -30,6 +31,11 @@ def export_onnx(module: nn.Module, spec: ExportSpec, out: Path, opset: int = 17,
     import onnx
 
     args = spec.make_inputs(sample_batch)
+    axes = dict(spec.dynamic_axes)
+    if small and spec.small_inputs is not None:
+        args = spec.small_inputs(sample_batch)
+        for name, extra in (spec.spatial_axes or {}).items():
+            axes[name] = {**axes.get(name, {}), **extra}
     with tempfile.TemporaryDirectory(prefix=f"dbmef-{spec.name}-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings(), torch.no_grad():
@@ -37,7 +43,7 @@ def export_onnx(module: nn.Module, spec: ExportSpec, out: Path, opset: int = 17,
             torch.onnx.export(
                 module.eval(), args, str(raw),
                 input_names=list(spec.contract.input_names), output_names=list(spec.contract.output_names),
-                dynamic_axes=spec.dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+                dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         model = onnx.load(str(raw))  # pulls in any external data the exporter split off
     model = cleanup(model)

@@ -42,6 +42,12 @@ class ExportSpec:
     make_inputs: Callable[[int], tuple[torch.Tensor, ...]]  # batch -> sample inputs
     dynamic_axes: dict[str, dict[int, str]]
     profile: dict[str, Any]  # TensorRT: min/opt/max batch or a static batch
+    # Inputs at a reduced spatial size with the spatial axes marked dynamic: tracing an fp16
+    # module runs one forward pass in half precision, which on a CPU has no fast kernels (the SD
+    # VAE at 512 px takes tens of minutes); the graph is the same at any size and is validated at
+    # the real one.
+    small_inputs: Callable[[int], tuple[torch.Tensor, ...]] | None = None
+    spatial_axes: dict[str, dict[int, str]] | None = None
 
     @property
     def name(self) -> str:
@@ -75,15 +81,17 @@ def make_specs(
     def text_inputs(b: int) -> tuple[torch.Tensor, ...]:
         return (torch.randint(0, 400, (b, L), generator=g),)
 
-    def vae_inputs(b: int) -> tuple[torch.Tensor, ...]:
-        return (torch.rand(b, 3, image_size, image_size, generator=g) * 2 - 1,)
+    def vae_inputs(b: int, size: int = image_size) -> tuple[torch.Tensor, ...]:
+        return (torch.rand(b, 3, size, size, generator=g) * 2 - 1,)
 
-    def unet_inputs(b: int) -> tuple[torch.Tensor, ...]:
-        return (randn(b, c, h, w), torch.randint(0, 1000, (b,), generator=g), randn(b, L, text_width))
+    def unet_inputs(b: int, hh: int = h, ww: int = w) -> tuple[torch.Tensor, ...]:
+        return (randn(b, c, hh, ww), torch.randint(0, 1000, (b,), generator=g), randn(b, L, text_width))
 
-    def scorer_inputs(b: int) -> tuple[torch.Tensor, ...]:
-        return (randn(b, c, h, w), randn(b, c, h, w), torch.randint(0, 1000, (b,), generator=g),
+    def scorer_inputs(b: int, hh: int = h, ww: int = w) -> tuple[torch.Tensor, ...]:
+        return (randn(b, c, hh, ww), randn(b, c, hh, ww), torch.randint(0, 1000, (b,), generator=g),
                 randn(b, L, text_width), randn(b, L, text_width), torch.tensor([1.1]))
+
+    small = min(h, 16)  # a latent the UNet's three downsamplings still divide
 
     return {
         "backbone": ExportSpec(BACKBONE, backbone_inputs, _batch_axes(BACKBONE),
@@ -91,8 +99,14 @@ def make_specs(
         "text_encoder": ExportSpec(TEXT_ENCODER, text_inputs, _batch_axes(TEXT_ENCODER),
                                    {"min": 1, "opt": 8, "max": 64}),
         "vae_encoder": ExportSpec(VAE_ENCODER, vae_inputs, _batch_axes(VAE_ENCODER),
-                                  {"min": 1, "opt": 4, "max": 8}),
+                                  {"min": 1, "opt": 4, "max": 8},
+                                  small_inputs=lambda b: vae_inputs(b, small * 8),
+                                  spatial_axes={"image": {2: "H", 3: "W"}, "latent": {2: "h", 3: "w"}}),
         # The scorer runs at the runtime's fixed batch: a static profile lets CUDA graphs apply.
-        "scorer": ExportSpec(SCORER, scorer_inputs, _batch_axes(SCORER), {"static": unet_batch}),
-        "unet": ExportSpec(UNET, unet_inputs, _batch_axes(UNET), {"static": 2 * unet_batch}),
+        "scorer": ExportSpec(SCORER, scorer_inputs, _batch_axes(SCORER), {"static": unet_batch},
+                             small_inputs=lambda b: scorer_inputs(b, small, small),
+                             spatial_axes={"x0": {2: "h", 3: "w"}, "eps": {2: "h", 3: "w"}}),
+        "unet": ExportSpec(UNET, unet_inputs, _batch_axes(UNET), {"static": 2 * unet_batch},
+                           small_inputs=lambda b: unet_inputs(b, small, small),
+                           spatial_axes={"sample": {2: "h", 3: "w"}, "noise_pred": {2: "h", 3: "w"}}),
     }
