@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck check-imports unit clean
+.PHONY: demo test lint typecheck check-imports check-trt unit clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,7 @@ demo: $(BIN)/.installed
 	$(BIN)/dbmef demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check dbmef tests benchmarks
+	$(BIN)/ruff check dbmef tests benchmarks tools
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
@@ -29,10 +29,14 @@ typecheck: $(BIN)/.installed
 check-imports: $(BIN)/.installed
 	$(BIN)/lint-imports
 
+# TensorRT 10.x/11.x and cuda-python calls checked against stubs of the real bindings (no GPU).
+check-trt: $(BIN)/.installed
+	$(BIN)/python tools/check_trt/check_trt.py --self-test
+
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck check-imports unit
+test: lint typecheck check-imports check-trt unit
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

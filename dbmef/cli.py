@@ -178,6 +178,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from dbmef.runtime.trt_build import build_engines
+
+    recs = build_engines(args.bundle, components=args.components, force=args.force,
+                         workspace_bytes=int(args.workspace_gb * 2**30), unet_batch=args.unet_batch,
+                         optimization_level=args.opt_level, device=args.device_id)
+    rows = [[n, r.file, r.precision, r.gpu, r.compute_capability, r.trt_version, r.build_seconds]
+            for n, r in recs.items()]
+    print(table(rows, ["component", "engine", "precision", "gpu", "cc", "tensorrt", "build_s"]))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dbmef.demo import run_demo
 
@@ -220,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--no-verify", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("build-engines", help="build TensorRT engines for this GPU (export once, build per target)")
+    b.add_argument("--bundle", required=True)
+    b.add_argument("--components", nargs="+", help="default: backbone, text_encoder, vae_encoder and the scorer")
+    b.add_argument("--force", action="store_true", help="rebuild even when the engine key matches")
+    b.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace memory-pool limit")
+    b.add_argument("--unet-batch", type=int, help="static scorer batch (default: the bundle's)")
+    b.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
+    b.add_argument("--device-id", type=int, default=0)
+    b.set_defaults(func=cmd_build_engines)
 
     d = sub.add_parser("demo", help="export the tiny demo bundle (once) and classify the sample image")
     d.add_argument("--out", default="engines/demo-tiny", help="where the demo bundle is written")

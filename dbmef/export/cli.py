@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", choices=["fused", "unet", "both"], default="fused",
                    help="fused: one error per row leaves the graph; unet: the plain UNet, errors on the host")
     p.add_argument("--unet-batch", type=int, default=32, help="rows per scorer call (static TensorRT profile)")
+    p.add_argument("--trt", action="store_true",
+                   help="after export, build TensorRT engines for the GPU this runs on (same as dbmef build-engines)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch validation")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--seed", type=int, default=0)
@@ -61,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         t0 = time.perf_counter()
         out = export_bundle(cfg)
+        if args.trt:
+            from dbmef.runtime.trt_build import build_engines
+
+            build_engines(out, unet_batch=args.unet_batch)
     except DBMEFError as exc:
         print(f"dbmef-export: error: {exc}", file=sys.stderr)
         return 2

@@ -331,11 +331,16 @@ def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarra
 
     comp = manifest.scorer_component
     k = min(cfg.scoring.k, len(manifest.class_names))
-    small = cfg.scoring.replace(k=k, n_timesteps=min(cfg.scoring.n_timesteps, 4),
-                                votes=min(cfg.scoring.votes, 2), unet_batch=min(cfg.scoring.unet_batch, 8))
     latent_shape = tuple(manifest.vae["latent_shape"])
+    # Each row costs two UNet evaluations on both sides. A real-size UNet (about 0.8 TFLOP per
+    # evaluation at 64x64) gets a few cases on a coarse grid so the check takes minutes on a CPU;
+    # the tiny system gets many.
+    big = latent_shape[1] >= 32
+    small = cfg.scoring.replace(k=k, n_timesteps=min(cfg.scoring.n_timesteps, 2 if big else 4),
+                                votes=min(cfg.scoring.votes, 1 if big else 2),
+                                unet_batch=min(cfg.scoring.unet_batch, 8))
     rng = np.random.default_rng(cfg.seed + 1)
-    m = cfg.decision_cases
+    m = min(cfg.decision_cases, 2) if big else cfg.decision_cases
     latents = rng.standard_normal((m, *latent_shape)).astype(np.float32)
     cands = np.stack([rng.permutation(len(manifest.class_names))[:k] for _ in range(m)])
     pos_table = np.load(out / manifest.positive_embeddings["file"])

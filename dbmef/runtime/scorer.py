@@ -122,6 +122,32 @@ class DiffusionScorer:
         b = x0.shape[0]
         return combine_and_error(eps, out[:b], out[b:], self.config.lam)
 
+    def _score_on_host(self, latents, candidates, positive_table, negative_embeddings, progress):  # type: ignore[no-untyped-def]
+        """Gather rows on the host, one fixed-size engine call per chunk. Returns (errors (R,), calls)."""
+        cfg = self.config
+        m_count = latents.shape[0]
+        V, n, k, B = cfg.votes, cfg.n_timesteps, cfg.k, cfg.unet_batch
+        total = m_count * V * n * k
+        errors = np.empty(total, dtype=np.float32)
+        calls = 0
+        for start in range(0, total, B):
+            stop = min(start + B, total)
+            idx = np.arange(start, start + B)
+            idx[stop - start :] = stop - 1  # pad the tail by repeating the last real row
+            m, v, i, c = np.unravel_index(idx, (m_count, V, n, k))
+            err = self._kernel(
+                latents[m],  # (B,4,h,w)
+                self.noise.eps[v, i],  # (B,4,h,w)
+                self.timesteps[i],  # (B,)
+                positive_table[candidates[m, c]],  # (B,L,D)
+                negative_embeddings[m, c],  # (B,L,D)
+            )
+            errors[start:stop] = err[: stop - start]
+            calls += 1
+            if progress is not None:
+                progress(stop - start)
+        return errors, calls
+
     # -- scoring -----------------------------------------------------------------------------
     def score(
         self,
@@ -151,24 +177,18 @@ class DiffusionScorer:
             )
         V, n, k, B = cfg.votes, cfg.n_timesteps, cfg.k, cfg.unet_batch
         total = m_count * V * n * k
-        errors = np.empty(total, dtype=np.float32)
-        calls = 0
-        for start in range(0, total, B):
-            stop = min(start + B, total)
-            idx = np.arange(start, start + B)
-            idx[stop - start :] = stop - 1  # pad the tail by repeating the last real row
-            m, v, i, c = np.unravel_index(idx, (m_count, V, n, k))
-            err = self._kernel(
-                latents[m],  # (B,4,h,w)
-                self.noise.eps[v, i],  # (B,4,h,w)
-                self.timesteps[i],  # (B,)
-                positive_table[candidates[m, c]],  # (B,L,D)
-                negative_embeddings[m, c],  # (B,L,D)
-            )
-            errors[start:stop] = err[: stop - start]
-            calls += 1
+        device_rows = getattr(self.engine, "score_rows", None)
+        if device_rows is not None and self.mode == "fused":
+            # The engine gathers rows on the device and syncs once (the native TensorRT backend).
+            padded = -(-total // B) * B
+            mvic = np.unravel_index(np.minimum(np.arange(padded), total - 1), (m_count, V, n, k))
+            errors = device_rows(latents, self.noise.eps, self.timesteps, positive_table, negative_embeddings,
+                                 candidates, self._lam, mvic, B)[:total]
+            calls = padded // B
             if progress is not None:
-                progress(stop - start)
+                progress(total)
+        else:
+            errors, calls = self._score_on_host(latents, candidates, positive_table, negative_embeddings, progress)
         # Mean over timesteps: (M,V,n,k) -> (M,V,k)
         per_vote = errors.reshape(m_count, V, n, k).mean(axis=2, dtype=np.float64).astype(np.float32)
         labels = np.empty(m_count, dtype=np.int64)

@@ -1,0 +1,174 @@
+"""A thin layer over cuda-python (``cuda.bindings.runtime``): device and pinned memory, streams,
+events and CUDA graphs, with every call's error code checked.
+
+Why cuda-python and not pycuda: pycuda compiles against the CUDA toolkit at install time (it needs
+curand.h and libcuda) and fails where the package must install, on machines without a GPU
+included; cuda-python ships wheels, imports anywhere and is what NVIDIA's own TensorRT diffusion
+demo uses for buffers, streams and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+
+from dbmef.errors import BackendUnavailableError, EngineError
+
+
+def cudart() -> Any:
+    """The CUDA runtime bindings, imported lazily (cuda-python >= 12.6 layout, then the older one)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # cuda-python < 12.6
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "cuda-python is not installed: `pip install 'dbmef[gpu]'` (it provides cuda.bindings.runtime)"
+            ) from exc
+    return runtime
+
+
+def check(result: Any) -> Any:
+    """cuda-python returns (error, *values): raise on error, return the values."""
+    rt = cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != int(rt.cudaError_t.cudaSuccess):
+        _, name = rt.cudaGetErrorName(err)
+        _, text = rt.cudaGetErrorString(err)
+        raise EngineError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}: "
+                          f"{text.decode() if isinstance(text, bytes) else text}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_count() -> int:
+    """Number of CUDA devices; 0 when the driver or cuda-python is missing."""
+    try:
+        rt = cudart()
+        err, n = rt.cudaGetDeviceCount()
+    except Exception:
+        return 0
+    return int(n) if int(err) == 0 else 0
+
+
+def require_gpu() -> None:
+    if device_count() == 0:
+        raise BackendUnavailableError(
+            "no NVIDIA GPU is visible (cudaGetDeviceCount found none, or the CUDA driver / cuda-python "
+            "is missing); use the ONNX Runtime backend (`--backend onnxruntime --device cpu`)"
+        )
+
+
+def device_info(device: int = 0) -> dict[str, Any]:
+    """Name and compute capability: part of every TensorRT engine's cache key."""
+    props = check(cudart().cudaGetDeviceProperties(device))
+    name = props.name
+    name = name.decode(errors="replace").rstrip("\x00") if isinstance(name, bytes) else str(name)
+    return {"name": name, "compute_capability": f"{props.major}.{props.minor}",
+            "total_memory": int(props.totalGlobalMem)}
+
+
+class DeviceBuffer:
+    """``nbytes`` of device memory; freed on ``free()`` or garbage collection."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(cudart().cudaMalloc(self.nbytes)))
+
+    def free(self) -> None:
+        if self.ptr:
+            check(cudart().cudaFree(self.ptr))
+            self.ptr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class PinnedArray:
+    """A numpy array in page-locked host memory: asynchronous copies from and to it do not make
+    the host wait (copies from pageable memory do)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any):
+        self.dtype = np.dtype(dtype)
+        self.nbytes = max(int(np.prod(shape)) * self.dtype.itemsize, 1)
+        self.ptr = int(check(cudart().cudaMallocHost(self.nbytes)))
+        raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            check(cudart().cudaFreeHost(self.ptr))
+            self.ptr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.handle = check(cudart().cudaStreamCreate())
+
+    @property
+    def ptr(self) -> int:
+        return int(self.handle)
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.handle))
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            check(cudart().cudaStreamDestroy(self.handle))
+            self.handle = None
+
+
+def memcpy_htod_async(dst: int, src: np.ndarray, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                             stream.handle))
+
+
+def memcpy_dtoh_async(dst: np.ndarray, src: int, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                             stream.handle))
+
+
+def memcpy_dtod_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle))
+
+
+class CudaGraph:
+    """Capture the kernels one ``enqueue()`` launches on ``stream`` and replay them with one launch:
+    removes the per-kernel launch overhead of a UNet's several hundred kernels."""
+
+    def __init__(self, stream: Stream, enqueue: Any):
+        rt = cudart()
+        check(rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        try:
+            enqueue()
+        finally:
+            self.graph = check(rt.cudaStreamEndCapture(stream.handle))
+        self.exec = check(rt.cudaGraphInstantiate(self.graph, 0))
+
+    def launch(self, stream: Stream) -> None:
+        check(cudart().cudaGraphLaunch(self.exec, stream.handle))
+
+    def destroy(self) -> None:
+        rt = cudart()
+        if getattr(self, "exec", None) is not None:
+            check(rt.cudaGraphExecDestroy(self.exec))
+            self.exec = None
+        if getattr(self, "graph", None) is not None:
+            check(rt.cudaGraphDestroy(self.graph))
+            self.graph = None

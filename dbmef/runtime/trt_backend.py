@@ -1,0 +1,229 @@
+"""Native TensorRT backend of the Engine interface, without torch: cuda-python for device
+memory, streams and CUDA graphs; persistent I/O buffers; ``execute_async_v3``.
+
+For the fused scorer it also offers ``score_rows``: the noise bank and positive table stay on the
+device, each chunk of rows is gathered by device-to-device copies, the static-shape engine is
+replayed as a CUDA graph, every chunk's errors are copied into one pinned host array, and the host
+synchronises once per batch of images, not once per UNet call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dbmef.errors import EngineError
+from dbmef.runtime import cuda
+from dbmef.runtime.engine import check_feeds
+from dbmef.runtime.row_gather import plan_chunk
+from dbmef.runtime.trt_build import import_tensorrt, trt_logger, usable_engine
+
+log = logging.getLogger(__name__)
+
+
+def numpy_dtype(trt: Any, dt: Any) -> np.dtype:
+    table = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8,
+             "BOOL": np.bool_, "UINT8": np.uint8}
+    for name, np_dt in table.items():
+        if hasattr(trt.DataType, name) and dt == getattr(trt.DataType, name):
+            return np.dtype(np_dt)
+    raise EngineError(f"TensorRT tensor type {dt} has no numpy equivalent here")
+
+
+def dims(d: Any) -> tuple[int, ...]:
+    """TensorRT Dims -> tuple (indexing works on every version; iteration is not in its stubs)."""
+    return tuple(int(d[j]) for j in range(len(d)))
+
+
+@dataclass
+class Slot:
+    """One I/O tensor: its dtype, the largest shape the profile allows, and its buffers."""
+
+    name: str
+    is_input: bool
+    dtype: np.dtype
+    max_shape: tuple[int, ...]
+    device: cuda.DeviceBuffer
+    host: cuda.PinnedArray
+
+    @property
+    def max_nbytes(self) -> int:
+        return int(np.prod(self.max_shape)) * self.dtype.itemsize
+
+
+def buffer_bytes(shape: tuple[int, ...], dtype: Any) -> int:
+    """Bytes one tensor of ``shape`` takes (what is allocated per I/O slot)."""
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+class TrtEngine:
+    """A deserialized TensorRT engine with persistent buffers, behind the Engine interface."""
+
+    def __init__(self, path: str | Path, name: str | None = None, use_cuda_graph: bool = True):
+        cuda.require_gpu()
+        import_tensorrt()
+        import tensorrt as trt
+
+        self.trt = trt
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.logger = trt_logger()
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not deserialize {self.path}: built by another TensorRT version or "
+                              "for another GPU? Rebuild with `dbmef build-engines`")
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self.providers = ["TensorRT"]
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_in = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_names = tuple(n for n in names if is_in[n])
+        self.output_names = tuple(n for n in names if not is_in[n])
+        # Inputs at their profile maximum, so output maxima can be read off the context.
+        in_max: dict[str, tuple[int, ...]] = {}
+        for n in self.input_names:
+            shape = dims(self.engine.get_tensor_shape(n))
+            if any(d < 0 for d in shape):
+                shape = dims(self.engine.get_tensor_profile_shape(n, 0)[2])
+            in_max[n] = shape
+            self.context.set_input_shape(n, shape)
+        self.slots: dict[str, Slot] = {}
+        for n in names:
+            shape = in_max[n] if is_in[n] else dims(self.context.get_tensor_shape(n))
+            dt = numpy_dtype(trt, self.engine.get_tensor_dtype(n))
+            self.slots[n] = Slot(n, is_in[n], dt, shape, cuda.DeviceBuffer(buffer_bytes(shape, dt)),
+                                 cuda.PinnedArray((int(np.prod(shape)),), dt))
+            self.context.set_tensor_address(n, self.slots[n].device.ptr)
+        self.current: dict[str, tuple[int, ...]] = dict(in_max)
+        self.static = all(
+            all(d >= 0 for d in dims(self.engine.get_tensor_shape(n))) for n in self.input_names
+        )
+        self.use_cuda_graph = use_cuda_graph and self.static
+        self.graph: cuda.CudaGraph | None = None
+        self._resident: dict[str, tuple[Any, cuda.DeviceBuffer]] = {}
+        self.calls = 0
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, manifest: Any, component: str) -> TrtEngine:
+        return cls(usable_engine(Path(bundle_dir), manifest, component), component)
+
+    # -- the Engine interface ---------------------------------------------------------------------
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self, feeds)
+        for n in self.input_names:
+            self._upload(n, feeds[n])
+        self._execute()
+        out_shapes = {n: dims(self.context.get_tensor_shape(n)) for n in self.output_names}
+        for n in self.output_names:
+            slot = self.slots[n]
+            view = slot.host.array[: int(np.prod(out_shapes[n]))]
+            cuda.memcpy_dtoh_async(view, slot.device.ptr, self.stream)
+        self.stream.synchronize()
+        self.calls += 1
+        return {n: self.slots[n].host.array[: int(np.prod(s))].reshape(s).copy() for n, s in out_shapes.items()}
+
+    def _upload(self, name: str, array: np.ndarray) -> None:
+        slot = self.slots[name]
+        a = np.ascontiguousarray(array, dtype=slot.dtype)
+        if a.nbytes > slot.max_nbytes:
+            raise EngineError(f"engine '{self.name}': input {name} of shape {a.shape} exceeds the engine's profile "
+                              f"maximum {slot.max_shape}; rebuild engines with a larger profile")
+        if a.shape != self.current[name]:
+            if not self.context.set_input_shape(name, a.shape):
+                raise EngineError(f"engine '{self.name}': shape {a.shape} for {name} is outside its profile")
+            self.current[name] = a.shape
+            self._drop_graph()
+        view = slot.host.array[: a.size]
+        view[...] = a.reshape(-1)
+        cuda.memcpy_htod_async(slot.device.ptr, view, self.stream)
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise EngineError(f"engine '{self.name}': execute_async_v3 failed")
+
+    def _execute(self) -> None:
+        if not self.use_cuda_graph:
+            self._enqueue()
+            return
+        if self.graph is None:
+            # One ordinary run first: TensorRT may allocate or initialise lazily, which cannot be
+            # captured; then capture the kernels of one run and replay them from now on.
+            self._enqueue()
+            self.stream.synchronize()
+            self.graph = cuda.CudaGraph(self.stream, self._enqueue)
+        self.graph.launch(self.stream)
+
+    def _drop_graph(self) -> None:
+        if self.graph is not None:
+            self.graph.destroy()
+            self.graph = None
+
+    # -- the scorer's batched path ----------------------------------------------------------------
+    def _resident_buffer(self, key: str, array: np.ndarray) -> int:
+        """Upload ``array`` once and keep it on the device while the same object is passed."""
+        held = self._resident.get(key)
+        if held is not None and held[0] is array:
+            return held[1].ptr
+        a = np.ascontiguousarray(array)
+        buf = cuda.DeviceBuffer(a.nbytes)
+        cuda.memcpy_htod_async(buf.ptr, a, self.stream)
+        self._resident[key] = (array, buf)
+        return buf.ptr
+
+    def score_rows(self, latents: np.ndarray, noise: np.ndarray, timesteps: np.ndarray, positive: np.ndarray,
+                   negative: np.ndarray, candidates: np.ndarray, lam: np.ndarray,
+                   index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], batch: int) -> np.ndarray:
+        """Errors (R,) for rows given by ``index`` = (m, v, i, c), each (R_padded,), in chunks of
+        ``batch``; one host synchronisation at the end."""
+        if set(self.input_names) != {"x0", "eps", "timestep", "emb_pos", "emb_neg", "lam"}:
+            raise EngineError(f"engine '{self.name}' is not a fused scorer")
+        if self.slots["x0"].max_shape[0] != batch:
+            raise EngineError(f"engine '{self.name}' was built for {self.slots['x0'].max_shape[0]} rows per call, "
+                              f"the scorer asks for {batch}; rebuild engines with --unet-batch {batch}")
+        src = {
+            "latents": self._resident_buffer("latents", np.ascontiguousarray(latents, np.float32)),
+            "noise": self._resident_buffer("noise", noise),
+            "timesteps": self._resident_buffer("timesteps", timesteps),
+            "positive": self._resident_buffer("positive", positive),
+            "negative": self._resident_buffer("negative", np.ascontiguousarray(negative, np.float32)),
+        }
+        self._upload("lam", lam)
+        m, v, i, c = index
+        total = len(m)
+        out = cuda.PinnedArray((total,), np.float32)
+        latent_bytes = int(np.prod(latents.shape[1:])) * 4
+        emb_bytes = int(np.prod(positive.shape[1:])) * 4
+        k = candidates.shape[1]
+        for s in range(0, total, batch):
+            sl = slice(s, s + batch)
+            for cp in plan_chunk(m[sl], v[sl], i[sl], c[sl], candidates, latent_bytes, emb_bytes,
+                                 noise.shape[1], k):
+                cuda.memcpy_dtod_async(self.slots[cp.dst].device.ptr + cp.dst_offset, src[cp.src] + cp.src_offset,
+                                       cp.nbytes, self.stream)
+            self._execute()
+            cuda.memcpy_dtoh_async(out.array[s : s + batch], self.slots["error"].device.ptr, self.stream)
+        self.stream.synchronize()  # the one host sync of this batch of images
+        self.calls += (total + batch - 1) // batch
+        return out.array.copy()
+
+    def close(self) -> None:
+        self._drop_graph()
+        for slot in self.slots.values():
+            slot.device.free()
+            slot.host.free()
+        for _, buf in self._resident.values():
+            buf.free()
+        self._resident.clear()
+        self.stream.destroy()
+
+    def __enter__(self) -> TrtEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,292 @@
+"""TensorRT engines from a bundle's ONNX files, built for the GPU they will run on.
+
+Small loaders after Polygraphy's (``NetworkFromOnnxPath`` -> ``EngineBytesFromNetwork`` ->
+``SaveEngine``): each holds its arguments and does one thing when called. Networks are strongly
+typed (precision comes from the ONNX graph's types), which works on TensorRT 10.x and 11.x alike:
+11.x removed ``BuilderFlag.FP16`` and friends. The backbone, text encoder and VAE get a
+dynamic-batch profile; the scorer a static one at the runtime's fixed UNet batch, so its
+execution can be captured in a CUDA graph.
+
+Every engine file is keyed by the ONNX hash, the TensorRT version, the GPU name and compute
+capability, the precision and the shape profile; the key is recorded in the manifest and a
+stale engine is never reused silently: a key mismatch rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dbmef.errors import BackendUnavailableError, BundleError, EngineError
+from dbmef.runtime.bundle import BundleManifest, ComponentRecord, load_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+ENGINE_DIR = "trt"
+TIMING_CACHE = "timing.cache"
+# Batch profiles per component: (min, opt, max), or a static batch for the scorer/unet.
+DEFAULT_BATCH_PROFILES: dict[str, tuple[int, int, int]] = {
+    "backbone": (1, 16, 64),
+    "text_encoder": (1, 5, 64),
+    "vae_encoder": (1, 4, 16),
+}
+
+
+def import_tensorrt() -> None:
+    """Raise a clear error when TensorRT cannot be imported. Callers then ``import tensorrt as trt``
+    themselves, so that type checkers see the real module (``make check-trt`` checks every call
+    against stubs generated from the TensorRT 10.x and 11.x bindings)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "TensorRT is not installed (or its native libraries are missing): `pip install 'dbmef[gpu]'` "
+            "on a machine with an NVIDIA GPU; elsewhere use --backend onnxruntime"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """min/opt/max shape of every input of one engine (equal for a static profile)."""
+
+    inputs: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
+
+    @property
+    def static(self) -> bool:
+        return all(mn == opt == mx for _, mn, opt, mx in self.inputs)
+
+    def max_shape(self, name: str) -> tuple[int, ...]:
+        for n, _, _, mx in self.inputs:
+            if n == name:
+                return mx
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, a, b, c in self.inputs}
+
+
+def symbol_values(manifest: BundleManifest, component: str) -> dict[str, int]:
+    """Concrete sizes for the symbolic dims of a component's contract."""
+    emb = manifest.positive_embeddings["shape"]  # [C, L, D]
+    _, h, w = manifest.vae["latent_shape"]
+    sizes = {"L": int(emb[1]), "D": int(emb[2]), "C": len(manifest.class_names), "h": int(h), "w": int(w)}
+    if component == "backbone":
+        _, hh, ww = manifest.backbone_preprocess["input_size"]
+        sizes.update(H=int(hh), W=int(ww))
+    elif component == "vae_encoder":
+        sizes.update(H=int(manifest.vae["image_size"]), W=int(manifest.vae["image_size"]))
+    return sizes
+
+
+def shape_profile(manifest: BundleManifest, component: str, unet_batch: int | None = None,
+                  batch_profiles: dict[str, tuple[int, int, int]] | None = None) -> ShapeProfile:
+    """The engine's shape profile: dynamic batch for the backbone, text encoder and VAE; the
+    scorer static at ``unet_batch`` rows (the UNet at 2 x unet_batch: both conditions)."""
+    rec = manifest.components[component]
+    sizes = symbol_values(manifest, component)
+    ub = int(unet_batch or manifest.scoring.unet_batch)
+    if component == "scorer":
+        bmin = bopt = bmax = ub
+    elif component == "unet":
+        bmin = bopt = bmax = 2 * ub
+    else:
+        bmin, bopt, bmax = (batch_profiles or DEFAULT_BATCH_PROFILES)[component]
+    out = []
+    for t in rec.inputs:
+        dims = []
+        for d in t.shape:
+            if isinstance(d, int):
+                dims.append((d, d, d))
+            elif d == "B":
+                dims.append((bmin, bopt, bmax))
+            elif d in sizes:
+                dims.append((sizes[d],) * 3)
+            else:
+                raise BundleError(f"component {component}: input {t.name} has unknown symbolic dim {d!r}")
+        out.append((t.name, tuple(x[0] for x in dims), tuple(x[1] for x in dims), tuple(x[2] for x in dims)))
+    return ShapeProfile(tuple(out))
+
+
+def engine_key(onnx_sha256: str, trt_version: str, gpu_name: str, compute_capability: str, precision: str,
+               profile: ShapeProfile) -> str:
+    """A stable hash of everything an engine depends on."""
+    blob = json.dumps({"onnx": onnx_sha256, "trt": trt_version, "gpu": gpu_name, "cc": compute_capability,
+                       "precision": precision, "profile": profile.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def engine_file_name(component: str, key: str) -> str:
+    return f"{ENGINE_DIR}/{component}-{key}.engine"
+
+
+def trt_logger() -> Any:
+    """A TensorRT logger that routes its messages to ``logging`` (TensorRT's INFO becomes DEBUG)."""
+    import_tensorrt()
+    import tensorrt as trt
+
+    levels = {trt.ILogger.Severity.INTERNAL_ERROR: logging.ERROR, trt.ILogger.Severity.ERROR: logging.ERROR,
+              trt.ILogger.Severity.WARNING: logging.WARNING}
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            log.log(levels.get(severity, logging.DEBUG), "TensorRT: %s", msg)
+
+    return _Logger()
+
+
+class NetworkFromOnnxPath:
+    """Parse an ONNX file (external data resolved beside it) into a strongly typed network."""
+
+    def __init__(self, path: Path, logger: Any):
+        self.path = path
+        self.logger = logger
+
+    def __call__(self) -> tuple[Any, Any, Any]:
+        import_tensorrt()
+        import tensorrt as trt
+        builder = trt.Builder(self.logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(self.path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise EngineError(f"TensorRT could not parse {self.path}: {'; '.join(errors) or 'unknown error'}")
+        return builder, network, parser
+
+
+class EngineBytesFromNetwork:
+    """Build a serialized engine with one optimization profile, a workspace limit and a timing
+    cache that is loaded before and saved after the build."""
+
+    def __init__(self, network_loader: NetworkFromOnnxPath, profile: ShapeProfile, workspace_bytes: int,
+                 timing_cache: Path | None = None, optimization_level: int = 3):
+        self.network_loader = network_loader
+        self.profile = profile
+        self.workspace_bytes = workspace_bytes
+        self.timing_cache = timing_cache
+        self.optimization_level = optimization_level
+
+    def __call__(self) -> bytes:
+        import_tensorrt()
+        import tensorrt as trt
+        builder, network, _parser = self.network_loader()
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
+        config.builder_optimization_level = self.optimization_level
+        cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, False)
+        prof = builder.create_optimization_profile()
+        for name, mn, opt, mx in self.profile.inputs:
+            prof.set_shape(name, trt.Dims(mn), trt.Dims(opt), trt.Dims(mx))
+        config.add_optimization_profile(prof)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise EngineError(f"TensorRT failed to build an engine from {self.network_loader.path} "
+                              "(see the TensorRT messages above, -v)")
+        if self.timing_cache is not None:
+            self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            self.timing_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        return bytes(memoryview(serialized))
+
+
+@dataclass
+class EngineRecord:
+    file: str
+    key: str
+    sha256: str
+    trt_version: str
+    gpu: str
+    compute_capability: str
+    precision: str
+    profile: dict[str, Any]
+    build_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_engines(bundle_dir: str | Path, components: list[str] | None = None, force: bool = False,
+                  workspace_bytes: int = 8 << 30, unet_batch: int | None = None, optimization_level: int = 3,
+                  device: int = 0) -> dict[str, EngineRecord]:
+    """Build (or reuse) a TensorRT engine per component for this GPU; record them in the manifest.
+
+    An existing engine is reused only when its key (ONNX hash, TensorRT version, GPU, compute
+    capability, precision, profile) matches and its file hash checks out.
+    """
+    from dbmef.runtime.cuda import device_info, require_gpu
+
+    require_gpu()
+    import_tensorrt()
+    import tensorrt as trt
+    bundle = Path(bundle_dir)
+    manifest = load_manifest(bundle)
+    gpu = device_info(device)
+    names = components or ["backbone", "text_encoder", "vae_encoder", manifest.scorer_component]
+    existing = manifest.tensorrt.get("engines", {})
+    logger = trt_logger()
+    out: dict[str, EngineRecord] = {}
+    for name in names:
+        rec: ComponentRecord = manifest.components[name]
+        profile = shape_profile(manifest, name, unet_batch)
+        key = engine_key(rec.sha256, trt.__version__, gpu["name"], gpu["compute_capability"], rec.precision, profile)
+        old = existing.get(name)
+        path = bundle / engine_file_name(name, key)
+        if not force and old and old.get("key") == key and path.is_file() and sha256_file(path) == old.get("sha256"):
+            log.info("%s: reusing %s", name, path.name)
+            out[name] = EngineRecord(**old)
+            continue
+        if old and old.get("key") != key:
+            log.info("%s: engine key changed (%s -> %s): rebuilding", name, old.get("key"), key)
+        t0 = time.perf_counter()
+        data = EngineBytesFromNetwork(NetworkFromOnnxPath(bundle / rec.file, logger), profile, workspace_bytes,
+                                      bundle / ENGINE_DIR / TIMING_CACHE, optimization_level)()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        out[name] = EngineRecord(file=engine_file_name(name, key), key=key, sha256=sha256_file(path),
+                                 trt_version=trt.__version__, gpu=gpu["name"],
+                                 compute_capability=gpu["compute_capability"], precision=rec.precision,
+                                 profile=profile.to_dict(), build_seconds=round(time.perf_counter() - t0, 2))
+        log.info("%s: built %s in %.1f s", name, path.name, out[name].build_seconds)
+    manifest = load_manifest(bundle)  # re-read: keep whatever else changed meanwhile
+    engines = dict(manifest.tensorrt.get("engines", {}))
+    engines.update({k: v.to_dict() for k, v in out.items()})
+    manifest.tensorrt = {"engines": engines, "timing_cache": f"{ENGINE_DIR}/{TIMING_CACHE}"}
+    manifest.save(bundle)
+    return out
+
+
+def usable_engine(bundle_dir: Path, manifest: BundleManifest, component: str) -> Path:
+    """The engine file for ``component`` if it was built for this GPU and TensorRT; otherwise a
+    BundleError that says to run build-engines (never a silent stale engine)."""
+    from dbmef.runtime.cuda import device_info
+
+    import_tensorrt()
+    import tensorrt as trt
+    rec = manifest.tensorrt.get("engines", {}).get(component)
+    if not rec:
+        raise BundleError(f"no TensorRT engine for {component}; run `dbmef build-engines --bundle {bundle_dir}`")
+    gpu = device_info()
+    want = (trt.__version__, gpu["name"], gpu["compute_capability"], manifest.components[component].sha256)
+    have = (rec["trt_version"], rec["gpu"], rec["compute_capability"], None)
+    if want[:3] != have[:3]:
+        raise BundleError(
+            f"the TensorRT engine for {component} was built for {have[:3]} but this machine has {want[:3]}; "
+            f"rebuild with `dbmef build-engines --bundle {bundle_dir}`"
+        )
+    profile = ShapeProfile(tuple((n, tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
+                                 for n, d in rec["profile"].items()))
+    key = engine_key(want[3], trt.__version__, gpu["name"], gpu["compute_capability"],
+                     manifest.components[component].precision, profile)
+    if key != rec["key"]:
+        raise BundleError(f"the TensorRT engine for {component} is stale (its ONNX changed); rebuild with "
+                          f"`dbmef build-engines --bundle {bundle_dir}`")
+    return bundle_dir / rec["file"]
