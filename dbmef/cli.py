@@ -178,6 +178,37 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dbmef.bench import plot, run_bench
+
+    scoring = {k: getattr(args, k) for k in ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch")
+               if getattr(args, k, None) is not None}
+    bar = None if (args.quiet or args.json) else (lambda msg: print(f"[bench] {msg}", file=sys.stderr))
+    report = run_bench(args.bundle, source=args.source, n_images=args.images, repeats=args.repeats,
+                       scoring=scoring, baselines=tuple(args.baselines), threads=args.threads,
+                       profile=args.profile, progress=bar)
+    if args.plot:
+        report["plot"] = str(plot(report, args.plot))
+    if args.json:
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    st = report["dbmef"]["stages"]
+    print(table([[s, v["p50"] * 1e3, v["p95"] * 1e3] for s, v in st["stages_s_per_image"].items()],
+                ["stage", "p50 ms/image", "p95 ms/image"]))
+    print()
+    print(table([[k, v["rethink_rate"], v["images_per_s"]] for k, v in report["dbmef"]["throughput"].items()],
+                ["rethink", "actual rate", "images/s"]))
+    print(f"\nscorer rows/s {st['scorer_rows_per_s']:.3g}; UNet evaluations/s {st['unet_evaluations_per_s']:.3g}")
+    for k in ("speedup_vs_paper_scripts", "speedup_vs_torch_batched"):
+        if k in report:
+            print(f"{k} {report[k]:.2f}x")
+    roof = report["roofline"]
+    for k, v in roof.items():
+        if isinstance(v, dict) and "fraction_of_peak" in v:
+            print(f"fraction of peak ({k}) {v['fraction_of_peak']:.1%}")
+    return 0
+
+
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from dbmef.runtime.trt_build import build_engines
 
@@ -232,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--no-verify", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    n = sub.add_parser("bench", help="slow-path latency, throughput, baselines and roofline")
+    add_runtime_args(n)
+    n.add_argument("--source", help="the system folder the bundle was exported from (enables the torch baselines)")
+    n.add_argument("--images", type=int, default=4)
+    n.add_argument("--repeats", type=int, default=3)
+    n.add_argument("--baselines", nargs="*", default=["paper_scripts", "torch_batched"])
+    n.add_argument("--profile", action="store_true", help="ONNX Runtime profile of the scorer by op type")
+    n.add_argument("--plot", help="write a PNG here")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=cmd_bench)
 
     b = sub.add_parser("build-engines", help="build TensorRT engines for this GPU (export once, build per target)")
     b.add_argument("--bundle", required=True)

@@ -220,7 +220,9 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         "backbone": {"id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init,
                      "num_classes": num_classes,
                      "weights_sha256": sha256_file(cfg.weights) if cfg.weights else None},
-        "sd": {**sd_source, "unet_config_sha256": _config_hash(sd_dir / "unet" / "config.json")},
+        "sd": {**sd_source, "unet_config_sha256": _config_hash(sd_dir / "unet" / "config.json"),
+               "unet_config": {k: v for k, v in dict(sd.unet.config).items() if not k.startswith("_")},
+               "unet_flops_per_evaluation": _unet_flops(sd.unet.config, latent_shape)},
     }
     records: dict[str, ComponentRecord] = {}
     timings: dict[str, float] = {}
@@ -305,6 +307,17 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
     return out
 
 
+def _unet_flops(unet_config: Any, latent_shape: tuple[int, int, int]) -> float | None:
+    """Analytic FLOPs of one UNet evaluation at the bundle's latent size (for rooflines)."""
+    try:
+        from dbmef.reference.baselines import unet_flops_per_evaluation
+
+        return unet_flops_per_evaluation(dict(unet_config), latent_shape[1:])
+    except Exception as exc:  # a counting failure must not fail the export
+        log.warning("could not count UNet FLOPs: %s", exc)
+        return None
+
+
 def _config_hash(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
@@ -338,7 +351,8 @@ def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarra
     big = latent_shape[1] >= 32
     small = cfg.scoring.replace(k=k, n_timesteps=min(cfg.scoring.n_timesteps, 2 if big else 4),
                                 votes=min(cfg.scoring.votes, 1 if big else 2),
-                                unet_batch=min(cfg.scoring.unet_batch, 8))
+                                # a CPU materialises attention: 64x64 latents take 0.5 GB per UNet sample
+                                unet_batch=1 if big else min(cfg.scoring.unet_batch, 8))
     rng = np.random.default_rng(cfg.seed + 1)
     m = min(cfg.decision_cases, 2) if big else cfg.decision_cases
     latents = rng.standard_normal((m, *latent_shape)).astype(np.float32)
