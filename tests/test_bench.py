@@ -1,0 +1,55 @@
+"""dbmef bench produces a complete report (no test asserts a time: only structure and units)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import needs_ort, needs_torch
+
+pytestmark = [needs_torch, needs_ort]
+
+
+def test_run_bench_report_and_plot(tiny_bundle, tiny_system, tmp_path):
+    from dbmef.bench import plot, run_bench
+
+    r = run_bench(tiny_bundle, source=tiny_system, n_images=2, repeats=1,
+                  scoring={"n_timesteps": 2, "votes": 1, "unet_batch": 8}, profile=True)
+    st = r["dbmef"]["stages"]
+    assert st["unet_evaluations"] == 2 * 2 * 1 * 5 * 2
+    assert set(st["stages_s_per_image"]) >= {"decode_preprocess", "backbone", "protector", "vae_encode",
+                                             "text_encoder", "unet_scoring", "vote"}
+    assert {"0%", "50%", "100%"} <= set(r["dbmef"]["throughput"])
+    assert r["dbmef"]["throughput"]["0%"]["rethink_rate"] == 0.0
+    assert r["dbmef"]["throughput"]["100%"]["rethink_rate"] == 1.0
+    assert r["speedup_vs_paper_scripts"] > 0 and r["speedup_vs_torch_batched"] > 0
+    roof = r["roofline"]
+    # the tiny UNet's analytic FLOPs, recorded at export, equal a fresh count
+    from dbmef.reference.baselines import read_unet_config, unet_flops_per_evaluation
+
+    assert roof["flops_per_unet_evaluation"] == unet_flops_per_evaluation(read_unet_config(tiny_system), (8, 8))
+    assert 0 < roof["dbmef"]["fraction_of_peak"] < 2
+    assert sum(r["scorer_profile"]["share"].values()) == pytest.approx(1.0)
+    png = plot(r, tmp_path / "b.png")
+    assert png.stat().st_size > 10_000
+    json.dumps(r, default=float)
+
+
+def test_paper_scripts_baseline_answers_like_dbmef(tiny_system, sample_images):
+    """Equal work must mean equal answers: the baseline is the same method, only slower."""
+    from dbmef.reference.baselines import PaperScriptsBaseline
+    from dbmef.reference.engines import reference_pipeline
+    from dbmef.runtime import Protector, ScoringConfig
+
+    cfg = ScoringConfig(n_timesteps=3, votes=2, unet_batch=8)
+    ours = reference_pipeline(tiny_system, cfg, Protector(float("inf"), 0.0)).classify(sample_images[:3])
+    paper = PaperScriptsBaseline(tiny_system, cfg).classify(sample_images[:3])
+    assert [r.label for r in ours] == paper
+
+
+def test_flops_of_sd15_unet_at_64x64():
+    from dbmef.export.sources import SD15_UNET
+    from dbmef.reference.baselines import unet_flops_per_evaluation
+
+    assert unet_flops_per_evaluation(dict(SD15_UNET), (64, 64)) == pytest.approx(0.80e12, rel=0.02)
