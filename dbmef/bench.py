@@ -85,9 +85,13 @@ def run_bench(bundle: str | Path, source: str | Path | None = None, n_images: in
         if progress:
             progress(msg)
 
-    rt = DBMEFRuntime(bundle, options=OrtOptions(device="auto", intra_op_threads=threads))
-    cfg: ScoringConfig = rt.config.replace(**(scoring or {}))
-    rt = DBMEFRuntime(bundle, options=OrtOptions(device="auto", intra_op_threads=threads), scoring=cfg)
+    from dbmef.runtime.bundle import load_manifest
+    from dbmef.runtime.protector import Protector
+
+    cfg: ScoringConfig = load_manifest(bundle).scoring.replace(**(scoring or {}))
+    # The protector is set per measurement below; Prot = 0 here only avoids the uncalibrated warning.
+    rt = DBMEFRuntime(bundle, options=OrtOptions(device="auto", intra_op_threads=threads), scoring=cfg,
+                      protector=Protector(math.inf, 0.0, None))
     images = bench_images(n_images)
     say(f"dbmef stages ({n_images} images x {repeats} repeats, all rethought)")
     stages = bench_stages(rt, images, repeats)
@@ -109,7 +113,6 @@ def run_bench(bundle: str | Path, source: str | Path | None = None, n_images: in
     if source is not None and baselines:
         from dbmef.reference.baselines import PaperScriptsBaseline
         from dbmef.reference.engines import reference_pipeline
-        from dbmef.runtime.protector import Protector
 
         report["baselines"] = {}
         if "torch_batched" in baselines:

@@ -74,11 +74,16 @@ def save_onnx(model: Any, out: Path) -> Path:
     for p in (out, data):
         if p.exists():
             p.unlink()
-    if model.ByteSize() >= TWO_GB - (64 << 20):
+    # ByteSize() itself fails past 2 GB, so weigh the tensors: they are nearly all of a model.
+    weights = sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+    if weights >= TWO_GB - (256 << 20):
         onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
     else:
         onnx.save_model(model, str(out))
+    for p in (out, data):
+        if p.exists():
+            p.chmod(0o644)  # onnx writes external data 0600; a bundle is meant to be shared
     # Shape inference and the checker by path: both handle external data and > 2 GB graphs.
     onnx.shape_inference.infer_shapes_path(str(out), str(out))
     onnx.checker.check_model(str(out))

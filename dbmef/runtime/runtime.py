@@ -97,6 +97,13 @@ class DBMEFRuntime:
             vae_encoder=open_engine(self.bundle_dir, m, "vae_encoder", backend, options),
             scorer=open_engine(self.bundle_dir, m, m.scorer_component, backend, options),
         )
+        h, w = m.vae["latent_shape"][1:]
+        if getattr(engines.scorer, "device", None) == "cpu" and h * w >= 32 * 32 and self.config.unet_batch > 4:
+            # CPU kernels materialise the attention matrices: (64x64)^2 x 8 heads x 4 B is 0.5 GB per
+            # UNet sample, so a GPU-sized batch of 32 rows (64 samples) needs tens of GB.
+            log.warning("the scorer runs on the CPU with %d rows per call at a %dx%d latent: expect very high "
+                        "memory use; pass --unet-batch 2 (or scoring=...replace(unet_batch=2))",
+                        self.config.unet_batch, h, w)
         self.pipeline = DBMEFPipeline(
             engines=engines,
             tokenizer=ClipTokenizer(self.bundle_dir / m.tokenizer["file"], int(m.tokenizer.get("max_length", 77)),
