@@ -70,7 +70,7 @@ def section(name: str, r: dict[str, Any], cmd: str) -> str:
     st = r["dbmef"]["stages"]
     sc = r["scoring"]
     lines = [f"## {name}", "",
-             f"Bundle `{Path(r['bundle']).name}` ({r['precision']}), k={sc['k']}, n={sc['n_timesteps']}, "
+             f"Bundle `{r['bundle']}` ({r['precision']}), k={sc['k']}, n={sc['n_timesteps']}, "
              f"V={sc['votes']}, lam={sc['lam']}, scorer batch {sc['unet_batch']}; {st['images']} images, every one "
              f"rethought; {st['unet_evaluations']} UNet evaluations per method. Command: `{cmd}`", "",
              "| slow path, equal work | wall s (p50) | speed-up of dbmef | fraction of matmul peak |",
@@ -110,12 +110,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=list(SYSTEMS), action="append")
     ap.add_argument("--work", default="engines/bench")
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results/*.json")
     args = ap.parse_args()
     from dbmef.bench import plot, run_bench
 
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    names = args.only or list(SYSTEMS)
+    names = [] if args.report_only else (args.only or list(SYSTEMS))
+    cmd = "python benchmarks/run_benchmarks.py" + "".join(f" --only {n}" for n in (args.only or []))
     for name in names:
         cfg = SYSTEMS[name]
         work = Path(args.work) / name
@@ -125,9 +127,9 @@ def main() -> int:
         r = run_bench(bundle, source=system, n_images=cfg["images"], repeats=cfg["repeats"], scoring=cfg["scoring"],
                       profile=True, progress=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr))
         r["export"] = exp
+        r["command"] = cmd
         (results / f"{name}.json").write_text(json.dumps(r, indent=2, default=float) + "\n")
         plot(r, results / f"{name}.png")
-    cmd = "python benchmarks/run_benchmarks.py" + "".join(f" --only {n}" for n in (args.only or []))
     parts = ["# Benchmarks", "",
              f"Regenerate: `.venv/bin/python benchmarks/run_benchmarks.py` (per system: `--only tiny|sd15`). "
              f"Machine: {platform.platform()}, {platform.machine()}, 2 cores, no GPU. Written "
@@ -136,7 +138,8 @@ def main() -> int:
     for name in SYSTEMS:
         p = results / f"{name}.json"
         if p.is_file():
-            parts.append(section(name, json.loads(p.read_text()), cmd))
+            r = json.loads(p.read_text())
+            parts.append(section(name, r, r.get("command", cmd)))
     extra = HERE / "NOTES.md"
     if extra.is_file():
         parts.append(extra.read_text())
