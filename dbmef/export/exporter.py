@@ -125,6 +125,7 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         read_class_names,
         save_tokenizer_json,
     )
+    from dbmef.reference.loading import latent_shape as latent_shape_of
     from dbmef.reference.modules import (
         BackboneModule,
         FusedScorerModule,
@@ -178,9 +179,8 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
     # -- sizes and specs --------------------------------------------------------------------
     data_cfg = backbone_data_config(backbone)
     vae_cfg = sd.vae.config
-    down = 2 ** (len(vae_cfg.block_out_channels) - 1)
     image_size = cfg.image_size if sd_source["kind"] != "tiny" else int(sd_source["image_size"])
-    latent_shape = (int(vae_cfg.latent_channels), image_size // down, image_size // down)
+    latent_shape = latent_shape_of(vae_cfg, image_size)
     text_width = int(sd.text_encoder.config.hidden_size)
     specs = make_specs(image_size=image_size, backbone_size=tuple(data_cfg["input_size"][1:]),
                        text_width=text_width, latent_shape=latent_shape,

@@ -40,7 +40,7 @@ class PaperScriptsBaseline:
         from timm.data import create_transform, resolve_model_data_config
         from torchvision import transforms as T
 
-        from dbmef.reference.loading import load_backbone, load_sd, read_class_names
+        from dbmef.reference.loading import latent_shape, load_backbone, load_sd, read_class_names
 
         root = Path(system)
         self.sd = load_sd(root / "sd")
@@ -56,8 +56,7 @@ class PaperScriptsBaseline:
         self.sqrt_a = abar.sqrt().float()
         self.sqrt_1ma = (1 - abar).sqrt().float()
         self.grid = torch.from_numpy(timestep_grid(config.n_timesteps, config.num_train_timesteps))
-        down = 2 ** (len(self.sd.vae.config.block_out_channels) - 1)
-        shape = (int(self.sd.vae.config.latent_channels), size // down, size // down)
+        shape = latent_shape(self.sd.vae.config, size)
         self.noise = torch.from_numpy(NoiseBank(config.votes, config.n_timesteps, shape, config.seed).eps)
         self.timings: dict[str, float] = {}
         del timm

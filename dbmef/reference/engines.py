@@ -59,6 +59,7 @@ def torch_engines(system: str | Path, config: ScoringConfig, fused: bool = True,
 
     from dbmef.reference.loading import (
         backbone_data_config,
+        latent_shape,
         load_backbone,
         load_sd,
         read_class_names,
@@ -91,14 +92,13 @@ def torch_engines(system: str | Path, config: ScoringConfig, fused: bool = True,
     tok_dir = Path(tempfile.mkdtemp(prefix="dbmef-tok-"))
     save_tokenizer_json(sd.tokenizer, tok_dir / "tokenizer.json")
     image_size = int(sd.vae.config.sample_size)
-    down = 2 ** (len(sd.vae.config.block_out_channels) - 1)
     return {
         "engines": engines,
         "tokenizer_json": tok_dir / "tokenizer.json",
         "class_names": read_class_names(root / "class_names.json"),
         "data_config": backbone_data_config(backbone),
         "vae_image_size": image_size,
-        "latent_shape": (int(sd.vae.config.latent_channels), image_size // down, image_size // down),
+        "latent_shape": latent_shape(sd.vae.config, image_size),
         "sd": sd,
         "backbone": backbone,
     }

@@ -58,6 +58,13 @@ def load_sd(path: str | Path, dtype: Any = None) -> SDComponents:
     return SDComponents(unet, vae, text_encoder, tokenizer, sched, str(root))
 
 
+def latent_shape(vae_config: Any, image_size: int) -> tuple[int, int, int]:
+    """(C, h, w) of the VAE latent for ``image_size`` inputs: each encoder block after the first
+    halves the resolution (8x for SD)."""
+    down = 2 ** (len(vae_config.block_out_channels) - 1)
+    return int(vae_config.latent_channels), image_size // down, image_size // down
+
+
 def quiet_hf_logging() -> None:
     """Keep diffusers/transformers to errors and off the progress bars: dbmef owns the output."""
     from diffusers.utils import logging as dlog
