@@ -26,6 +26,7 @@ from dbmef.runtime.tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 
 STAGES = ("decode_preprocess", "backbone", "protector", "vae_encode", "text_encoder", "unet_scoring", "vote")
+SLOW_STAGES = ("vae_encode", "text_encoder", "unet_scoring", "vote")
 
 
 @dataclass
@@ -62,6 +63,17 @@ class ImageResult:
             "timings": self.timings,
             "error": self.error,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageResult:
+        """Inverse of ``to_dict`` (extra keys, such as an evaluation record's, are ignored)."""
+        return cls(
+            index=int(d["index"]), image=str(d["image"]), label=d.get("label"), class_name=d.get("class_name"),
+            rethought=bool(d.get("rethought", False)), backbone_label=d.get("backbone_label"),
+            max_prob=d.get("max_prob"), topk=[(int(c), float(p)) for c, p in d.get("topk", [])],
+            candidates=list(d.get("candidates", [])), errors=[list(e) for e in d.get("errors", [])],
+            votes=list(d.get("votes", [])), timings=dict(d.get("timings", {})), error=d.get("error"),
+        )
 
 
 class StageTimer:
@@ -195,6 +207,42 @@ class DBMEFPipeline:
         """Classify a batch. One result per input, in input order; an input that cannot be read
         gets ``error`` set and does not stop the others. ``progress`` receives UNet rows done."""
         timer = StageTimer()
+        results, pils = self._fast_path(images, names, timer)
+        ok = [r for r in results if r.error is None]
+        self._slow_path([r for r in ok if r.rethought], pils, timer, progress)
+        self._share_timings(ok, timer)
+        self.last_timings = timer.seconds
+        return results
+
+    def fast_path(self, images: Sequence[ImageInput], names: Sequence[str] | None = None
+                  ) -> tuple[list[ImageResult], dict[int, Image.Image]]:
+        """Decode, backbone and protector only (the first half of ``classify``, e.g. for a
+        distributed pipeline that rethinks elsewhere). Returns the results, final for images not
+        rethought, and the decoded images of the rethought ones by result index."""
+        timer = StageTimer()
+        results, pils = self._fast_path(images, names, timer)
+        ok = [r for r in results if r.error is None]
+        self._share_timings(ok, timer)
+        return results, {r.index: pils[r.index] for r in ok if r.rethought}
+
+    def rethink(self, results: Sequence[ImageResult], images: Sequence[ImageInput],
+                progress: Callable[[int], None] | None = None) -> None:
+        """The second half of ``classify``: re-rank ``results`` (from ``fast_path``, all with
+        ``rethought`` set) in place; ``images`` are the same images, in the same order. The answer
+        is the one ``classify`` gives: it depends on the image and its top-k only."""
+        timer = StageTimer()
+        todo = [r for r in results if r.rethought and r.error is None]
+        if len(results) != len(images):
+            raise ConfigError(f"rethink got {len(results)} results and {len(images)} images")
+        wanted = {id(r) for r in todo}
+        pils = {r.index: load_image(src) for r, src in zip(results, images) if id(r) in wanted}
+        self._slow_path(todo, pils, timer, progress)
+        share = {st: timer.seconds[st] / max(len(todo), 1) for st in SLOW_STAGES}
+        for r in todo:
+            r.timings.update(share)
+
+    def _fast_path(self, images: Sequence[ImageInput], names: Sequence[str] | None, timer: StageTimer
+                   ) -> tuple[list[ImageResult], dict[int, Image.Image]]:
         results = [ImageResult(i, names[i] if names else describe(src)) for i, src in enumerate(images)]
         pils: dict[int, Image.Image] = {}
         pixel: list[np.ndarray] = []
@@ -209,10 +257,8 @@ class DBMEFPipeline:
                     log.warning("skipping %s: %s", r.image, exc)
         ok = [r for r in results if r.error is None]
         if ok:
-            self._classify_ok(ok, np.stack(pixel), pils, timer, progress)
-        self._share_timings(ok, timer)
-        self.last_timings = timer.seconds
-        return results
+            self._backbone_and_protector(ok, np.stack(pixel), timer)
+        return results, pils
 
     def backbone_logits(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
         """Decode and run the backbone only: (N_ok, C) logits of the readable images, and one error
@@ -234,10 +280,7 @@ class DBMEFPipeline:
         ])
         return logits, errors
 
-    def _classify_ok(
-        self, ok: list[ImageResult], pixel: np.ndarray, pils: dict[int, Image.Image],
-        timer: StageTimer, progress: Callable[[int], None] | None,
-    ) -> None:
+    def _backbone_and_protector(self, ok: list[ImageResult], pixel: np.ndarray, timer: StageTimer) -> None:
         k = self.config.k
         with timer("backbone"):
             logits = np.concatenate([
@@ -260,27 +303,33 @@ class DBMEFPipeline:
             r.topk = [(int(c), float(p)) for c, p in zip(top[j], top_p[j])]
             r.rethought = bool(rethink[j])
             r.label = r.backbone_label
-        sel = np.flatnonzero(rethink)
-        if sel.size:
-            with timer("vae_encode"):
-                imgs = np.stack([self.vae_preprocess(pils[ok[j].index]) for j in sel])
-                latents = np.concatenate([
-                    self.engines.vae_encoder({"image": imgs[s : s + 8]})["latent"] for s in range(0, len(imgs), 8)
-                ])  # (M,4,h,w)
-            cands = top[sel]  # (M,k)
-            with timer("text_encoder"):
-                neg = self.negative_embeddings(cands)  # (M,k,L,D)
-            with timer("unet_scoring"):
-                sr = self.scorer.score(latents, cands, self.positive_embeddings, neg, progress)
-            with timer("vote"):
-                for q, j in enumerate(sel.tolist()):
-                    r = ok[j]
-                    r.label = int(sr.labels[q])
-                    r.candidates = [int(c) for c in sr.candidates[q]]
-                    r.errors = sr.errors[q].astype(float).tolist()
-                    r.votes = [int(v) for v in sr.votes[q]]
-        for r in ok:
-            r.class_name = self.class_names[r.label] if r.label is not None else None
+            r.class_name = self.class_names[r.label]
+
+    def _slow_path(self, todo: list[ImageResult], pils: dict[int, Image.Image], timer: StageTimer,
+                   progress: Callable[[int], None] | None) -> None:
+        """VAE -> negatives -> scorer -> vote for the rethought results; candidates are their top-k."""
+        if not todo:
+            return
+        k = self.config.k
+        cands = np.array([[c for c, _ in r.topk[:k]] for r in todo], dtype=np.int64)  # (M,k)
+        if cands.shape[1] != k:
+            raise ConfigError(f"results carry a top-{cands.shape[1]} but the scoring config has k = {k}")
+        with timer("vae_encode"):
+            imgs = np.stack([self.vae_preprocess(pils[r.index]) for r in todo])
+            latents = np.concatenate([
+                self.engines.vae_encoder({"image": imgs[s : s + 8]})["latent"] for s in range(0, len(imgs), 8)
+            ])  # (M,4,h,w)
+        with timer("text_encoder"):
+            neg = self.negative_embeddings(cands)  # (M,k,L,D)
+        with timer("unet_scoring"):
+            sr = self.scorer.score(latents, cands, self.positive_embeddings, neg, progress)
+        with timer("vote"):
+            for q, r in enumerate(todo):
+                r.label = int(sr.labels[q])
+                r.class_name = self.class_names[r.label]
+                r.candidates = [int(c) for c in sr.candidates[q]]
+                r.errors = sr.errors[q].astype(float).tolist()
+                r.votes = [int(v) for v in sr.votes[q]]
 
     @staticmethod
     def _share_timings(ok: list[ImageResult], timer: StageTimer) -> None:
@@ -291,9 +340,9 @@ class DBMEFPipeline:
         n_re = max(sum(r.rethought for r in ok), 1)
         for r in ok:
             r.timings = {
-                st: s[st] / (n_re if st in ("vae_encode", "text_encoder", "unet_scoring", "vote") else n_ok)
+                st: s[st] / (n_re if st in SLOW_STAGES else n_ok)
                 for st in STAGES
-                if r.rethought or st not in ("vae_encode", "text_encoder", "unet_scoring", "vote")
+                if r.rethought or st not in SLOW_STAGES
             }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,9 @@ def load_image(src: ImageInput) -> Image.Image:
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        # PIL names the in-memory buffer object in its message; that address helps nobody.
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {detail})") from exc
 
 
 def _array_to_pil(a: np.ndarray) -> Image.Image:

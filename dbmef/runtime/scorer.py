@@ -34,6 +34,24 @@ def combine_and_error(eps: np.ndarray, pred_pos: np.ndarray, pred_neg: np.ndarra
     return np.asarray(np.mean(diff * diff, axis=tuple(range(1, diff.ndim)), dtype=np.float64), dtype=np.float32)
 
 
+def error_terms(eps: np.ndarray, pred_pos: np.ndarray, pred_neg: np.ndarray) -> np.ndarray:
+    """Per-row ``(mean(a*a), mean(b*b), mean(a*b))`` with ``a = eps - pred_neg``, ``b = eps - pred_pos``.
+
+    Since ``eps - eps_hat = (1 - lam) a + lam b``, these three numbers give the error for every lam
+    (``error_from_terms``) and the negative-only error (``mean(a*a)``) from one pair of UNet
+    evaluations: ablations over lam cost no extra UNet work. (B,4,h,w)x3 -> (B,3) float64.
+    """
+    a = (eps.astype(np.float32) - pred_neg).reshape(eps.shape[0], -1).astype(np.float64)
+    b = (eps.astype(np.float32) - pred_pos).reshape(eps.shape[0], -1).astype(np.float64)
+    return np.stack([(a * a).mean(axis=1), (b * b).mean(axis=1), (a * b).mean(axis=1)], axis=1)
+
+
+def error_from_terms(terms: np.ndarray, lam: float) -> np.ndarray:
+    """``mean((eps - eps_hat)^2)`` from ``error_terms`` (last axis of size 3), for guidance ``lam``."""
+    aa, bb, ab = terms[..., 0], terms[..., 1], terms[..., 2]
+    return (1 - lam) ** 2 * aa + lam**2 * bb + 2 * lam * (1 - lam) * ab
+
+
 def vote(errors: np.ndarray) -> tuple[int, np.ndarray]:
     """Majority vote over V repeats with the paper's tie-break.
 
@@ -108,6 +126,14 @@ class DiffusionScorer:
         return np.asarray(out["error"], dtype=np.float32).reshape(-1)
 
     def _unet_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+        pos, neg = self._unet_predictions(x0, eps, t, emb_pos, emb_neg)
+        return combine_and_error(eps, pos, neg, self.config.lam)
+
+    def _terms_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+        pos, neg = self._unet_predictions(x0, eps, t, emb_pos, emb_neg)
+        return error_terms(eps, pos, neg)
+
+    def _unet_predictions(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
         a = self.sqrt_abar[t][:, None, None, None]  # (B,1,1,1)
         s = self.sqrt_one_minus_abar[t][:, None, None, None]
         x_t = a * x0 + s * eps  # (B,4,h,w)
@@ -120,22 +146,25 @@ class DiffusionScorer:
             }
         )["noise_pred"]
         b = x0.shape[0]
-        return combine_and_error(eps, out[:b], out[b:], self.config.lam)
+        return out[:b], out[b:]
 
-    def _score_on_host(self, latents, candidates, positive_table, negative_embeddings, progress):  # type: ignore[no-untyped-def]
-        """Gather rows on the host, one fixed-size engine call per chunk. Returns (errors (R,), calls)."""
+    def _score_on_host(self, latents, candidates, positive_table, negative_embeddings, progress,  # type: ignore[no-untyped-def]
+                       kernel=None, width=None):
+        """Gather rows on the host, one fixed-size engine call per chunk. Returns (errors (R,), calls);
+        with ``kernel``/``width`` (the terms kernel), (R, width) float64 per-row outputs."""
         cfg = self.config
+        kernel = kernel or self._kernel
         m_count = latents.shape[0]
         V, n, k, B = cfg.votes, cfg.n_timesteps, cfg.k, cfg.unet_batch
         total = m_count * V * n * k
-        errors = np.empty(total, dtype=np.float32)
+        errors = np.empty(total, dtype=np.float32) if width is None else np.empty((total, width), np.float64)
         calls = 0
         for start in range(0, total, B):
             stop = min(start + B, total)
             idx = np.arange(start, start + B)
             idx[stop - start :] = stop - 1  # pad the tail by repeating the last real row
             m, v, i, c = np.unravel_index(idx, (m_count, V, n, k))
-            err = self._kernel(
+            err = kernel(
                 latents[m],  # (B,4,h,w)
                 self.noise.eps[v, i],  # (B,4,h,w)
                 self.timesteps[i],  # (B,)
@@ -149,6 +178,39 @@ class DiffusionScorer:
         return errors, calls
 
     # -- scoring -----------------------------------------------------------------------------
+    def score_terms(
+        self,
+        latents: np.ndarray,
+        candidates: np.ndarray,
+        positive_table: np.ndarray,
+        negative_embeddings: np.ndarray,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Per-row ``error_terms`` for ablations: (M, V, n, k, 3) float64 (needs a plain UNet
+        engine; the fused graph returns one lam's error only). Same rows, noise and batching as
+        ``score``: ``error_from_terms(terms, cfg.lam).mean(axis=2)`` equals ``score(...).errors``."""
+        if self.mode != "unet":
+            raise EngineError("score_terms needs the plain UNet engine (export with --scorer unet or both)")
+        cfg = self.config
+        latents = np.ascontiguousarray(latents, dtype=np.float32)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        self._check(latents, candidates, negative_embeddings)
+        terms, _ = self._score_on_host(latents, candidates, positive_table,
+                                       negative_embeddings, progress, kernel=self._terms_kernel, width=3)
+        return terms.reshape(latents.shape[0], cfg.votes, cfg.n_timesteps, cfg.k, 3)
+
+    def _check(self, latents: np.ndarray, candidates: np.ndarray, negative_embeddings: np.ndarray) -> None:
+        m_count = latents.shape[0]
+        if latents.shape[1:] != self.latent_shape:
+            raise EngineError(f"latents have shape {latents.shape[1:]}, scorer expects {self.latent_shape}")
+        if candidates.shape != (m_count, self.config.k):
+            raise EngineError(f"candidates have shape {candidates.shape}, expected ({m_count}, {self.config.k})")
+        if negative_embeddings.shape[:2] != (m_count, self.config.k):
+            raise EngineError(
+                f"negative embeddings have shape {negative_embeddings.shape}, "
+                f"expected ({m_count}, {self.config.k}, L, D)"
+            )
+
     def score(
         self,
         latents: np.ndarray,
@@ -167,14 +229,7 @@ class DiffusionScorer:
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         candidates = np.asarray(candidates, dtype=np.int64)
         m_count = latents.shape[0]
-        if latents.shape[1:] != self.latent_shape:
-            raise EngineError(f"latents have shape {latents.shape[1:]}, scorer expects {self.latent_shape}")
-        if candidates.shape != (m_count, cfg.k):
-            raise EngineError(f"candidates have shape {candidates.shape}, expected ({m_count}, {cfg.k})")
-        if negative_embeddings.shape[:2] != (m_count, cfg.k):
-            raise EngineError(
-                f"negative embeddings have shape {negative_embeddings.shape}, expected ({m_count}, {cfg.k}, L, D)"
-            )
+        self._check(latents, candidates, negative_embeddings)
         V, n, k, B = cfg.votes, cfg.n_timesteps, cfg.k, cfg.unet_batch
         total = m_count * V * n * k
         device_rows = getattr(self.engine, "score_rows", None)

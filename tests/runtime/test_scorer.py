@@ -10,7 +10,7 @@ from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import FunctionEngine
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.schedule import alphas_cumprod, timestep_grid
-from dbmef.runtime.scorer import DiffusionScorer, combine_and_error, vote
+from dbmef.runtime.scorer import DiffusionScorer, combine_and_error, error_from_terms, vote
 
 LATENT = (4, 4, 4)
 
@@ -154,3 +154,27 @@ def test_scorer_rejects_unknown_engine_and_bad_shapes(problem):
         sc.score(problem["latents"], problem["candidates"][:, :2], problem["pos"], problem["neg"])
     with pytest.raises(EngineError, match="inputs"):
         make_unet_engine([])({"sample": problem["latents"]})
+
+
+def test_error_terms_give_every_lam_and_the_negative_only_error(problem):
+    """One pass of UNet rows gives the error for any lam: checked against the naive loop at two
+    lams, and the negative-only term against ||eps - eps_neg||^2 computed row by row."""
+    base = ScoringConfig(k=3, n_timesteps=4, votes=2, lam=1.1, unet_batch=5)
+    sc = DiffusionScorer(base, make_unet_engine([]), LATENT)
+    terms = sc.score_terms(problem["latents"], problem["candidates"], problem["pos"], problem["neg"])
+    assert terms.shape == (3, 2, 4, 3, 3)
+    for lam in (1.0, 1.1, 2.5):
+        expected = naive_errors(base.replace(lam=lam), problem)
+        np.testing.assert_allclose(error_from_terms(terms, lam).mean(axis=2), expected, rtol=1e-5, atol=1e-6)
+    # negative only: lam = 0 in eps_hat = neg + lam (pos - neg)
+    abar = alphas_cumprod()
+    t = timestep_grid(4)[2]
+    eps = NoiseBank(2, 4, LATENT, 0).eps[1, 2]
+    xt = math.sqrt(abar[t]) * problem["latents"][0] + math.sqrt(1 - abar[t]) * eps
+    neg_pred = toy_unet(xt[None], np.array([t]), problem["neg"][0, 1][None])["noise_pred"][0]
+    want = float(np.mean((eps.astype(np.float64) - neg_pred) ** 2))
+    assert terms[0, 1, 2, 1, 0] == pytest.approx(want, rel=1e-5)
+    assert error_from_terms(terms, 0.0)[0, 1, 2, 1] == pytest.approx(want, rel=1e-5)
+    fused = DiffusionScorer(base, make_fused_engine([]), LATENT)
+    with pytest.raises(EngineError, match="plain UNet"):
+        fused.score_terms(problem["latents"], problem["candidates"], problem["pos"], problem["neg"])
