@@ -143,3 +143,28 @@ def test_bundle_errors(tiny_bundle, tmp_path):
         DBMEFRuntime(tmp_path)
     with pytest.raises(ConfigError, match="backend"):
         DBMEFRuntime(tiny_bundle, backend="tvm")
+
+
+def test_fast_path_then_rethink_elsewhere_equals_classify(tiny_bundle, many_images):
+    """The split a distributed pipeline uses: fast path on one runtime, the rethought images
+    (results shipped as dicts) re-ranked by another, in another batching: classify's answers."""
+    from dbmef.runtime.pipeline import ImageResult
+
+    images = many_images[:12] + [b"not an image"]
+    prot = _half_threshold(tiny_bundle, many_images[:12])
+    whole = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot).classify(images)
+    a = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot)
+    b = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot)
+    fast, pils = a.pipeline.fast_path(images)
+    assert set(pils) == {r.index for r in fast if r.rethought} and fast[-1].error
+    shipped = [ImageResult.from_dict(json.loads(json.dumps(r.to_dict()))) for r in fast]
+    todo = [j for j, r in enumerate(shipped) if r.rethought]
+    assert 0 < len(todo) < 12
+    for part in (todo[::2], todo[1::2]):  # rethought in two other batches
+        b.pipeline.rethink([shipped[j] for j in part], [images[j] for j in part])
+    for x, y in zip(shipped, whole):
+        assert (x.label, x.rethought, x.backbone_label, x.candidates, x.votes, x.error is None) == (
+            y.label, y.rethought, y.backbone_label, y.candidates, y.votes, y.error is None)
+        if x.rethought:
+            np.testing.assert_allclose(x.errors, y.errors, rtol=1e-6)
+            assert set(x.timings) >= {"backbone", "unet_scoring"}
