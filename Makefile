@@ -13,8 +13,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(PIP) $(TORCH_PIN) 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import torch, torchvision"
-	$(PIP) -e '.[cpu,export,test]' 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import dbmef.runtime, onnxruntime, diffusers, timm"
+	$(PIP) -e '.[cpu,export,test,ray,digits]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import dbmef.runtime, onnxruntime, diffusers, timm, ray.data, ray.serve, sklearn"
 	touch $@
 
 demo: $(BIN)/.installed

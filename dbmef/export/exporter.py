@@ -59,8 +59,8 @@ class ExportConfig:
             raise ExportError(f"--precision {self.precision!r}: use one of {PRECISIONS}")
         if self.scorer not in SCORER_KINDS:
             raise ExportError(f"--scorer {self.scorer!r}: use one of {SCORER_KINDS}")
-        if self.image_size % 64 or self.image_size < 64:
-            raise ExportError(f"--image-size {self.image_size}: use a multiple of 64 (512 or 256 for SD v1.5)")
+        if self.image_size % 8 or self.image_size < 8:
+            raise ExportError(f"--image-size {self.image_size}: use a multiple of 8 (512 or 256 for SD v1.5)")
 
     def default_out(self) -> Path:
         name = Path(self.backbone).name if Path(self.backbone).is_dir() else self.backbone
@@ -181,6 +181,9 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
     vae_cfg = sd.vae.config
     image_size = cfg.image_size if sd_source["kind"] != "tiny" else int(sd_source["image_size"])
     latent_shape = latent_shape_of(vae_cfg, image_size)
+    down = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    if image_size % down:
+        raise ExportError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {down}")
     text_width = int(sd.text_encoder.config.hidden_size)
     specs = make_specs(image_size=image_size, backbone_size=tuple(data_cfg["input_size"][1:]),
                        text_width=text_width, latent_shape=latent_shape,

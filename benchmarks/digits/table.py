@@ -1,0 +1,219 @@
+"""The paper's Table 1 on the digits test split, from trained runs of ``benchmarks.digits.train``.
+
+    python -m benchmarks.digits.table engines/digits/seed0 engines/digits/seed1 engines/digits/seed2
+
+Columns (each over the 597 test images, per backbone, k = 3 and 5):
+
+* ``top1``: the backbone alone;
+* ``no_protector``: every image rethought with the combined score (lam 1.1, V = 1), i.e. the
+  diffusion classifier alone over the backbone's top-k;
+* ``neg_only``, ``pos_only``, ``combined``: the calibrated protector, rethought images re-ranked
+  by the negative condition only (the candidate whose negative, "the features of {the others}",
+  predicts the noise *worst* wins), by the positive only (lam = 1), or by both (lam = 1.1);
+* ``combined_votes``: the protector, lam = 1.1 and V = 5 votes.
+
+Every diffusion number comes from the bundle's own ONNX engines through the runtime's scorer:
+one pass of UNet rows per image gives all three scores (``DiffusionScorer.score_terms``), and the
+``combined`` column is checked against ``DBMEFRuntime.classify`` (the fused graph the product
+serves). Costs are UNet evaluations per test image and the seconds they take, at the UNet rate
+measured in the same run. n = the bundle's timesteps (30, as in the paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dbmef.digits import DigitsSplit, render
+
+COLUMNS = ["top1", "no_protector", "neg_only", "pos_only", "combined", "combined_votes"]
+TITLES = {
+    "top1": "top-1", "no_protector": "w/o protector", "neg_only": "prot + neg", "pos_only": "prot + pos",
+    "combined": "prot + both", "combined_votes": "prot + both + 5 votes",
+}
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runtime: bool = True) -> dict[str, Any]:
+    """All Table 1 columns for one bundle and k. Returns accuracies, costs and the runtime check."""
+    from tqdm.auto import tqdm
+
+    from dbmef.runtime.runtime import DBMEFRuntime, open_engine
+    from dbmef.runtime.scorer import DiffusionScorer, error_from_terms, vote
+
+    images = [np.asarray(render(a)) for a in split.images]
+    y = split.labels
+    with DBMEFRuntime(bundle) as base:
+        cfg = base.manifest.scoring.replace(k=k, votes=1)
+    n = cfg.n_timesteps
+    with DBMEFRuntime(bundle, scoring=cfg) as rt:
+        pipe = rt.pipeline
+        logits, errs = pipe.backbone_logits(images)
+        assert not any(errs)
+        probs = softmax(logits)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        rethink = rt.protector.rethink(probs.max(axis=1))
+        vae_in = np.stack([pipe.vae_preprocess(render(a)) for a in split.images])
+        latents = np.concatenate([pipe.engines.vae_encoder({"image": vae_in[s : s + 64]})["latent"]
+                                  for s in range(0, len(vae_in), 64)])
+        neg = pipe.negative_embeddings(top)
+        pos = pipe.positive_embeddings
+        unet = open_engine(Path(bundle), rt.manifest, "unet", "onnxruntime", None)
+        shape = tuple(rt.manifest.vae["latent_shape"])
+        rows1 = len(y) * n * k
+        with tqdm(total=rows1, desc=f"{Path(bundle).name} k={k} V=1", unit="row", mininterval=2) as bar:
+            t0 = time.perf_counter()
+            terms1 = DiffusionScorer(cfg, unet, shape).score_terms(latents, top, pos, neg, bar.update)[:, 0]
+            sec_per_eval = (time.perf_counter() - t0) / (2 * rows1)  # two UNet evaluations per row
+        sel = np.flatnonzero(rethink)
+        with tqdm(total=len(sel) * votes * n * k, desc=f"{Path(bundle).name} k={k} V={votes}", unit="row",
+                  mininterval=2) as bar:
+            terms_v = DiffusionScorer(cfg.replace(votes=votes), unet, shape).score_terms(
+                latents[sel], top[sel], pos, neg[sel], bar.update)
+        # Noise banks are prefix-stable: vote 0 of the V-vote run is the V=1 run's noise.
+        np.testing.assert_allclose(terms_v[:, 0], terms1[sel], rtol=1e-5, atol=1e-7)
+        unet.close()
+
+        rng = np.arange(len(y))
+        lam = cfg.lam
+        e_comb = error_from_terms(terms1, lam).mean(axis=1)  # (N, k)
+        pick = {
+            "combined": e_comb.argmin(axis=1),
+            "pos_only": terms1[..., 1].mean(axis=1).argmin(axis=1),
+            "neg_only": terms1[..., 0].mean(axis=1).argmax(axis=1),
+        }
+        top1 = top[:, 0]
+        pred = {"top1": top1, "no_protector": top[rng, pick["combined"]]}
+        for name in ("neg_only", "pos_only", "combined"):
+            pred[name] = np.where(rethink, top[rng, pick[name]], top1)
+        voted = top1.copy()
+        per_vote = error_from_terms(terms_v, lam).mean(axis=2)  # (M, V, k)
+        for q, j in enumerate(sel):
+            voted[j] = top[j, vote(per_vote[q])[0]]
+        pred["combined_votes"] = voted
+
+        check: dict[str, Any] = {}
+        if check_runtime:
+            # The product's own path (fused graph, protector, batching) on the same images.
+            t0 = time.perf_counter()
+            res = rt.classify(images)
+            wall = time.perf_counter() - t0
+            served = np.array([r.label for r in res])
+            margins = np.sort(e_comb, axis=1)
+            close = (margins[:, 1] - margins[:, 0]) < 1e-4 * margins[:, 0]
+            differ = served != pred["combined"]
+            check = {"runtime_accuracy": float((served == y).mean()), "differences": int(differ.sum()),
+                     "differences_not_near_ties": int((differ & ~close).sum()), "wall_seconds": wall,
+                     "seconds_per_image": wall / len(y)}
+
+    acc = {c: float((pred[c] == y).mean()) for c in COLUMNS}
+    rate = float(rethink.mean())
+    evals = {"top1": 0.0, "no_protector": 2.0 * n * k, "neg_only": 2.0 * n * k * rate,
+             "pos_only": 2.0 * n * k * rate, "combined": 2.0 * n * k * rate,
+             "combined_votes": 2.0 * n * k * rate * votes}
+    return {
+        "bundle": str(bundle), "k": k, "n_timesteps": n, "lam": lam, "votes": votes,
+        "prot": rt.protector.prot, "threshold": rt.protector.threshold, "rethink_rate": rate,
+        "n_images": len(y), "accuracy": acc, "unet_evals_per_image": evals,
+        "unet_seconds_per_eval": sec_per_eval,
+        "unet_seconds_per_image": {c: v * sec_per_eval for c, v in evals.items()},
+        "flips": {"fixed": int(((pred["combined"] == y) & (top1 != y)).sum()),
+                  "broken": int(((pred["combined"] != y) & (top1 == y)).sum())},
+        "runtime_check": check,
+    }
+
+
+def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5) -> dict[str, Any]:
+    results = []
+    for run_dir in runs:
+        split = DigitsSplit.load(run_dir / "test_split.npz")
+        report = json.loads((run_dir / "train_report.json").read_text())
+        for backbone in ("weak", "strong"):
+            for k in ks:
+                r = ablate(run_dir / f"bundle-{backbone}", split, k, votes)
+                r.update({"seed": report.get("seed"), "backbone": backbone,
+                          "train_seconds": report.get("seconds", {})})
+                results.append(r)
+                accs = ", ".join(f"{c} {v:.2%}" for c, v in r["accuracy"].items())
+                print(f"seed {r['seed']} {backbone} k={k}: {accs}", flush=True)
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": __import__("os").cpu_count()},
+            "date": time.strftime("%Y-%m-%d"), "results": results}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    res = data["results"]
+    seeds = sorted({r["seed"] for r in res})
+    lines = [
+        "## Table 1 on the digits test split (597 images)",
+        "",
+        f"Mean ± standard deviation over training seeds {seeds} (each seed retrains every model); "
+        "accuracy in %. Below each block: UNet evaluations per test image and the UNet seconds per image "
+        "they cost at the rate measured in the same run.",
+        "",
+    ]
+    for backbone in ("weak", "strong"):
+        for k in sorted({r["k"] for r in res}):
+            rs = [r for r in res if r["backbone"] == backbone and r["k"] == k]
+            if not rs:
+                continue
+            lines += [f"### {backbone} backbone, k = {k}", "",
+                      "| | " + " | ".join(TITLES[c] for c in COLUMNS) + " |",
+                      "|---" * (len(COLUMNS) + 1) + "|"]
+            accs = np.array([[r["accuracy"][c] * 100 for c in COLUMNS] for r in rs])
+            lines.append("| accuracy | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in
+                                                       zip(accs.mean(0), accs.std(0))) + " |")
+            for r in rs:
+                cells = " | ".join(f"{r['accuracy'][c] * 100:.2f}" for c in COLUMNS)
+                lines.append(f"| seed {r['seed']} | {cells} |")
+            gain = accs[:, COLUMNS.index("combined")] - accs[:, 0]
+            ev = np.mean([[r["unet_evals_per_image"][c] for c in COLUMNS] for r in rs], axis=0)
+            sec = np.mean([[r["unet_seconds_per_image"][c] * 1e3 for c in COLUMNS] for r in rs], axis=0)
+            lines.append("| UNet evals / image | " + " | ".join(f"{v:.1f}" for v in ev) + " |")
+            lines.append("| UNet ms / image | " + " | ".join(f"{v:.1f}" for v in sec) + " |")
+            rate = np.array([r["rethink_rate"] for r in rs]) * 100
+            chk = [r["runtime_check"] for r in rs if r["runtime_check"]]
+            lines += ["", f"Rethink rate {rate.mean():.1f} % (per seed {', '.join(f'{x:.1f}' for x in rate)}); "
+                          f"gain of prot + both over top-1: {', '.join(f'{g:+.2f}' for g in gain)} points; "
+                          "fixed/broken by prot + both: "
+                          + ", ".join(f"{r['flips']['fixed']}/{r['flips']['broken']}" for r in rs) + "."]
+            if chk:
+                lines.append("Runtime check (`DBMEFRuntime.classify`, fused graph): accuracy "
+                             + ", ".join(f"{c['runtime_accuracy'] * 100:.2f}" for c in chk)
+                             + " %, decisions differing from the table's prot + both: "
+                             + ", ".join(str(c["differences"]) for c in chk)
+                             + f"; wall time {np.mean([c['seconds_per_image'] for c in chk]) * 1e3:.1f} ms "
+                             "per test image.")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.digits.table", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="output folders of benchmarks.digits.train")
+    p.add_argument("--k", type=int, nargs="+", default=[3, 5])
+    p.add_argument("--votes", type=int, default=5)
+    p.add_argument("--json", type=Path, default=Path("benchmarks/digits/results.json"))
+    p.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
+    a = p.parse_args(argv)
+    data = run(a.runs, tuple(a.k), a.votes)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(data, indent=1) + "\n")
+    md = markdown(data)
+    if a.markdown:
+        a.markdown.write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The digits demo system: the committed bundle beats its backbone on real held-out digits, the
+Table 1 ablation agrees with the runtime, and the training script runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dbmef.digits import DIGIT_NAMES, IMAGE_SIZE, DigitsSplit, demo_bundle_dir, demo_test_split, render
+
+
+def test_render_and_split_round_trip(tmp_path):
+    a = np.zeros((8, 8))
+    a[1:7, 2:5] = 16
+    img = render(a)
+    assert img.size == (IMAGE_SIZE, IMAGE_SIZE) and img.mode == "RGB"
+    px = np.asarray(img)
+    assert px.max() >= 250 and px[0, 0].tolist() == [0, 0, 0]  # white strokes on black
+    with pytest.raises(ValueError, match="8x8"):
+        render(np.zeros((4, 4)))
+    s = DigitsSplit(np.zeros((2, 8, 8), np.uint8), np.array([1, 2]), np.array([5, 9]))
+    s.save(tmp_path / "s.npz")
+    t = DigitsSplit.load(tmp_path / "s.npz")
+    assert t.labels.tolist() == [1, 2] and t.indices.tolist() == [5, 9]
+
+
+def test_committed_bundle_beats_its_backbone_on_the_test_split(tmp_path):
+    from dbmef.demo import run_demo
+
+    split = demo_test_split()
+    assert len(split.labels) == 597 and set(split.labels.tolist()) == set(range(10))
+    r = run_demo(tmp_path, progress=False)
+    assert r.n_images == 597
+    assert r.dbmef_accuracy > r.backbone_accuracy, (r.backbone_accuracy, r.dbmef_accuracy)
+    assert r.fixed > r.broken
+    assert 0.0 < r.rethink_rate < 0.5
+    assert r.grid is not None and r.grid.stat().st_size > 0
+    assert len(r.rows) == round(r.rethink_rate * r.n_images)
+    manifest = json.loads((demo_bundle_dir() / "manifest.json").read_text())
+    assert manifest["class_names"] == DIGIT_NAMES and manifest["protector"]["prot"] == 0.95
+
+
+def test_table_ablation_agrees_with_the_runtime():
+    from benchmarks.digits.table import ablate
+
+    split = demo_test_split()
+    sub = DigitsSplit(split.images[:40], split.labels[:40], split.indices[:40])
+    r = ablate(demo_bundle_dir(), sub, k=3, votes=2)
+    assert r["runtime_check"]["differences_not_near_ties"] == 0
+    assert r["runtime_check"]["runtime_accuracy"] == pytest.approx(r["accuracy"]["combined"])
+    assert r["unet_evals_per_image"]["no_protector"] == 2 * r["n_timesteps"] * 3
+    assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
+
+
+def test_training_script_runs_end_to_end(tmp_path):
+    pytest.importorskip("sklearn")
+    from benchmarks.digits.train import TrainConfig, train_system
+
+    from dbmef.runtime.runtime import DBMEFRuntime
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), vae_steps=3, unet_steps=3, weak_epochs=1, strong_epochs=1,
+                      augment_copies=0, n_timesteps=4)
+    report = train_system(cfg)
+    assert report["n_train"] + report["n_calibration"] + report["n_test"] == 1797
+    for name in ("weak", "strong"):
+        bundle = tmp_path / "run" / f"bundle-{name}"
+        with DBMEFRuntime(bundle) as rt:
+            assert rt.protector.prot == 0.95 and rt.config.k == 3
+            assert rt.manifest.vae["latent_shape"] == [4, 8, 8]
+            assert set(rt.manifest.components) >= {"scorer", "unet"}
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["unet_steps"] == 3
