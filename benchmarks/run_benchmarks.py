@@ -140,6 +140,12 @@ def main() -> int:
         if p.is_file():
             r = json.loads(p.read_text())
             parts.append(section(name, r, r.get("command", cmd)))
+    serve_json = results / "serve.json"
+    if serve_json.is_file():
+        sys.path.insert(0, str(HERE))
+        from serve_load import section as serve_section
+
+        parts.append(serve_section(json.loads(serve_json.read_text())))
     extra = HERE / "NOTES.md"
     if extra.is_file():
         parts.append(extra.read_text())

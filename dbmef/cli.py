@@ -1,6 +1,6 @@
 """The ``dbmef`` command: a thin argparse layer over library functions.
 
-Sub-commands: classify, calibrate, eval, info, demo (and bench, build-engines where installed).
+Sub-commands: classify, calibrate, eval (``--ray``), serve, info, demo (and bench, build-engines where installed).
 Every feature is reachable from Python: see ``dbmef.runtime.runtime.DBMEFRuntime`` and
 ``dbmef.runtime.evaluate``.
 """
@@ -127,15 +127,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def runtime_spec(args: argparse.Namespace) -> Any:
+    """The runtime options of the command line as a ``RuntimeSpec`` workers can rebuild."""
+    from dbmef.cluster import RuntimeSpec
+
+    overrides = {k: getattr(args, k) for k in ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch")
+                 if getattr(args, k, None) is not None}
+    prot = getattr(args, "prot", None)
+    if prot is not None and prot not in (0.0, 1.0):
+        raise DBMEFError("--prot takes 0 (rethink all) or 1 (rethink none); calibrate other values with "
+                         "`dbmef calibrate`")
+    return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, device=args.device, threads=args.threads,
+                       verify=not args.no_verify, batch_size=args.batch_size, scoring=overrides, prot=prot)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dbmef.runtime.bundle import load_manifest
     from dbmef.runtime.data import load_labelled
     from dbmef.runtime.evaluate import evaluate
 
-    rt = make_runtime(args)
-    items = load_labelled(args.data, rt.class_names, rt.manifest.sources.get("class_wnids"))
     results = args.results or str(Path(args.bundle) / "eval" / (Path(args.data).name + ".jsonl"))
-    bar = _progress(len(items), "eval", args.quiet or args.json)
-    summary = evaluate(rt, items, results, resume=not args.no_resume, progress=bar.update)
+    if args.ray is not None:
+        from dbmef.cluster.ray_eval import ray_evaluate
+
+        m = load_manifest(args.bundle)
+        items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))
+        bar = _progress(len(items), "eval (ray)", args.quiet or args.json)
+        summary = ray_evaluate(runtime_spec(args), items, results, address=None if args.ray == "local" else args.ray,
+                               resume=not args.no_resume, fast_actors=args.ray_fast_actors,
+                               rethink_actors=args.ray_rethink_actors,
+                               gpus_per_rethink_actor=args.ray_gpus_per_actor, batch_size=args.batch_size,
+                               progress=bar.update)
+    else:
+        rt = make_runtime(args)
+        items = load_labelled(args.data, rt.class_names, rt.manifest.sources.get("class_wnids"))
+        bar = _progress(len(items), "eval", args.quiet or args.json)
+        summary = evaluate(rt, items, results, resume=not args.no_resume, progress=bar.update)
     bar.close()
     summary["results_file"] = results
     if args.json:
@@ -148,6 +175,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print()
     print(table([[s, lat[s] * 1e3, summary["latency_s_per_rethought_image"][s] * 1e3] for s in lat],
                 ["stage", "ms/image", "ms/rethought image"]))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dbmef.cluster import require_ray
+
+    require_ray()
+    from dbmef.cluster.serve import ServeConfig, start
+
+    cfg = ServeConfig(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, replicas=args.replicas,
+                      gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+                      max_body_bytes=int(args.max_body_mb * 2**20))
+    print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /classify, GET /healthz); Ctrl-C stops")
+    start(runtime_spec(args), cfg, host=args.host, port=args.port, address=args.address, blocking=True)
     return 0
 
 
@@ -224,7 +265,14 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dbmef.demo import run_demo
 
-    print(run_demo(args.out))
+    report = run_demo(args.out, bundle=args.bundle, limit=args.limit, progress=not args.quiet)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(report).items()},
+                         indent=1))
+    else:
+        print("\n".join(report.lines()))
     return 0
 
 
@@ -256,7 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--results", help="per-image JSONL (default: <bundle>/eval/<data name>.jsonl)")
     e.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r = e.add_argument_group("Ray Data (pip install 'dbmef[ray]')")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run as a Ray Data pipeline: on a local Ray instance, or join ADDRESS (e.g. auto, "
+                        "ray://head:10001); image paths must be readable from every node")
+    r.add_argument("--ray-fast-actors", type=int, default=1, help="backbone + protector actors")
+    r.add_argument("--ray-rethink-actors", type=int, default=1, help="rethink (VAE + text + UNet) actors")
+    r.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
+                   help="GPUs per rethink actor (1: one per GPU, 0.5: two per GPU)")
     e.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("serve", help="HTTP service on Ray Serve: POST an image to /classify, GET /healthz")
+    add_runtime_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local instance")
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--gpus-per-replica", type=float, default=0.0, help="1: one replica per GPU, 0.5: two")
+    sv.add_argument("--cpus-per-replica", type=float, default=1.0)
+    sv.add_argument("--max-batch-size", type=int, default=16, help="requests gathered into one batch")
+    sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    sv.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413")
+    sv.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="show what a bundle holds")
     i.add_argument("--bundle", required=True)
@@ -285,8 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device-id", type=int, default=0)
     b.set_defaults(func=cmd_build_engines)
 
-    d = sub.add_parser("demo", help="export the tiny demo bundle (once) and classify the sample image")
-    d.add_argument("--out", default="engines/demo-tiny", help="where the demo bundle is written")
+    d = sub.add_parser("demo", help="classify the digits test split with the committed digits bundle: backbone "
+                       "accuracy -> DBMEF accuracy, flips, and a PNG of the rethought digits")
+    d.add_argument("--out", default="engines/demo", help="folder for the PNG grid of rethought digits")
+    d.add_argument("--bundle", default=None, help="another digits bundle (default: the committed one)")
+    d.add_argument("--limit", type=int, default=None, help="only the first N test digits")
+    d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p
 

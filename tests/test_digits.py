@@ -57,7 +57,6 @@ def test_table_ablation_agrees_with_the_runtime():
 def test_training_script_runs_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
     from benchmarks.digits.train import TrainConfig, train_system
-
     from dbmef.runtime.runtime import DBMEFRuntime
 
     cfg = TrainConfig(out=str(tmp_path / "run"), vae_steps=3, unet_steps=3, weak_epochs=1, strong_epochs=1,

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-HEAVY = ["torch", "diffusers", "timm", "transformers", "onnx", "onnxruntime", "tensorrt"]
+HEAVY = ["torch", "diffusers", "timm", "transformers", "onnx", "onnxruntime", "tensorrt", "ray"]
 
 
 def test_runtime_import_pulls_no_heavy_package():

@@ -150,7 +150,7 @@ def test_fast_path_then_rethink_elsewhere_equals_classify(tiny_bundle, many_imag
     (results shipped as dicts) re-ranked by another, in another batching: classify's answers."""
     from dbmef.runtime.pipeline import ImageResult
 
-    images = many_images[:12] + [b"not an image"]
+    images = [*many_images[:12], b"not an image"]
     prot = _half_threshold(tiny_bundle, many_images[:12])
     whole = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot).classify(images)
     a = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot)

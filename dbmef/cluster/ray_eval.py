@@ -1,0 +1,185 @@
+"""``dbmef eval --ray``: the same evaluation as ``dbmef.runtime.evaluate.evaluate``, as a Ray Data
+pipeline.
+
+    read + decode (tasks) -> backbone + protector (actors, one runtime each)
+      -> rethink: VAE, text encoder, UNet scoring, vote (actors, one runtime and a GPU share each)
+      -> the driver appends one JSON line per image to the results file
+
+The results file, its resume rule and the summary are ``evaluate``'s own (``read_results``,
+``summarize``, the same record fields), so a run can be resumed by either. Answers do not depend
+on how the work is split: an image's answer is a function of its pixels and its top-k (noise banks
+are seeded per vote, every UNet call has a fixed shape, rows are independent), which the tests
+check image by image against the single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dbmef.cluster import RuntimeSpec, require_ray
+from dbmef.runtime.data import LabelledImage
+from dbmef.runtime.evaluate import read_results, summarize
+
+log = logging.getLogger(__name__)
+
+
+def _record(path: str, label: int, r: Any) -> dict[str, Any]:
+    """``evaluate``'s per-image record."""
+    d = r.to_dict()
+    d.pop("index", None)
+    d["image"] = path
+    d["label_true"] = label
+    d["correct"] = None if r.error else (r.label == label)
+    d["backbone_correct"] = None if r.error else (r.backbone_label == label)
+    return d
+
+
+def read_images(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Ray Data task: decode each path to an RGB uint8 array with the runtime's own decoder (so an
+    unreadable file gets the message single-process evaluation gives it)."""
+    from dbmef.errors import DBMEFError
+    from dbmef.runtime.preprocess import load_image
+
+    pixels, errors = [], []
+    for p in batch["path"]:
+        try:
+            pixels.append(np.asarray(load_image(str(p)), dtype=np.uint8))
+            errors.append("")
+        except DBMEFError as exc:
+            pixels.append(np.zeros((1, 1, 3), np.uint8))
+            errors.append(str(exc))
+    return {"path": batch["path"], "label": batch["label"], "pixels": _ragged(pixels), "read_error": np.array(errors)}
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+class FastPathStage:
+    """Ray Data actor: backbone + protector. Final records for images kept by the protector; the
+    rethought ones go on with their pixels and their fast-path result."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.rt = RuntimeSpec(**spec).build()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from dbmef.runtime.pipeline import ImageResult
+
+        paths = [str(p) for p in batch["path"]]
+        ok = [i for i, e in enumerate(batch["read_error"]) if not e]
+        results: list[Any] = [None] * len(paths)
+        for i, e in enumerate(batch["read_error"]):
+            if e:
+                results[i] = ImageResult(i, paths[i], error=str(e))
+        if ok:
+            fast, _ = self.rt.pipeline.fast_path([batch["pixels"][i] for i in ok], [paths[i] for i in ok])
+            for i, r in zip(ok, fast):
+                r.index = i
+                results[i] = r
+        keep = [bool(r.rethought and r.error is None) for r in results]
+        pixels = [batch["pixels"][i] if keep[i] else np.zeros((1, 1, 3), np.uint8) for i in range(len(paths))]
+        return {"path": batch["path"], "label": batch["label"], "pixels": _ragged(pixels),
+                "rethink": np.array(keep), "result": np.array([json.dumps(r.to_dict()) for r in results])}
+
+
+class RethinkStage:
+    """Ray Data actor: the slow path for the rethought images of a batch; passes the rest through."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.rt = RuntimeSpec(**spec).build()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from dbmef.runtime.pipeline import ImageResult
+
+        results = [ImageResult.from_dict(json.loads(s)) for s in batch["result"]]
+        todo = [i for i, flag in enumerate(batch["rethink"]) if flag]
+        if todo:
+            self.rt.pipeline.rethink([results[i] for i in todo], [batch["pixels"][i] for i in todo])
+        records = [_record(str(p), int(y), r) for p, y, r in zip(batch["path"], batch["label"], results)]
+        return {"record": np.array([json.dumps(rec) for rec in records])}
+
+
+def ray_evaluate(
+    spec: RuntimeSpec,
+    items: Sequence[LabelledImage],
+    results_path: str | Path,
+    address: str | None = None,
+    resume: bool = True,
+    fast_actors: int = 1,
+    rethink_actors: int = 1,
+    gpus_per_rethink_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``items`` on a Ray cluster (``address``: a cluster to join, e.g. ``auto`` or
+    ``ray://head:10001``; None starts a local instance) and return ``evaluate``'s summary.
+
+    Image paths must be readable from every worker (shared storage on a cluster). The rethink
+    actors take ``gpus_per_rethink_actor`` GPUs each (1 per GPU, or 0.5 for two per GPU).
+    """
+    ray = require_ray()
+    path = Path(results_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume and path.exists():
+        path.unlink()
+    done = read_results(path)
+    if done:
+        with open(path, "w") as f:  # drop a possibly torn last line before appending
+            for rec in done.values():
+                f.write(json.dumps(rec) + "\n")
+        log.info("resuming: %d of %d images already in %s", len(done), len(items), path)
+    todo = [it for it in items if it.path not in done]
+    if progress and len(items) - len(todo):
+        progress(len(items) - len(todo))
+    if todo:
+        started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(**kwargs)
+            started = True
+        try:
+            _run(ray, spec, todo, path, done, fast_actors, rethink_actors, gpus_per_rethink_actor, cpus_per_actor,
+                 batch_size, progress)
+        finally:
+            if started:
+                ray.shutdown()
+    return summarize([done[it.path] for it in items if it.path in done], total=len(items))
+
+
+def _run(ray: Any, spec: RuntimeSpec, todo: Sequence[LabelledImage], path: Path, done: dict[str, Any],
+         fast_actors: int, rethink_actors: int, gpus: float, cpus: float, batch_size: int,
+         progress: Callable[[int], None] | None) -> None:
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # dbmef shows its own bar
+    ds = ray.data.from_items([{"path": str(it.path), "label": int(it.label)} for it in todo])
+    ds = ds.map_batches(read_images, batch_size=batch_size, batch_format="numpy")
+    spec_d = spec.to_dict()
+    pool = ray.data.ActorPoolStrategy
+    ds = ds.map_batches(FastPathStage, fn_constructor_kwargs={"spec": spec_d}, compute=pool(size=fast_actors),
+                        batch_size=batch_size, num_cpus=cpus, batch_format="numpy")
+    ds = ds.map_batches(RethinkStage, fn_constructor_kwargs={"spec": spec_d}, compute=pool(size=rethink_actors),
+                        batch_size=batch_size, num_cpus=cpus, num_gpus=gpus, batch_format="numpy")
+    with open(path, "a") as f:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            recs = [json.loads(s) for s in batch["record"]]
+            for rec in recs:
+                done[rec["image"]] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            if progress:
+                progress(len(recs))
