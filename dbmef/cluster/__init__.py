@@ -34,6 +34,7 @@ class RuntimeSpec:
     batch_size: int = 16
     scoring: dict[str, Any] = field(default_factory=dict)  # overrides of the bundle's scoring config
     prot: float | None = None  # 0: rethink everything, 1: nothing; None: the bundle's protector
+    lazy: bool = True  # open engines on first use: a fast-path worker never loads the UNet
 
     def build(self) -> Any:
         import math
@@ -49,7 +50,8 @@ class RuntimeSpec:
             protector = Protector(math.inf if self.prot == 0.0 else -math.inf, self.prot, None)
         return DBMEFRuntime(self.bundle, backend=self.backend,
                             options=OrtOptions(device=self.device, intra_op_threads=self.threads),
-                            verify=self.verify, scoring=scoring, protector=protector, batch_size=self.batch_size)
+                            verify=self.verify, scoring=scoring, protector=protector, batch_size=self.batch_size,
+                            lazy=self.lazy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

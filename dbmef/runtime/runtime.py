@@ -52,6 +52,43 @@ def open_engine(bundle_dir: Path, manifest: BundleManifest, component: str, back
     return OrtEngine(bundle_dir / rec.file, component, options)
 
 
+class LazyEngine:
+    """An engine opened on its first call. Its names come from the manifest, so building a
+    scorer around it opens nothing: a worker that only runs the fast path never loads the UNet,
+    and one that only rethinks never loads the backbone."""
+
+    def __init__(self, name: str, input_names: Sequence[str], output_names: Sequence[str],
+                 opener: Callable[[], Engine]):
+        self.name = name
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names)
+        self._opener = opener
+        self._engine: Engine | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._engine is not None
+
+    def _get(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._opener()
+        return self._engine
+
+    def __call__(self, feeds: Any) -> dict[str, np.ndarray]:
+        return self._get()(feeds)
+
+    def __getattr__(self, attr: str) -> Any:
+        # Backend extras (score_rows, device, providers) exist once the engine is open; asking for
+        # one opens it, as the first call would.
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self._get(), attr)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
 class DBMEFRuntime:
     """A loaded bundle, ready to classify.
 
@@ -59,7 +96,8 @@ class DBMEFRuntime:
     options: backend options (``OrtOptions`` for ONNX Runtime). verify: check file hashes.
     scoring: override the bundle's default scoring config (k, n, lam, V, seed, unet_batch).
     protector: override the bundle's calibrated protector. Without either, an uncalibrated
-    bundle rethinks every image (Prot = 0) and says so once.
+    bundle rethinks every image (Prot = 0) and says so once. lazy: open each engine on its first
+    use (distributed workers that run one half of the pipeline load only what they use).
     """
 
     def __init__(
@@ -72,6 +110,7 @@ class DBMEFRuntime:
         protector: Protector | None = None,
         batch_size: int = 16,
         cache_size: int = 4096,
+        lazy: bool = False,
     ):
         if backend not in BACKENDS:
             raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
@@ -91,14 +130,22 @@ class DBMEFRuntime:
         if pos.shape[0] != len(m.class_names):
             raise BundleError(f"{m.positive_embeddings['file']} has {pos.shape[0]} rows for {len(m.class_names)} "
                               "classes; re-export the bundle")
+        def engine(component: str) -> Any:
+            if not lazy:
+                return open_engine(self.bundle_dir, m, component, backend, options)
+            rec = m.components[component]
+            return LazyEngine(component, [t.name for t in rec.inputs], [t.name for t in rec.outputs],
+                              lambda: open_engine(self.bundle_dir, m, component, backend, options))
+
         engines = PipelineEngines(
-            backbone=open_engine(self.bundle_dir, m, "backbone", backend, options),
-            text_encoder=open_engine(self.bundle_dir, m, "text_encoder", backend, options),
-            vae_encoder=open_engine(self.bundle_dir, m, "vae_encoder", backend, options),
-            scorer=open_engine(self.bundle_dir, m, m.scorer_component, backend, options),
+            backbone=engine("backbone"),
+            text_encoder=engine("text_encoder"),
+            vae_encoder=engine("vae_encoder"),
+            scorer=engine(m.scorer_component),
         )
         h, w = m.vae["latent_shape"][1:]
-        if getattr(engines.scorer, "device", None) == "cpu" and h * w >= 32 * 32 and self.config.unet_batch > 4:
+        on_cpu = not lazy and getattr(engines.scorer, "device", None) == "cpu"
+        if on_cpu and h * w >= 32 * 32 and self.config.unet_batch > 4:
             # CPU kernels materialise the attention matrices: (64x64)^2 x 8 heads x 4 B is 0.5 GB per
             # UNet sample, so a GPU-sized batch of 32 rows (64 samples) needs tens of GB.
             log.warning("the scorer runs on the CPU with %d rows per call at a %dx%d latent: expect very high "

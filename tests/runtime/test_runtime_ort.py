@@ -153,8 +153,9 @@ def test_fast_path_then_rethink_elsewhere_equals_classify(tiny_bundle, many_imag
     images = [*many_images[:12], b"not an image"]
     prot = _half_threshold(tiny_bundle, many_images[:12])
     whole = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot).classify(images)
-    a = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot)
-    b = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot)
+    # lazy engines: each side opens only the networks its half of the pipeline uses
+    a = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot, lazy=True)
+    b = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot, lazy=True)
     fast, pils = a.pipeline.fast_path(images)
     assert set(pils) == {r.index for r in fast if r.rethought} and fast[-1].error
     shipped = [ImageResult.from_dict(json.loads(json.dumps(r.to_dict()))) for r in fast]
@@ -168,3 +169,6 @@ def test_fast_path_then_rethink_elsewhere_equals_classify(tiny_bundle, many_imag
         if x.rethought:
             np.testing.assert_allclose(x.errors, y.errors, rtol=1e-6)
             assert set(x.timings) >= {"backbone", "unet_scoring"}
+    ea, eb = a.pipeline.engines, b.pipeline.engines
+    assert ea.backbone.opened and not (ea.vae_encoder.opened or ea.text_encoder.opened or ea.scorer.opened)
+    assert not eb.backbone.opened and eb.vae_encoder.opened and eb.text_encoder.opened and eb.scorer.opened
