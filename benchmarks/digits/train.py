@@ -318,6 +318,7 @@ def train_system(cfg: TrainConfig) -> dict[str, Any]:
     from timm.models import save_for_hf
 
     from dbmef.reference.loading import quiet_hf_logging
+    from dbmef.reference.tiny import write_model_index
 
     quiet_hf_logging()
     out = Path(cfg.out)
@@ -373,11 +374,7 @@ def train_system(cfg: TrainConfig) -> dict[str, Any]:
     sched: Any = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                beta_schedule="scaled_linear")
     sched.save_pretrained(sd / "scheduler")
-    (sd / "model_index.json").write_text(_json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
-    }, indent=2))
+    write_model_index(sd)
     (system / "class_names.json").write_text(_json.dumps(DIGIT_NAMES, indent=1))
 
     if cfg.export:

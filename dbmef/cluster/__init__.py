@@ -18,6 +18,20 @@ def require_ray() -> Any:
     return ray
 
 
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at ``address`` (e.g. ``auto``), or start a local instance, unless Ray is
+    already up in this process. Returns whether this call started it (so the caller shuts it down)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+    return True
+
+
 @dataclass(frozen=True)
 class RuntimeSpec:
     """Everything a worker needs to build its own runtime: plain data, cheap to ship.

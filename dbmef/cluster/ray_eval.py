@@ -23,22 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.cluster import RuntimeSpec, require_ray
+from dbmef.cluster import RuntimeSpec, init_ray, require_ray
 from dbmef.runtime.data import LabelledImage
-from dbmef.runtime.evaluate import read_results, summarize
+from dbmef.runtime.evaluate import open_results, record, summarize
 
 log = logging.getLogger(__name__)
-
-
-def _record(path: str, label: int, r: Any) -> dict[str, Any]:
-    """``evaluate``'s per-image record."""
-    d = r.to_dict()
-    d.pop("index", None)
-    d["image"] = path
-    d["label_true"] = label
-    d["correct"] = None if r.error else (r.label == label)
-    d["backbone_correct"] = None if r.error else (r.backbone_label == label)
-    return d
 
 
 def read_images(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -105,7 +94,7 @@ class RethinkStage:
         todo = [i for i, flag in enumerate(batch["rethink"]) if flag]
         if todo:
             self.rt.pipeline.rethink([results[i] for i in todo], [batch["pixels"][i] for i in todo])
-        records = [_record(str(p), int(y), r) for p, y, r in zip(batch["path"], batch["label"], results)]
+        records = [record(str(p), int(y), r) for p, y, r in zip(batch["path"], batch["label"], results)]
         return {"record": np.array([json.dumps(rec) for rec in records])}
 
 
@@ -130,27 +119,9 @@ def ray_evaluate(
     """
     ray = require_ray()
     path = Path(results_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not resume and path.exists():
-        path.unlink()
-    done = read_results(path)
-    if done:
-        with open(path, "w") as f:  # drop a possibly torn last line before appending
-            for rec in done.values():
-                f.write(json.dumps(rec) + "\n")
-        log.info("resuming: %d of %d images already in %s", len(done), len(items), path)
-    todo = [it for it in items if it.path not in done]
-    if progress and len(items) - len(todo):
-        progress(len(items) - len(todo))
+    done, todo = open_results(path, items, resume, progress)
     if todo:
-        started = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(**kwargs)
-            started = True
+        started = init_ray(address)
         try:
             _run(ray, spec, todo, path, done, fast_actors, rethink_actors, gpus_per_rethink_actor, cpus_per_actor,
                  batch_size, progress)

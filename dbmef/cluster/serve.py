@@ -126,13 +126,8 @@ def build_app(spec: RuntimeSpec, config: ServeConfig | None = None) -> Any:
 def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 8000,
           address: str | None = None, blocking: bool = False) -> Any:
     """Start (or join, with ``address``) Ray, start Serve's HTTP proxy on host:port and deploy."""
-    import ray
+    from dbmef.cluster import init_ray
 
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(**kwargs)
+    init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(build_app(spec, config), name="dbmef", route_prefix="/", blocking=blocking)

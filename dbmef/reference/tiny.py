@@ -69,6 +69,16 @@ def write_tiny_clip_tokenizer(out: Path, words: list[str]) -> None:
     }))
 
 
+def write_model_index(sd: Path) -> None:
+    """The diffusers ``model_index.json`` of an SD-layout folder (unet, vae, text encoder, tokenizer,
+    scheduler)."""
+    (sd / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+    }, indent=2))
+
+
 def build_tiny_system(out: str | Path, spec: TinySpec | None = None, class_names: list[str] | None = None) -> Path:
     """Build and save a tiny system folder (``sd/``, ``backbone/``, ``class_names.json``)."""
     import timm
@@ -116,11 +126,7 @@ def build_tiny_system(out: str | Path, spec: TinySpec | None = None, class_names
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     scheduler.save_pretrained(sd / "scheduler")
-    (sd / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
-    }, indent=2))
+    write_model_index(sd)
 
     s = spec.backbone_size
     backbone = timm.create_model(

@@ -64,14 +64,37 @@ def write_protector(bundle_dir: str | Path, protector: Protector, stats: dict[st
     m.save(bundle_dir)
 
 
-def _record(item: LabelledImage, r: Any) -> dict[str, Any]:
+def record(path: str, label: int, r: Any) -> dict[str, Any]:
+    """One results-file line: the image's ``ImageResult`` plus its true label and correctness."""
     d = r.to_dict()
     d.pop("index", None)
-    d["image"] = item.path
-    d["label_true"] = item.label
-    d["correct"] = None if r.error else (r.label == item.label)
-    d["backbone_correct"] = None if r.error else (r.backbone_label == item.label)
+    d["image"] = path
+    d["label_true"] = label
+    d["correct"] = None if r.error else (r.label == label)
+    d["backbone_correct"] = None if r.error else (r.backbone_label == label)
     return d
+
+
+Records = dict[str, dict[str, Any]]
+
+
+def open_results(path: Path, items: Sequence[LabelledImage], resume: bool,
+                 progress: Callable[[int], None] | None = None) -> tuple[Records, list[LabelledImage]]:
+    """Prepare a results file for (re)starting: the records already done, keyed by image, and the
+    items still to do. A resumed file is rewritten without a possibly torn last line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume and path.exists():
+        path.unlink()
+    done = read_results(path)
+    if done:
+        with open(path, "w") as f:
+            for rec in done.values():
+                f.write(json.dumps(rec) + "\n")
+        log.info("resuming: %d of %d images already in %s", len(done), len(items), path)
+    todo = [it for it in items if it.path not in done]
+    if progress and len(items) - len(todo):
+        progress(len(items) - len(todo))
+    return done, todo
 
 
 def read_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -95,26 +118,14 @@ def evaluate(runtime: Any, items: Sequence[LabelledImage], results_path: str | P
     """Classify every item, appending per-image records to ``results_path`` (JSONL), and return
     the summary. ``stop_after``: stop after that many new images (for tests of resuming)."""
     path = Path(results_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not resume and path.exists():
-        path.unlink()
-    done = read_results(path)
-    if done:
-        # rewrite without a possibly torn last line before appending
-        with open(path, "w") as f:
-            for rec in done.values():
-                f.write(json.dumps(rec) + "\n")
-        log.info("resuming: %d of %d images already in %s", len(done), len(items), path)
-    todo = [it for it in items if it.path not in done]
-    if progress and len(items) - len(todo):
-        progress(len(items) - len(todo))
+    done, todo = open_results(path, items, resume, progress)
     new = 0
     with open(path, "a") as f:
         for s in range(0, len(todo), runtime.batch_size):
             batch = todo[s : s + runtime.batch_size]
             results = runtime.classify([it.path for it in batch])
             for it, r in zip(batch, results):
-                rec = _record(it, r)
+                rec = record(it.path, it.label, r)
                 done[it.path] = rec
                 f.write(json.dumps(rec) + "\n")
             f.flush()
