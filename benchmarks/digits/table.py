@@ -132,23 +132,28 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
     }
 
 
-def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5) -> dict[str, Any]:
-    results = []
-    for run_dir in runs:
-        split = DigitsSplit.load(run_dir / "test_split.npz")
-        report = json.loads((run_dir / "train_report.json").read_text())
-        for backbone in ("weak", "strong"):
-            for k in ks:
+def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
+        save: Any = None) -> dict[str, Any]:
+    """Every (k, run, backbone) ablation, k outermost so the cheaper k completes for every seed
+    first; ``save(data)`` is called after each one, so an interrupted run keeps what it finished."""
+    data: dict[str, Any] = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                        "cpus": __import__("os").cpu_count()},
+                            "date": time.strftime("%Y-%m-%d"), "results": []}
+    for k in ks:
+        for run_dir in runs:
+            split = DigitsSplit.load(run_dir / "test_split.npz")
+            report = json.loads((run_dir / "train_report.json").read_text())
+            for backbone in ("weak", "strong"):
                 r = ablate(run_dir / f"bundle-{backbone}", split, k, votes)
                 r.update({"seed": report.get("seed"), "backbone": backbone,
                           "train_seconds": report.get("seconds", {}),
                           "torch_test_accuracy": report.get("torch_test_accuracy", {})})
-                results.append(r)
+                data["results"].append(r)
                 accs = ", ".join(f"{c} {v:.2%}" for c, v in r["accuracy"].items())
                 print(f"seed {r['seed']} {backbone} k={k}: {accs}", flush=True)
-    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpus": __import__("os").cpu_count()},
-            "date": time.strftime("%Y-%m-%d"), "results": results}
+                if save is not None:
+                    save(data)
+    return data
 
 
 def measure_seconds_per_eval(bundle: Path, rows: int = 64, seconds: float = 5.0) -> float:
@@ -264,13 +269,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
     a = p.parse_args(argv)
     old = json.loads(a.json.read_text()) if a.json.is_file() else {"results": []}
-    data = run(a.runs, tuple(a.k), a.votes) if a.runs else {**old, "results": []}
-    new_keys = {(r["seed"], r["backbone"], r["k"]) for r in data["results"]}
-    data["results"] = sorted([r for r in old["results"] if (r["seed"], r["backbone"], r["k"]) not in new_keys]
-                             + data["results"], key=lambda r: (r["seed"], r["backbone"], r["k"]))
+
+    def merged(data: dict[str, Any]) -> dict[str, Any]:
+        new_keys = {(r["seed"], r["backbone"], r["k"]) for r in data["results"]}
+        keep = [r for r in old["results"] if (r["seed"], r["backbone"], r["k"]) not in new_keys]
+        rows = sorted(keep + data["results"], key=lambda r: (r["seed"], r["backbone"], r["k"]))
+        return {**old, **data, "results": rows}
+
+    def save(data: dict[str, Any]) -> None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(merged(data), indent=1) + "\n")
+
+    data = merged(run(a.runs, tuple(a.k), a.votes, save) if a.runs else {"results": []})
     data["unet_seconds_per_eval"] = measure_seconds_per_eval(Path(data["results"][0]["bundle"]))
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(data, indent=1) + "\n")
+    save(data)
     md = markdown(data)
     if a.markdown:
         a.markdown.write_text(md + "\n")
