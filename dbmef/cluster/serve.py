@@ -129,5 +129,15 @@ def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127
     from dbmef.cluster import init_ray
 
     init_ray(address)
-    serve.start(http_options={"host": host, "port": port})
+    # Serve gives its HTTP proxy a fixed 60 s to come up; a loaded machine can miss that while
+    # worker processes start. Try again rather than fail the service.
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            break
+        except Exception as exc:  # ActorDiedError / GetTimeoutError from the proxy start
+            if attempt == 2:
+                raise
+            log.warning("Ray Serve's HTTP proxy did not start (%s); retrying", type(exc).__name__)
+            serve.shutdown()
     return serve.run(build_app(spec, config), name="dbmef", route_prefix="/", blocking=blocking)
