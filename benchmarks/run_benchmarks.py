@@ -132,8 +132,9 @@ def main() -> int:
         plot(r, results / f"{name}.png")
     parts = ["# Benchmarks", "",
              f"Regenerate: `.venv/bin/python benchmarks/run_benchmarks.py` (per system: `--only tiny|sd15`). "
-             f"Machine: {platform.platform()}, {platform.machine()}, 2 cores, no GPU. Written "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. All figures of a section come from one run on "
+             f"Machine: {platform.platform()}, {platform.machine()}, 2 cores, no GPU. Report assembled "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from results/*.json (each section names the "
+             "command that measured it). All figures of a section come from one run on "
              "the same images, models and amount of UNet work; times are medians after a warm-up.", ""]
     for name in SYSTEMS:
         p = results / f"{name}.json"
