@@ -133,9 +133,10 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
 
 
 def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
-        save: Any = None) -> dict[str, Any]:
+        save: Any = None, skip: frozenset[tuple[int, str, int]] = frozenset()) -> dict[str, Any]:
     """Every (k, run, backbone) ablation, k outermost so the cheaper k completes for every seed
-    first; ``save(data)`` is called after each one, so an interrupted run keeps what it finished."""
+    first; ``save(data)`` is called after each one, so an interrupted run keeps what it finished,
+    and ``skip`` holds the (seed, backbone, k) already done."""
     data: dict[str, Any] = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                         "cpus": __import__("os").cpu_count()},
                             "date": time.strftime("%Y-%m-%d"), "results": []}
@@ -144,6 +145,8 @@ def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
             split = DigitsSplit.load(run_dir / "test_split.npz")
             report = json.loads((run_dir / "train_report.json").read_text())
             for backbone in ("weak", "strong"):
+                if (report.get("seed"), backbone, k) in skip:
+                    continue
                 r = ablate(run_dir / f"bundle-{backbone}", split, k, votes)
                 r.update({"seed": report.get("seed"), "backbone": backbone,
                           "train_seconds": report.get("seconds", {}),
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=Path("benchmarks/digits/results.json"),
                    help="results file; runs already in it are kept unless given again")
     p.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
+    p.add_argument("--redo", action="store_true", help="recompute ablations already in --json")
     a = p.parse_args(argv)
     old = json.loads(a.json.read_text()) if a.json.is_file() else {"results": []}
 
@@ -280,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(merged(data), indent=1) + "\n")
 
-    data = merged(run(a.runs, tuple(a.k), a.votes, save) if a.runs else {"results": []})
+    skip = frozenset() if a.redo else frozenset((r["seed"], r["backbone"], r["k"]) for r in old["results"])
+    data = merged(run(a.runs, tuple(a.k), a.votes, save, skip) if a.runs else {"results": []})
     data["unet_seconds_per_eval"] = measure_seconds_per_eval(Path(data["results"][0]["bundle"]))
     save(data)
     md = markdown(data)
