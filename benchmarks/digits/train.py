@@ -73,6 +73,7 @@ class TrainConfig:
     votes: int = 1
     lam: float = 1.1
     prot: float = 0.95
+    prot_strong: float = 0.99  # the paper's Prot for strong backbones
     export: bool = True
     export_only: bool = False  # re-export and re-calibrate an already trained system/
 
@@ -401,8 +402,9 @@ def export_and_calibrate(cfg: TrainConfig, system: Path, backbone: str, bundle: 
     export_bundle(ExportConfig(backbone=str(system / f"backbone_{backbone}"), sd=str(system / "sd"),
                                image_size=IMAGE_SIZE, class_names=str(system / "class_names.json"),
                                out=str(bundle), scoring=scoring, seed=cfg.seed, scorer="both"))
+    prot = cfg.prot_strong if backbone == "strong" else cfg.prot
     with DBMEFRuntime(bundle) as rt:
-        protector, stats = calibrate(rt, labelled(calib), cfg.prot)
+        protector, stats = calibrate(rt, labelled(calib), prot)
     write_protector(bundle, protector, stats, "digits calibration split (200 images of load_digits' train split)")
     return bundle
 
