@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,25 +71,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_runtime(args: argparse.Namespace, calibrated: bool = True) -> Any:
-    from dbmef.runtime.bundle import load_manifest
-    from dbmef.runtime.ort_backend import OrtOptions
-    from dbmef.runtime.protector import Protector
-    from dbmef.runtime.runtime import DBMEFRuntime
+    """The runtime the command line asks for. ``calibrated=False`` (``dbmef calibrate``): ``--prot``
+    is the calibration target, not a protector override."""
+    import dataclasses
 
-    manifest = load_manifest(args.bundle)
-    overrides = {k: getattr(args, k) for k in ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch")
-                 if getattr(args, k, None) is not None}
-    scoring = manifest.scoring.replace(**overrides) if overrides else None
-    protector = None
-    prot = getattr(args, "prot", None)
-    if prot is not None and calibrated:
-        if prot not in (0.0, 1.0):
-            raise DBMEFError("--prot on classify/eval takes 0 (rethink all) or 1 (rethink none); "
-                             "calibrate other values with `dbmef calibrate`")
-        protector = Protector(math.inf if prot == 0.0 else -math.inf, prot, None)
-    return DBMEFRuntime(args.bundle, backend=args.backend, options=OrtOptions(device=args.device,
-                        intra_op_threads=args.threads), verify=not args.no_verify, scoring=scoring,
-                        protector=protector, batch_size=args.batch_size)
+    spec = runtime_spec(args, prot_override=calibrated)
+    return dataclasses.replace(spec, lazy=False).build()
 
 
 # -- sub-commands --------------------------------------------------------------------------------
@@ -127,16 +113,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def runtime_spec(args: argparse.Namespace) -> Any:
+def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
     """The runtime options of the command line as a ``RuntimeSpec`` workers can rebuild."""
     from dbmef.cluster import RuntimeSpec
 
     overrides = {k: getattr(args, k) for k in ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch")
                  if getattr(args, k, None) is not None}
-    prot = getattr(args, "prot", None)
+    prot = getattr(args, "prot", None) if prot_override else None
     if prot is not None and prot not in (0.0, 1.0):
-        raise DBMEFError("--prot takes 0 (rethink all) or 1 (rethink none); calibrate other values with "
-                         "`dbmef calibrate`")
+        raise DBMEFError("--prot on classify/eval takes 0 (rethink all) or 1 (rethink none); "
+                         "calibrate other values with `dbmef calibrate`")
     return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, device=args.device, threads=args.threads,
                        verify=not args.no_verify, batch_size=args.batch_size, scoring=overrides, prot=prot)
 
