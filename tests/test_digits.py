@@ -54,6 +54,16 @@ def test_table_ablation_agrees_with_the_runtime():
     assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
 
 
+def test_regenerated_report_keeps_the_hand_written_notes():
+    from benchmarks.digits.table import with_notes
+
+    old = "# Old\n\n| stale | table |\n\n## Notes\n\n* seed 2 is odd\n\n## Notes on cost\n* slow\n"
+    new = with_notes("# New\n\n| fresh | table |\n\n", old)
+    assert new == "# New\n\n| fresh | table |\n\n## Notes\n\n* seed 2 is odd\n\n## Notes on cost\n* slow\n"
+    assert with_notes("# New\n", "") == "# New\n"
+    assert with_notes("# New", "# Old, no notes\n") == "# New\n"
+
+
 def test_training_script_runs_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
     from benchmarks.digits.train import TrainConfig, train_system

@@ -263,6 +263,21 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+NOTES = "## Notes"
+
+
+def with_notes(generated: str, previous: str) -> str:
+    """The generated report followed by the hand-written ``## Notes`` section of the previous one.
+
+    The tables are regenerated whenever a run is added; the notes (what the numbers mean, what is
+    missing) are written by people and must survive that, so everything from the heading on is kept.
+    """
+    lines = previous.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == NOTES), None)
+    body = generated.rstrip("\n") + "\n"
+    return body if start is None else body + "\n" + "".join(lines[start:])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.digits.table", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="*", type=Path, help="output folders of benchmarks.digits.train")
@@ -270,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--votes", type=int, default=5)
     p.add_argument("--json", type=Path, default=Path("benchmarks/digits/results.json"),
                    help="results file; runs already in it are kept unless given again")
-    p.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help=f"also write the tables here (a '{NOTES}' section already in the file is kept)")
     p.add_argument("--redo", action="store_true", help="recompute ablations already in --json")
     a = p.parse_args(argv)
     old = json.loads(a.json.read_text()) if a.json.is_file() else {"results": []}
@@ -291,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     save(data)
     md = markdown(data)
     if a.markdown:
-        a.markdown.write_text(md + "\n")
+        previous = a.markdown.read_text() if a.markdown.is_file() else ""
+        a.markdown.write_text(with_notes(md, previous))
     print(md)
 
 
