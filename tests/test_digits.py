@@ -4,6 +4,7 @@ Table 1 ablation agrees with the runtime, and the training script runs end to en
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +63,17 @@ def test_regenerated_report_keeps_the_hand_written_notes():
     assert new == "# New\n\n| fresh | table |\n\n## Notes\n\n* seed 2 is odd\n\n## Notes on cost\n* slow\n"
     assert with_notes("# New\n", "") == "# New\n"
     assert with_notes("# New", "# Old, no notes\n") == "# New\n"
+
+
+def test_report_header_states_the_prot_each_backbone_ran_with():
+    from benchmarks.digits.table import markdown
+
+    committed = json.loads((Path(__file__).parents[1] / "benchmarks/digits/results.json").read_text())
+    rows = [{**r, "prot": 0.9 if r["backbone"] == "weak" else 0.995} for r in committed["results"]]
+    md = markdown({**committed, "results": rows})
+    assert "(Prot 0.9 for the weak backbone, Prot 0.995 for the strong backbone)" in md
+    md = markdown({**committed, "results": [r for r in rows if r["backbone"] == "strong"]})
+    assert "(Prot 0.995 for the strong backbone)" in md
 
 
 def test_training_script_runs_end_to_end(tmp_path):

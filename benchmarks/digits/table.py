@@ -188,6 +188,10 @@ def markdown(data: dict[str, Any]) -> str:
     res = data["results"]
     seeds = sorted({r["seed"] for r in res})
     spe = data["unet_seconds_per_eval"]
+    # Each bundle's Prot is in its results; the header says what was run rather than what was meant.
+    prots = ", ".join(
+        f"Prot {'/'.join(f'{p:g}' for p in sorted({r['prot'] for r in res if r['backbone'] == b}))} "
+        f"for the {b} backbone" for b in ("weak", "strong") if any(r["backbone"] == b for r in res))
     lines = [
         "# Digits: the paper's Table 1 on real held-out images",
         "",
@@ -198,8 +202,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "Columns: **top-1** the backbone alone; **w/o protector** every image rethought (lam 1.1, V 1), i.e. "
         "the diffusion classifier alone on the backbone's top-k; **prot + neg / + pos / + both** the calibrated "
-        "protector (Prot 0.95 for the weak backbone, 0.99 for the strong one) with the rethought images "
-        "re-ranked by the negative condition only (the "
+        f"protector ({prots}) with the rethought images re-ranked by the negative condition only (the "
         "candidate whose negative predicts the noise worst wins), the positive only (lam 1), or both "
         "(lam 1.1); **+ 5 votes** the same with V = 5. n = 30 timesteps everywhere. The prot + both column is "
         "what `DBMEFRuntime.classify` serves (checked in the same run, below each block).",
