@@ -8,6 +8,7 @@ Every measurement of one report comes from the same run on the same machine and 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dbmef.runtime import RuntimeSpec
 from dbmef.runtime.bench import bench_stages, bench_throughput, numpy_matmul_rate, ort_profile_by_op, timed_runs
 from dbmef.runtime.config import ScoringConfig
 
@@ -72,28 +74,24 @@ def machine_matmul_rate() -> dict[str, float]:
     return rates
 
 
-def run_bench(bundle: str | Path, source: str | Path | None = None, n_images: int = 4, repeats: int = 3,
-              scoring: dict[str, Any] | None = None, baselines: tuple[str, ...] = ("paper_scripts", "torch_batched"),
-              threads: int = 0, profile: bool = False, progress: Callable[[str], None] | None = None
-              ) -> dict[str, Any]:
-    """Measure one bundle. Returns a JSON-ready report (see ``benchmarks/RESULTS.md``)."""
-    from dbmef.runtime.ort_backend import OrtOptions
-    from dbmef.runtime.runtime import DBMEFRuntime
+def run_bench(spec: RuntimeSpec, source: str | Path | None = None, n_images: int = 4, repeats: int = 3,
+              baselines: tuple[str, ...] = ("paper_scripts", "torch_batched"), profile: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the runtime ``spec`` describes (its backend, options and scoring overrides). Returns
+    a JSON-ready report (see ``benchmarks/RESULTS.md``)."""
+    from dbmef.runtime.protector import Protector
 
     def say(msg: str) -> None:
         log.info(msg)
         if progress:
             progress(msg)
 
-    from dbmef.runtime.bundle import load_manifest
-    from dbmef.runtime.protector import Protector
-
-    cfg: ScoringConfig = load_manifest(bundle).scoring.replace(**(scoring or {}))
-    # The protector is set per measurement below; Prot = 0 here only avoids the uncalibrated warning.
-    rt = DBMEFRuntime(bundle, options=OrtOptions(device="auto", intra_op_threads=threads), scoring=cfg,
-                      protector=Protector(math.inf, 0.0, None))
+    # Prot = 0: every image rethought; the protector is set per measurement below.
+    rt = dataclasses.replace(spec, prot=0.0).build()
+    cfg: ScoringConfig = rt.config
+    bundle = spec.bundle
     images = bench_images(n_images)
-    say(f"dbmef stages ({n_images} images x {repeats} repeats, all rethought)")
+    say(f"dbmef stages ({n_images} images x {repeats} repeats, all rethought, early exit {cfg.early_exit})")
     stages = bench_stages(rt, images, repeats)
     say("throughput at controlled rethink rates")
     probs, _ = rt.backbone_scores(images)
@@ -106,25 +104,29 @@ def run_bench(bundle: str | Path, source: str | Path | None = None, n_images: in
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "providers": rt.describe()["providers"]},
-        "bundle": str(bundle), "precision": rt.manifest.precision, "scoring": cfg.to_dict(),
+        "bundle": str(bundle), "backend": spec.backend, "precision": rt.manifest.precision,
+        "scoring": cfg.to_dict(), "unet_evals_per_rethought_image": stages["unet_evaluations"] / n_images,
         "dbmef": {"stages": stages, "throughput": throughput},
     }
+    if "paper_scripts" in baselines and "unet" in rt.manifest.components:
+        report.update(equal_decisions(spec, rt, images, repeats, say))
     slow = {"dbmef": stages["wall_s"]["p50"]}
     if source is not None and baselines:
         from dbmef.reference.baselines import PaperScriptsBaseline
         from dbmef.reference.engines import reference_pipeline
 
+        work = cfg.replace(early_exit="off")  # the torch baselines do the full method: compare at equal work
         report["baselines"] = {}
         if "torch_batched" in baselines:
             say("baseline torch_batched")
-            tb = reference_pipeline(source, cfg, Protector(math.inf, 0.0, None))
+            tb = reference_pipeline(source, work, Protector(math.inf, 0.0, None))
             walls = timed_runs(lambda: tb.classify(images), repeats, warmup=1)
             slow["torch_batched"] = statistics.median(walls)
             report["baselines"]["torch_batched"] = {"wall_s": {"p50": slow["torch_batched"], "all": walls},
                                                     "stages_s": dict(tb.last_timings)}
         if "paper_scripts" in baselines:
-            say("baseline paper_scripts")
-            ps = PaperScriptsBaseline(source, cfg)
+            say("baseline paper_scripts (torch)")
+            ps = PaperScriptsBaseline(source, work)
             walls = timed_runs(lambda: ps.classify(images), repeats, warmup=1)
             slow["paper_scripts"] = statistics.median(walls)
             report["baselines"]["paper_scripts"] = {"wall_s": {"p50": slow["paper_scripts"], "all": walls},
@@ -151,9 +153,52 @@ def run_bench(bundle: str | Path, source: str | Path | None = None, n_images: in
     report["roofline"] = roof
     if profile:
         say("ONNX Runtime profile of the scorer by op type")
-        report["scorer_profile"] = profile_scorer(rt, threads)
+        report["scorer_profile"] = profile_scorer(rt, int(spec.options.get("intra_op_threads", 0)))
     rt.close()
     return report
+
+
+def equal_decisions(spec: RuntimeSpec, rt: Any, images: list[np.ndarray], repeats: int,
+                    say: Callable[[str], None]) -> dict[str, Any]:
+    """The paper's scripts (full method, over the bundle's own engines) against the runtime in every
+    early-exit mode, all measured here on the same images, every one rethought. ``equal decisions``:
+    the runtime's default mode makes the full method's decisions with less UNet work; ``equal
+    work``: mode off."""
+    from dbmef.paper_scripts import PaperScriptsOnEngines
+
+    say("baseline paper_scripts (the bundle's engines, one image at a time, full method)")
+    paper = PaperScriptsOnEngines(rt)
+    labels: list[int] = []
+
+    def run_paper() -> None:
+        labels[:] = paper.classify(images)
+
+    walls = timed_runs(run_paper, repeats, warmup=1)
+    out: dict[str, Any] = {"paper_scripts_engines": {
+        "wall_s": {"p50": statistics.median(walls), "all": walls}, "stages_s": dict(paper.timings),
+        "unet_evals_per_rethought_image": paper.unet_evals / len(images)}}
+    paper.close()
+    default = rt.config.early_exit
+    modes: dict[str, Any] = {}
+    for mode in dict.fromkeys(("off", default, "adaptive")):
+        say(f"dbmef, early exit {mode}")
+        mrt = dataclasses.replace(spec, prot=0.0, scoring={**spec.scoring, "early_exit": mode}).build()
+        res: list[Any] = []
+
+        def run(mrt: Any = mrt, res: list[Any] = res) -> None:
+            res[:] = mrt.classify(images)
+
+        mwalls = timed_runs(run, repeats, warmup=1)
+        mrt.close()
+        modes[mode] = {"wall_s": {"p50": statistics.median(mwalls), "all": mwalls},
+                       "unet_evals_per_rethought_image": float(np.mean([r.unet_evals for r in res])),
+                       "decisions_differing_from_paper_scripts": int(sum(r.label != p for r, p in zip(res, labels))),
+                       "speedup_vs_paper_scripts": statistics.median(walls) / statistics.median(mwalls)}
+    out["early_exit_modes"] = modes
+    out["speedup_vs_paper_scripts_equal_work"] = modes["off"]["speedup_vs_paper_scripts"]
+    out["speedup_vs_paper_scripts_equal_decisions"] = modes[default]["speedup_vs_paper_scripts"]
+    out["speedup_vs_paper_scripts_adaptive"] = modes["adaptive"]["speedup_vs_paper_scripts"]
+    return out
 
 
 def profile_scorer(rt: Any, threads: int = 0) -> dict[str, Any]:

@@ -52,9 +52,16 @@ def _progress(total: int, desc: str, quiet: bool) -> Any:
 
 
 # -- runtime construction shared by the sub-commands -------------------------------------------
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
+                 "exit_min_rows")
+
+
+def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -> None:
+    """The options every runtime command shares. ``prot_help``: calibrate's meaning of --prot."""
+    from dbmef.runtime.backends import names
+
     p.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "auto"], default="onnxruntime")
+    p.add_argument("--backend", choices=list(names()), default="onnxruntime")
     p.add_argument("--device", choices=["cpu", "cuda", "tensorrt", "auto"], default="auto",
                    help="ONNX Runtime execution provider")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
@@ -67,16 +74,34 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lam", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--unet-batch", type=int)
-    g.add_argument("--prot", type=float, help="rethink everything (0) or nothing (1) regardless of calibration")
+    g.add_argument("--early-exit", choices=["off", "exact", "adaptive"],
+                   help="off: every UNet row (the paper); exact (default): stop voting once the majority is "
+                        "settled, same decisions; adaptive: also drop clearly losing candidates")
+    g.add_argument("--exit-z", type=float, help="adaptive: drop a candidate this many standard errors behind")
+    g.add_argument("--exit-interval", type=int, help="adaptive: timesteps per vote between checkpoints")
+    g.add_argument("--exit-min-rows", type=int, help="adaptive: paired rows needed before any drop")
+    if prot_help:
+        g.add_argument("--prot", type=float, default=0.95, help=prot_help)
+    else:
+        g.add_argument("--prot", type=float, help="rethink everything (0) or nothing (1) regardless of calibration")
+
+
+def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
+    """The command line's runtime as a ``RuntimeSpec`` (what Ray workers rebuild, too). Backend
+    options travel as a dict the backend turns into its own settings."""
+    from dbmef.runtime import RuntimeSpec
+
+    overrides = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
+    options = {"device": args.device, "intra_op_threads": args.threads}
+    return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, options=options, verify=not args.no_verify,
+                       batch_size=args.batch_size, scoring=overrides,
+                       prot=getattr(args, "prot", None) if prot_override else None)
 
 
 def make_runtime(args: argparse.Namespace, calibrated: bool = True) -> Any:
     """The runtime the command line asks for. ``calibrated=False`` (``dbmef calibrate``): ``--prot``
     is the calibration target, not a protector override."""
-    import dataclasses
-
-    spec = runtime_spec(args, prot_override=calibrated)
-    return dataclasses.replace(spec, lazy=False).build()
+    return runtime_spec(args, prot_override=calibrated).build()
 
 
 # -- sub-commands --------------------------------------------------------------------------------
@@ -111,20 +136,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = {**protector.to_dict(), **stats}
     print(json.dumps(out, indent=2) if args.json else table([[k, v] for k, v in out.items()], ["field", "value"]))
     return 0
-
-
-def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
-    """The runtime options of the command line as a ``RuntimeSpec`` workers can rebuild."""
-    from dbmef.cluster import RuntimeSpec
-
-    overrides = {k: getattr(args, k) for k in ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch")
-                 if getattr(args, k, None) is not None}
-    prot = getattr(args, "prot", None) if prot_override else None
-    if prot is not None and prot not in (0.0, 1.0):
-        raise DBMEFError("--prot on classify/eval takes 0 (rethink all) or 1 (rethink none); "
-                         "calibrate other values with `dbmef calibrate`")
-    return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, device=args.device, threads=args.threads,
-                       verify=not args.no_verify, batch_size=args.batch_size, scoring=overrides, prot=prot)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -208,12 +219,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dbmef.bench import plot, run_bench
 
-    scoring = {k: getattr(args, k) for k in ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch")
-               if getattr(args, k, None) is not None}
     bar = None if (args.quiet or args.json) else (lambda msg: print(f"[bench] {msg}", file=sys.stderr))
-    report = run_bench(args.bundle, source=args.source, n_images=args.images, repeats=args.repeats,
-                       scoring=scoring, baselines=tuple(args.baselines), threads=args.threads,
-                       profile=args.profile, progress=bar)
+    report = run_bench(runtime_spec(args), source=args.source, n_images=args.images, repeats=args.repeats,
+                       baselines=tuple(args.baselines), profile=args.profile, progress=bar)
     if args.plot:
         report["plot"] = str(plot(report, args.plot))
     if args.json:
@@ -225,8 +233,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print()
     print(table([[k, v["rethink_rate"], v["images_per_s"]] for k, v in report["dbmef"]["throughput"].items()],
                 ["rethink", "actual rate", "images/s"]))
-    print(f"\nscorer rows/s {st['scorer_rows_per_s']:.3g}; UNet evaluations/s {st['unet_evaluations_per_s']:.3g}")
-    for k in ("speedup_vs_paper_scripts", "speedup_vs_torch_batched"):
+    print(f"\nscorer rows/s {st['scorer_rows_per_s']:.3g}; UNet evaluations/s {st['unet_evaluations_per_s']:.3g}; "
+          f"UNet evaluations per rethought image {report['unet_evals_per_rethought_image']:.0f} "
+          f"(early exit {report['scoring']['early_exit']})")
+    for k in ("speedup_vs_paper_scripts_equal_decisions", "speedup_vs_paper_scripts_equal_work",
+              "speedup_vs_paper_scripts_adaptive", "speedup_vs_paper_scripts", "speedup_vs_torch_batched"):
         if k in report:
             print(f"{k} {report[k]:.2f}x")
     roof = report["roofline"]
@@ -275,14 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_classify)
 
     k = sub.add_parser("calibrate", help="fit the protector threshold on a labelled set; writes the manifest")
-    add_runtime_args(k)
+    add_runtime_args(k, prot_help="Prot = 1 - alpha (paper: 0.95; 0.99 for strong backbones)")
     k.add_argument("--data", required=True, help="ImageFolder root or a 'path label' file list")
-    k.set_defaults(func=cmd_calibrate)
     k.add_argument("--json", action="store_true")
-    # calibrate's --prot is the target protection rate, not an override
-    for a in k._actions:
-        if a.dest == "prot":
-            a.default, a.help = 0.95, "Prot = 1 - alpha (paper: 0.95; 0.99 for strong backbones)"
+    k.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("eval", help="accuracy of backbone vs DBMEF on a labelled set, resumable")
     add_runtime_args(e)

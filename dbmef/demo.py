@@ -5,16 +5,13 @@ show what DBMEF changes, exactly as a service would run it: the lean runtime on 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-
-def sample_image_path() -> Path:
-    return Path(str(resources.files("dbmef") / "assets" / "sample.png"))
+from dbmef.errors import DBMEFError
 
 
 @dataclass
@@ -26,6 +23,8 @@ class DemoReport:
     fixed: int  # rethought images the backbone got wrong and DBMEF got right
     broken: int  # the reverse
     seconds: float
+    unet_evals_per_rethought_image: float
+    early_exit: str
     grid: Path | None
     bundle: Path
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per rethought image
@@ -37,6 +36,8 @@ class DemoReport:
             f"backbone accuracy {self.backbone_accuracy:.1%} -> DBMEF accuracy {self.dbmef_accuracy:.1%}",
             f"rethought   {self.rethink_rate:.1%} of the images (protector threshold from the bundle)",
             f"flips       {self.fixed} fixed, {self.broken} broken",
+            f"slow path   {self.unet_evals_per_rethought_image:.0f} UNet evaluations per rethought image "
+            f"(early exit: {self.early_exit})",
             f"time        {self.seconds:.1f} s ({self.seconds / max(self.n_images, 1) * 1e3:.1f} ms per image, "
             "ONNX Runtime on this CPU)",
             *([f"grid        {self.grid}"] if self.grid else []),
@@ -49,7 +50,7 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
     import time
 
     from dbmef.digits import demo_bundle_dir, demo_test_split, render
-    from dbmef.runtime.runtime import DBMEFRuntime
+    from dbmef.runtime import DBMEFRuntime
 
     bundle = Path(bundle) if bundle else demo_bundle_dir()
     split = demo_test_split()
@@ -64,10 +65,11 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
             results.extend(batch)
             bar(len(batch))
         names = rt.class_names
+        early_exit = rt.config.early_exit
     seconds = time.perf_counter() - t0
     bad = [r for r in results if r.error]
     if bad:
-        raise RuntimeError(f"{len(bad)} demo images failed: {bad[0].error}")
+        raise DBMEFError(f"{len(bad)} demo images failed: {bad[0].error}")
     backbone = np.array([r.backbone_label for r in results])
     final = np.array([r.label for r in results])
     rethought = np.array([r.rethought for r in results])
@@ -78,7 +80,9 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
         dbmef_accuracy=float((final == labels).mean()), rethink_rate=float(rethought.mean()),
         fixed=int(((final == labels) & (backbone != labels) & rethought).sum()),
         broken=int(((final != labels) & (backbone == labels) & rethought).sum()),
-        seconds=seconds, grid=None, bundle=bundle, rows=rows,
+        seconds=seconds, grid=None, bundle=bundle, rows=rows, early_exit=early_exit,
+        unet_evals_per_rethought_image=float(np.mean([r.unet_evals for r in results if r.rethought]))
+        if rethought.any() else 0.0,
     )
     if rows:
         Path(out).mkdir(parents=True, exist_ok=True)

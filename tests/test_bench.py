@@ -13,17 +13,31 @@ pytestmark = [needs_torch, needs_ort]
 
 def test_run_bench_report_and_plot(tiny_bundle, tiny_system, tmp_path):
     from dbmef.bench import plot, run_bench
+    from dbmef.runtime import RuntimeSpec
 
-    r = run_bench(tiny_bundle, source=tiny_system, n_images=2, repeats=1,
-                  scoring={"n_timesteps": 2, "votes": 1, "unet_batch": 8}, profile=True)
+    spec = RuntimeSpec(str(tiny_bundle), scoring={"n_timesteps": 2, "votes": 3, "unet_batch": 8})
+    r = run_bench(spec, source=tiny_system, n_images=2, repeats=1, profile=True)
     st = r["dbmef"]["stages"]
-    assert st["unet_evaluations"] == 2 * 2 * 1 * 5 * 2
+    full = 2 * 3 * 2 * 5 * 2  # images x V x n x k x (positive, negative)
+    # exact early exit (the default) runs at least the first 2 of 3 votes and never more than all
+    assert 2 * 2 * 2 * 5 * 2 <= st["unet_evaluations"] <= full
+    assert r["unet_evals_per_rethought_image"] == st["unet_evaluations"] / 2
+    modes = r["early_exit_modes"]
+    assert modes["off"]["unet_evals_per_rethought_image"] == full / 2
+    assert r["paper_scripts_engines"]["unet_evals_per_rethought_image"] == full / 2
+    # equal decisions: the paper's structure over the same engines decides as dbmef does
+    assert modes["off"]["decisions_differing_from_paper_scripts"] == 0
+    assert modes["exact"]["decisions_differing_from_paper_scripts"] == 0
+    paper = r["paper_scripts_engines"]["wall_s"]["p50"]
+    assert r["speedup_vs_paper_scripts_equal_decisions"] == paper / modes["exact"]["wall_s"]["p50"]
+    assert r["speedup_vs_paper_scripts_equal_work"] == paper / modes["off"]["wall_s"]["p50"]
     assert set(st["stages_s_per_image"]) >= {"decode_preprocess", "backbone", "protector", "vae_encode",
                                              "text_encoder", "unet_scoring", "vote"}
     assert {"0%", "50%", "100%"} <= set(r["dbmef"]["throughput"])
     assert r["dbmef"]["throughput"]["0%"]["rethink_rate"] == 0.0
     assert r["dbmef"]["throughput"]["100%"]["rethink_rate"] == 1.0
-    assert r["speedup_vs_paper_scripts"] > 0 and r["speedup_vs_torch_batched"] > 0
+    torch_paper = r["baselines"]["paper_scripts"]["wall_s"]["p50"]
+    assert r["speedup_vs_paper_scripts"] == torch_paper / st["wall_s"]["p50"]
     roof = r["roofline"]
     # the tiny UNet's analytic FLOPs, recorded at export, equal a fresh count
     from dbmef.reference.baselines import read_unet_config, unet_flops_per_evaluation

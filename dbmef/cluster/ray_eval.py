@@ -59,7 +59,7 @@ class FastPathStage:
     rethought ones go on with their pixels and their fast-path result."""
 
     def __init__(self, spec: dict[str, Any]):
-        self.rt = RuntimeSpec(**spec).build()
+        self.rt = RuntimeSpec(**{**spec, "lazy": True}).build()  # load only this half's engines
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from dbmef.runtime.pipeline import ImageResult
@@ -85,7 +85,7 @@ class RethinkStage:
     """Ray Data actor: the slow path for the rethought images of a batch; passes the rest through."""
 
     def __init__(self, spec: dict[str, Any]):
-        self.rt = RuntimeSpec(**spec).build()
+        self.rt = RuntimeSpec(**{**spec, "lazy": True}).build()  # load only this half's engines
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from dbmef.runtime.pipeline import ImageResult

@@ -133,7 +133,7 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         UNetModule,
         VaeEncoderModule,
     )
-    from dbmef.runtime.schedule import alphas_cumprod
+    from dbmef.runtime.schedule import NoiseSchedule
 
     def step(msg: str) -> None:
         log.info(msg)
@@ -189,7 +189,8 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
                        text_width=text_width, latent_shape=latent_shape,
                        unet_batch=cfg.scoring.unet_batch, seed=cfg.seed)
     dtype = torch.float16 if cfg.precision == "fp16" else torch.float32
-    abar = alphas_cumprod(cfg.scoring.num_train_timesteps, cfg.scoring.beta_start, cfg.scoring.beta_end)
+    schedule = NoiseSchedule()  # SD's; _check_scheduler refuses a source trained with another
+    abar = schedule.alphas_cumprod()
 
     # fp32 references stay in float32; the exported modules run in the bundle's precision.
     ref_modules = {
@@ -273,9 +274,7 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         backbone_preprocess=data_cfg,
         vae={"image_size": image_size, "latent_shape": list(latent_shape),
              "scaling_factor": float(vae_cfg.scaling_factor)},
-        scheduler={"num_train_timesteps": cfg.scoring.num_train_timesteps, "beta_start": cfg.scoring.beta_start,
-                   "beta_end": cfg.scoring.beta_end, "beta_schedule": "scaled_linear",
-                   "source_config": sd.scheduler_config},
+        scheduler={**schedule.to_dict(), "source_config": sd.scheduler_config},
         scoring=cfg.scoring,
         tokenizer={"file": "tokenizer.json", "sha256": sha256_file(out / "tokenizer.json"), "max_length": 77,
                    "pad_id": pad_id, "library": "tokenizers"},

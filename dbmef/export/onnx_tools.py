@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -133,8 +132,3 @@ def validate_component(module: nn.Module, onnx_path: Path, spec: ExportSpec, pre
             )
     eng.close()
     return {"status": "passed", "runtime": "onnxruntime-cpu", "precision": precision, "checks": reports}
-
-
-def copy_if_exists(src: Path, dst: Path) -> None:
-    if src.exists():
-        shutil.copy2(src, dst)

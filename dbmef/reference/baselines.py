@@ -26,7 +26,7 @@ from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.preprocess import ImageInput, load_image
 from dbmef.runtime.prompts import negative_prompts, positive_prompt
-from dbmef.runtime.schedule import alphas_cumprod, timestep_grid
+from dbmef.runtime.schedule import NoiseSchedule
 from dbmef.runtime.scorer import vote
 
 PAPER_UNET_BATCH = 30
@@ -52,10 +52,11 @@ class PaperScriptsBaseline:
         self.names = read_class_names(root / "class_names.json")
         self.cfg = config
         self.threshold = threshold
-        abar = torch.from_numpy(alphas_cumprod(config.num_train_timesteps, config.beta_start, config.beta_end))
+        schedule = NoiseSchedule()
+        abar = torch.from_numpy(schedule.alphas_cumprod())
         self.sqrt_a = abar.sqrt().float()
         self.sqrt_1ma = (1 - abar).sqrt().float()
-        self.grid = torch.from_numpy(timestep_grid(config.n_timesteps, config.num_train_timesteps))
+        self.grid = torch.from_numpy(schedule.grid(config.n_timesteps))
         shape = latent_shape(self.sd.vae.config, size)
         self.noise = torch.from_numpy(NoiseBank(config.votes, config.n_timesteps, shape, config.seed).eps)
         self.timings: dict[str, float] = {}

@@ -12,7 +12,7 @@ from torch import nn
 
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import BACKBONE, SCORER, TEXT_ENCODER, UNET, VAE_ENCODER, ComponentSpec, check_feeds
-from dbmef.runtime.schedule import alphas_cumprod
+from dbmef.runtime.schedule import NoiseSchedule
 
 
 class TorchEngine:
@@ -77,7 +77,7 @@ def torch_engines(system: str | Path, config: ScoringConfig, fused: bool = True,
     root = Path(system)
     sd = load_sd(root / "sd")
     backbone = load_backbone(root / "backbone")
-    abar = alphas_cumprod(config.num_train_timesteps, config.beta_start, config.beta_end)
+    abar = NoiseSchedule().alphas_cumprod()  # the system's scheduler is SD's (checked at export)
     scorer = (
         TorchEngine(SCORER, FusedScorerModule(sd.unet, abar), device)
         if fused

@@ -6,14 +6,17 @@ it so). Backends with heavy packages (onnxruntime, tensorrt) are imported lazily
 
 from __future__ import annotations
 
+from dbmef.runtime.backends import register as register_backend
 from dbmef.runtime.config import PromptTemplates, ScoringConfig
-from dbmef.runtime.engine import COMPONENTS, ComponentSpec, Engine, FunctionEngine
+from dbmef.runtime.early_exit import ExitPolicy, RowPlanner, replay
+from dbmef.runtime.engine import COMPONENTS, ComponentSpec, Engine, FunctionEngine, LazyEngine, RowScorer
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.pipeline import DBMEFPipeline, ImageResult, PipelineEngines
 from dbmef.runtime.preprocess import BackbonePreprocess, VaePreprocess, load_image
 from dbmef.runtime.prompts import negative_prompts, positive_prompt
 from dbmef.runtime.protector import Protector, softmax
-from dbmef.runtime.schedule import alphas_cumprod, scaled_linear_betas, timestep_grid
+from dbmef.runtime.runtime import DBMEFRuntime, RuntimeSpec
+from dbmef.runtime.schedule import NoiseSchedule, alphas_cumprod, scaled_linear_betas, timestep_grid
 from dbmef.runtime.scorer import DiffusionScorer, ScoreResult, combine_and_error, vote
 from dbmef.runtime.tokenizer import ClipTokenizer
 
@@ -23,14 +26,21 @@ __all__ = [
     "ClipTokenizer",
     "ComponentSpec",
     "DBMEFPipeline",
+    "DBMEFRuntime",
     "DiffusionScorer",
     "Engine",
+    "ExitPolicy",
     "FunctionEngine",
     "ImageResult",
+    "LazyEngine",
     "NoiseBank",
+    "NoiseSchedule",
     "PipelineEngines",
     "PromptTemplates",
     "Protector",
+    "RowPlanner",
+    "RowScorer",
+    "RuntimeSpec",
     "ScoreResult",
     "ScoringConfig",
     "VaePreprocess",
@@ -39,6 +49,8 @@ __all__ = [
     "load_image",
     "negative_prompts",
     "positive_prompt",
+    "register_backend",
+    "replay",
     "scaled_linear_betas",
     "softmax",
     "timestep_grid",

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from dbmef.errors import BundleError
-from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.config import SCHEDULER_FIELDS, ScoringConfig
 from dbmef.runtime.protector import Protector
+from dbmef.runtime.schedule import NoiseSchedule
 
 FORMAT = "dbmef-bundle"
 FORMAT_VERSION = 1
@@ -148,6 +149,7 @@ class BundleManifest:
                 "or install the dbmef version that wrote it"
             )
         try:
+            scoring = _scoring_without_schedule(d["scoring"], d["scheduler"], where)
             m = cls(
                 components={k: ComponentRecord.from_dict(v) for k, v in d["components"].items()},
                 scorer_component=d["scorer_component"],
@@ -155,7 +157,7 @@ class BundleManifest:
                 backbone_preprocess=d["backbone_preprocess"],
                 vae=d["vae"],
                 scheduler=d["scheduler"],
-                scoring=ScoringConfig.from_dict(d["scoring"]),
+                scoring=scoring,
                 tokenizer=d["tokenizer"],
                 positive_embeddings=d["positive_embeddings"],
                 protector=Protector.from_dict(d["protector"]) if d.get("protector") else None,
@@ -179,6 +181,11 @@ class BundleManifest:
             )
         return m
 
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule the UNet was trained with and the fused scorer baked in."""
+        return NoiseSchedule.from_dict(self.scheduler)
+
     def save(self, bundle_dir: str | Path) -> Path:
         """Write manifest.json atomically (a crash never leaves half a manifest)."""
         d = Path(bundle_dir)
@@ -199,6 +206,19 @@ class BundleManifest:
         out.append((self.tokenizer["file"], self.tokenizer["sha256"]))
         out.append((self.positive_embeddings["file"], self.positive_embeddings["sha256"]))
         return out
+
+
+def _scoring_without_schedule(scoring: dict[str, Any], scheduler: dict[str, Any], where: str) -> ScoringConfig:
+    """Bundles written before the schedule left the scoring config repeat it there; accept them when
+    both records agree (they always did: both were written from one config) and drop the copy."""
+    scoring = dict(scoring)
+    for key in SCHEDULER_FIELDS:
+        if key in scoring:
+            value = scoring.pop(key)
+            if scheduler.get(key) != value:
+                raise BundleError(f"{where}: scoring.{key} = {value!r} disagrees with scheduler.{key} = "
+                                  f"{scheduler.get(key)!r}; re-export the bundle")
+    return ScoringConfig.from_dict(scoring)
 
 
 def load_manifest(bundle_dir: str | Path) -> BundleManifest:

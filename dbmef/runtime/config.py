@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dbmef.errors import ConfigError
+from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
+from dbmef.runtime.early_exit import ExitPolicy
+
+# Sanity bounds on user-supplied numbers: far beyond any sensible setting, small enough that a typo
+# (--votes 1e9, --lam 1e30) is refused with a message instead of running out of memory or giving inf.
+MAX_TIMESTEPS = 1000
+MAX_VOTES = 1000
+MAX_LAM = 100.0
+MAX_UNET_BATCH = 65536
+# Fields of older manifests' scoring configs that now live in the bundle's scheduler record.
+SCHEDULER_FIELDS = ("num_train_timesteps", "beta_start", "beta_end")
 
 DEFAULT_POSITIVE_TEMPLATE = "a photo of a {name}."
 DEFAULT_NEGATIVE_TEMPLATE = "the features of {names}."
@@ -41,12 +53,21 @@ class PromptTemplates:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Everything that decides a rethink's answer (DESIGN.md §1.3-1.8).
+    """Everything that decides a rethink's answer (DESIGN.md §1.3-1.8) and how much UNet work it
+    may skip (issue 13).
 
     k: candidates taken from the backbone's top-k. n_timesteps: timesteps per vote on the uniform
     grid. lam: guidance weight (>= 1; 1 is positive-only). votes: independent repeats V, each with
     its own noise bank. seed: root of every noise bank. unet_batch: rows per UNet engine call (a
     fixed size; the tail is padded). Paper defaults: k=5, n=30, lam=1.1, V=5.
+
+    early_exit: ``off`` (every row: the paper), ``exact`` (vote rounds; the same decisions as
+    ``off``), ``adaptive`` (vote rounds + paired elimination of clearly losing candidates, with
+    ``exit_z`` standard errors, ``exit_interval`` timesteps per vote between checkpoints and at
+    least ``exit_min_rows`` paired rows). See ``dbmef.runtime.early_exit``.
+
+    The noise schedule (T, betas) is not here: it is the bundle's (``manifest.scheduler``), since
+    the fused scorer graph bakes it in at export and the two paths must not disagree.
     """
 
     k: int = 5
@@ -55,9 +76,12 @@ class ScoringConfig:
     votes: int = 5
     seed: int = 0
     unet_batch: int = 32
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    early_exit: str = "exact"
+    # adaptive's defaults, chosen on the weak seed-0 digits bundle only (benchmarks/digits/EARLY_EXIT.md):
+    # 398 UNet evaluations per rethought image instead of 1 500 at k = 5, V = 5, every decision kept.
+    exit_z: float = 2.5
+    exit_interval: int = 2
+    exit_min_rows: int = 6
     templates: PromptTemplates = field(default_factory=PromptTemplates)
 
     def __post_init__(self) -> None:
@@ -65,24 +89,32 @@ class ScoringConfig:
             if not cond:
                 raise ConfigError(f"scoring config field '{name}' = {value!r} is invalid: {rule}")
 
+        for name in ("k", "n_timesteps", "votes", "seed", "unet_batch", "exit_interval", "exit_min_rows"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
         need(self.k >= 2, "k", self.k, "need at least 2 candidates to re-rank")
-        need(self.n_timesteps >= 1, "n_timesteps", self.n_timesteps, "must be >= 1")
-        need(
-            self.n_timesteps <= self.num_train_timesteps,
-            "n_timesteps",
-            self.n_timesteps,
-            f"must be <= num_train_timesteps ({self.num_train_timesteps})",
-        )
-        need(self.lam >= 1.0, "lam", self.lam, "must be >= 1 (1 is positive-only)")
-        need(self.votes >= 1, "votes", self.votes, "must be >= 1")
-        need(self.unet_batch >= 1, "unet_batch", self.unet_batch, "must be >= 1")
-        need(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        need(0 < self.beta_start < self.beta_end < 1, "beta_start/beta_end",
-             (self.beta_start, self.beta_end), "need 0 < beta_start < beta_end < 1")
+        need(1 <= self.n_timesteps <= MAX_TIMESTEPS, "n_timesteps", self.n_timesteps,
+             f"must lie in [1, {MAX_TIMESTEPS}]")
+        need(math.isfinite(self.lam) and 1.0 <= self.lam <= MAX_LAM, "lam", self.lam,
+             f"must be finite and in [1, {MAX_LAM:g}] (1 is positive-only; the paper uses 1.1)")
+        need(1 <= self.votes <= MAX_VOTES, "votes", self.votes, f"must lie in [1, {MAX_VOTES}]")
+        need(1 <= self.unet_batch <= MAX_UNET_BATCH, "unet_batch", self.unet_batch,
+             f"must lie in [1, {MAX_UNET_BATCH}]")
+        need(0 <= self.seed < 2**63, "seed", self.seed, "must be >= 0")
+        need(self.early_exit in EARLY_EXIT_MODES, "early_exit", self.early_exit, f"must be one of {EARLY_EXIT_MODES}")
+        # exit_z = inf is allowed on purpose: adaptive with no elimination (it equals exact).
+        need(not math.isnan(self.exit_z) and self.exit_z > 0, "exit_z", self.exit_z, "must be > 0 (inf: never drop)")
+        need(self.exit_interval >= 1, "exit_interval", self.exit_interval, "must be >= 1")
+        need(self.exit_min_rows >= 2, "exit_min_rows", self.exit_min_rows, "must be >= 2")
+
+    @property
+    def exit_policy(self) -> ExitPolicy:
+        return ExitPolicy(self.early_exit, self.exit_z, self.exit_interval, self.exit_min_rows)
 
     @property
     def unet_evaluations_per_image(self) -> int:
-        """UNet forward rows one rethink costs: V * n * k * 2 (positive and negative)."""
+        """UNet evaluations of one full rethink (``early_exit = off``): V * n * k * 2 (positive and
+        negative); the other modes cost at most this."""
         return self.votes * self.n_timesteps * self.k * 2
 
     def replace(self, **changes: Any) -> ScoringConfig:
@@ -95,6 +127,13 @@ class ScoringConfig:
     def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
+        moved = sorted(set(unknown) & set(SCHEDULER_FIELDS))
+        if moved:
+            raise ConfigError(
+                f"scoring config field(s) {moved} belong to the bundle's noise schedule (manifest 'scheduler'), "
+                "which the exported scorer graph bakes in; they cannot be overridden at run time (re-export to "
+                "change them)"
+            )
         if unknown:
             raise ConfigError(
                 f"scoring config has unknown field(s) {unknown}; known fields are {sorted(known)}"

@@ -7,9 +7,9 @@ which exists for parity tests and baselines.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,7 +18,11 @@ from dbmef.errors import EngineError
 
 @runtime_checkable
 class Engine(Protocol):
-    """Named inputs -> named outputs. Implementations are context managers (close on exit)."""
+    """Named inputs -> named outputs (host numpy arrays both ways); ``close`` frees what it holds.
+
+    That is all the runtime asks of an engine. A backend may add the device-side row path
+    (:class:`RowScorer`); the scorer asks for it explicitly through :func:`row_scorer`.
+    """
 
     name: str
     input_names: tuple[str, ...]
@@ -27,6 +31,64 @@ class Engine(Protocol):
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RowScorer(Protocol):
+    """Optional: a fused-scorer engine that gathers scorer rows on its device and synchronises once
+    per call (the native TensorRT backend). ``index`` = (m, v, i, c), each (R_padded,), R_padded a
+    multiple of ``batch``; returns the errors (R_padded,) float32."""
+
+    def score_rows(self, latents: np.ndarray, noise: np.ndarray, timesteps: np.ndarray, positive: np.ndarray,
+                   negative: np.ndarray, candidates: np.ndarray, lam: np.ndarray,
+                   index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], batch: int) -> np.ndarray: ...
+
+
+def row_scorer(engine: Engine) -> RowScorer | None:
+    """The engine's device-side row path, or None (rows are then gathered on the host)."""
+    target = engine.resolve() if isinstance(engine, LazyEngine) else engine
+    return target if isinstance(target, RowScorer) else None
+
+
+class LazyEngine:
+    """An engine opened on its first call. Its names come from the manifest, so building a
+    scorer around it opens nothing: a worker that only runs the fast path never loads the UNet,
+    and one that only rethinks never loads the backbone."""
+
+    def __init__(self, name: str, input_names: Sequence[str], output_names: Sequence[str],
+                 opener: Callable[[], Engine]):
+        self.name = name
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names)
+        self._opener = opener
+        self._engine: Engine | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self._engine is not None
+
+    def resolve(self) -> Engine:
+        """The real engine, opened now if it was not yet."""
+        if self._engine is None:
+            self._engine = self._opener()
+        return self._engine
+
+    @property
+    def device(self) -> str:
+        return str(getattr(self.resolve(), "device", "cpu"))
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.resolve()(feeds)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+    def __enter__(self) -> LazyEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,9 @@ def summarize(records: Sequence[dict[str, Any]], total: int | None = None) -> di
         "backbone_accuracy": float(np.mean([r["backbone_correct"] for r in ok])) if n else 0.0,
         "dbmef_accuracy": float(np.mean([r["correct"] for r in ok])) if n else 0.0,
         "rethink_rate": len(rethought) / n if n else 0.0,
+        # slow-path work in machine-independent units: 2 per scorer row (positive and negative)
+        "unet_evals_per_rethought_image": float(np.mean([r.get("unet_evals", 0) for r in rethought]))
+        if rethought else 0.0,
         "flips_true_to_false": sum(1 for r in ok if r["backbone_correct"] and not r["correct"]),
         "flips_false_to_true": sum(1 for r in ok if not r["backbone_correct"] and r["correct"]),
         "latency_s_per_image": per_stage,

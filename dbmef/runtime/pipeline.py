@@ -20,6 +20,7 @@ from dbmef.runtime.engine import Engine
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreprocess, describe, load_image
 from dbmef.runtime.prompts import negative_prompts, positive_prompt
 from dbmef.runtime.protector import Protector, softmax
+from dbmef.runtime.schedule import NoiseSchedule
 from dbmef.runtime.scorer import DiffusionScorer
 from dbmef.runtime.tokenizer import ClipTokenizer
 
@@ -42,8 +43,9 @@ class ImageResult:
     max_prob: float | None = None
     topk: list[tuple[int, float]] = field(default_factory=list)
     candidates: list[int] = field(default_factory=list)
-    errors: list[list[float]] = field(default_factory=list)  # (V, k)
-    votes: list[int] = field(default_factory=list)  # (k,)
+    errors: list[list[float | None]] = field(default_factory=list)  # (V opened, k); None: not evaluated
+    votes: list[int] = field(default_factory=list)  # (k,) votes won among completed votes
+    unet_evals: int = 0  # UNet evaluations this image's rethink cost (0 when not rethought)
     timings: dict[str, float] = field(default_factory=dict)  # seconds, this image's share
     error: str | None = None
 
@@ -60,6 +62,7 @@ class ImageResult:
             "candidates": self.candidates,
             "errors": self.errors,
             "votes": self.votes,
+            "unet_evals": self.unet_evals,
             "timings": self.timings,
             "error": self.error,
         }
@@ -72,7 +75,8 @@ class ImageResult:
             rethought=bool(d.get("rethought", False)), backbone_label=d.get("backbone_label"),
             max_prob=d.get("max_prob"), topk=[(int(c), float(p)) for c, p in d.get("topk", [])],
             candidates=list(d.get("candidates", [])), errors=[list(e) for e in d.get("errors", [])],
-            votes=list(d.get("votes", [])), timings=dict(d.get("timings", {})), error=d.get("error"),
+            votes=list(d.get("votes", [])), unet_evals=int(d.get("unet_evals", 0)),
+            timings=dict(d.get("timings", {})), error=d.get("error"),
         )
 
 
@@ -153,6 +157,7 @@ class DBMEFPipeline:
         vae_image_size: int,
         latent_shape: tuple[int, int, int],
         positive_embeddings: np.ndarray | None = None,
+        schedule: NoiseSchedule | None = None,
         backbone_batch: int = 32,
         cache_size: int = 4096,
     ):
@@ -166,7 +171,7 @@ class DBMEFPipeline:
         self.backbone_preprocess = backbone_preprocess
         self.vae_preprocess = VaePreprocess(vae_image_size)
         self.backbone_batch = backbone_batch
-        self.scorer = DiffusionScorer(config, engines.scorer, latent_shape)
+        self.scorer = DiffusionScorer(config, engines.scorer, latent_shape, schedule)
         self.negative_cache = EmbeddingCache(cache_size)
         if positive_embeddings is None:
             positive_embeddings = self.encode_text(
@@ -328,8 +333,10 @@ class DBMEFPipeline:
                 r.label = int(sr.labels[q])
                 r.class_name = self.class_names[r.label]
                 r.candidates = [int(c) for c in sr.candidates[q]]
-                r.errors = sr.errors[q].astype(float).tolist()
+                opened = ~np.isnan(sr.errors[q]).all(axis=1)  # votes early exit never opened are left out
+                r.errors = [[None if np.isnan(e) else float(e) for e in row] for row in sr.errors[q][opened]]
                 r.votes = [int(v) for v in sr.votes[q]]
+                r.unet_evals = int(sr.unet_evals_per_image[q])
 
     @staticmethod
     def _share_timings(ok: list[ImageResult], timer: StageTimer) -> None:

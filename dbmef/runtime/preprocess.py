@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -218,7 +218,3 @@ class VaePreprocess:
         img = center_crop(img, (self.size, self.size))
         a = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
         return np.ascontiguousarray(a.transpose(2, 0, 1))
-
-
-def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    return np.ascontiguousarray(np.stack(arrays)) if arrays else np.empty((0,), np.float32)

@@ -8,18 +8,22 @@ by the seed and the negative-embedding cache only memoises a pure function.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dbmef.errors import BundleError, ConfigError
-from dbmef.runtime.bundle import BundleManifest, load_manifest, verify_files
+from dbmef.runtime.backends import names as backend_names
+from dbmef.runtime.backends import open_engine
+from dbmef.runtime.bundle import load_manifest, verify_files
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import Engine
+from dbmef.runtime.engine import Engine, LazyEngine
 from dbmef.runtime.pipeline import DBMEFPipeline, ImageResult, PipelineEngines
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput
 from dbmef.runtime.protector import Protector
@@ -27,73 +31,48 @@ from dbmef.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "tensorrt", "auto")
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """A runtime as plain data: what the CLI parses, what Ray ships to its workers, what a service
+    config file can hold. ``DBMEFRuntime.from_spec`` (or ``spec.build()``) is the one assembly.
 
+    options: the backend's options as a dict (for ONNX Runtime the fields of ``OrtOptions``, e.g.
+    ``{"device": "cuda", "intra_op_threads": 4}``). scoring: overrides of the bundle's scoring
+    config. prot: 0 rethinks everything, 1 nothing; None keeps the bundle's protector. lazy: open
+    engines on first use (a fast-path worker never loads the UNet).
+    """
 
-def open_engine(bundle_dir: Path, manifest: BundleManifest, component: str, backend: str, options: Any) -> Engine:
-    """One component's engine on the chosen backend."""
-    rec = manifest.components[component]
-    if backend in ("tensorrt", "auto") and manifest.tensorrt.get("engines", {}).get(component):
-        try:
-            from dbmef.runtime.trt_backend import TrtEngine
+    bundle: str
+    backend: str = "onnxruntime"
+    options: dict[str, Any] = field(default_factory=dict)
+    verify: bool = True
+    batch_size: int = 16
+    scoring: dict[str, Any] = field(default_factory=dict)
+    prot: float | None = None
+    lazy: bool = False
 
-            return TrtEngine.from_bundle(bundle_dir, manifest, component)
-        except Exception as exc:
-            if backend == "tensorrt":
-                raise
-            log.info("native TensorRT unavailable for %s (%s); using ONNX Runtime", component, exc)
-    elif backend == "tensorrt":
-        raise BundleError(
-            f"bundle {bundle_dir} has no TensorRT engine for '{component}'; build them with "
-            f"`dbmef build-engines --bundle {bundle_dir}` on the target GPU, or use --backend onnxruntime"
-        )
-    from dbmef.runtime.ort_backend import OrtEngine
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size = {self.batch_size} is invalid: need at least 1 image per batch "
+                              "(--batch-size)")
+        if self.prot is not None and self.prot not in (0.0, 1.0):
+            raise ConfigError(f"prot = {self.prot} as a runtime override must be 0 (rethink every image) or 1 "
+                              "(none); calibrate other values with `dbmef calibrate --prot P`")
 
-    return OrtEngine(bundle_dir / rec.file, component, options)
+    def build(self) -> DBMEFRuntime:
+        return DBMEFRuntime.from_spec(self)
 
-
-class LazyEngine:
-    """An engine opened on its first call. Its names come from the manifest, so building a
-    scorer around it opens nothing: a worker that only runs the fast path never loads the UNet,
-    and one that only rethinks never loads the backbone."""
-
-    def __init__(self, name: str, input_names: Sequence[str], output_names: Sequence[str],
-                 opener: Callable[[], Engine]):
-        self.name = name
-        self.input_names = tuple(input_names)
-        self.output_names = tuple(output_names)
-        self._opener = opener
-        self._engine: Engine | None = None
-
-    @property
-    def opened(self) -> bool:
-        return self._engine is not None
-
-    def _get(self) -> Engine:
-        if self._engine is None:
-            self._engine = self._opener()
-        return self._engine
-
-    def __call__(self, feeds: Any) -> dict[str, np.ndarray]:
-        return self._get()(feeds)
-
-    def __getattr__(self, attr: str) -> Any:
-        # Backend extras (score_rows, device, providers) exist once the engine is open; asking for
-        # one opens it, as the first call would.
-        if attr.startswith("_"):
-            raise AttributeError(attr)
-        return getattr(self._get(), attr)
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class DBMEFRuntime:
     """A loaded bundle, ready to classify.
 
-    bundle_dir: folder written by ``dbmef-export``. backend: 'onnxruntime', 'tensorrt' or 'auto'.
-    options: backend options (``OrtOptions`` for ONNX Runtime). verify: check file hashes.
+    bundle_dir: folder written by ``dbmef-export``. backend: a registered backend name
+    ('onnxruntime', 'tensorrt', 'auto', or one added with ``dbmef.runtime.backends.register``).
+    options: that backend's options (its own object, e.g. ``OrtOptions``, or a dict of its fields).
+    verify: check file hashes.
     scoring: override the bundle's default scoring config (k, n, lam, V, seed, unet_batch).
     protector: override the bundle's calibrated protector. Without either, an uncalibrated
     bundle rethinks every image (Prot = 0) and says so once. lazy: open each engine on its first
@@ -112,9 +91,12 @@ class DBMEFRuntime:
         cache_size: int = 4096,
         lazy: bool = False,
     ):
-        if backend not in BACKENDS:
-            raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")
+        if backend not in backend_names():
+            raise ConfigError(f"backend {backend!r} is not one of {list(backend_names())}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size = {batch_size} is invalid: need at least 1 image per batch")
         self.bundle_dir = Path(bundle_dir)
+        self.backend, self.options = backend, options  # kept to open more engines the same way
         self.manifest = load_manifest(self.bundle_dir)
         verify_files(self.bundle_dir, self.manifest, hashes=verify)
         m = self.manifest
@@ -130,7 +112,7 @@ class DBMEFRuntime:
         if pos.shape[0] != len(m.class_names):
             raise BundleError(f"{m.positive_embeddings['file']} has {pos.shape[0]} rows for {len(m.class_names)} "
                               "classes; re-export the bundle")
-        def engine(component: str) -> Any:
+        def engine(component: str) -> Engine:
             if not lazy:
                 return open_engine(self.bundle_dir, m, component, backend, options)
             rec = m.components[component]
@@ -144,7 +126,7 @@ class DBMEFRuntime:
             scorer=engine(m.scorer_component),
         )
         h, w = m.vae["latent_shape"][1:]
-        on_cpu = not lazy and getattr(engines.scorer, "device", None) == "cpu"
+        on_cpu = not lazy and getattr(engines.scorer, "device", "cpu") == "cpu"
         if on_cpu and h * w >= 32 * 32 and self.config.unet_batch > 4:
             # CPU kernels materialise the attention matrices: (64x64)^2 x 8 heads x 4 B is 0.5 GB per
             # UNet sample, so a GPU-sized batch of 32 rows (64 samples) needs tens of GB.
@@ -161,10 +143,22 @@ class DBMEFRuntime:
             backbone_preprocess=BackbonePreprocess.from_data_config(m.backbone_preprocess),
             vae_image_size=int(m.vae["image_size"]),
             latent_shape=tuple(m.vae["latent_shape"]),  # type: ignore[arg-type]
+            schedule=m.schedule,
             positive_embeddings=pos,
             backbone_batch=max(batch_size, 1),
             cache_size=cache_size,
         )
+
+    @classmethod
+    def from_spec(cls, spec: RuntimeSpec) -> DBMEFRuntime:
+        """The runtime a ``RuntimeSpec`` describes: scoring overrides applied to the bundle's config,
+        ``prot`` 0/1 as a fixed protector."""
+        scoring = load_manifest(spec.bundle).scoring.replace(**spec.scoring) if spec.scoring else None
+        protector = None
+        if spec.prot is not None:
+            protector = Protector(math.inf if spec.prot == 0.0 else -math.inf, spec.prot, None)
+        return cls(spec.bundle, backend=spec.backend, options=dict(spec.options), verify=spec.verify,
+                   scoring=scoring, protector=protector, batch_size=spec.batch_size, lazy=spec.lazy)
 
     @property
     def class_names(self) -> list[str]:

@@ -1,9 +1,12 @@
 """The DBMEF diffusion scorer (DESIGN.md §1.4-1.8): rows, fixed-size UNet batches, lam, votes.
 
-One *row* is one (image m, vote v, timestep i, candidate c) with both of its conditions. For a
-batch of M rethought images there are R = M*V*n*k rows, gathered in fixed-size chunks of
-``unet_batch`` rows (the tail padded by repeating the last row) so every engine call has the
-same shape: the shape a TensorRT engine or a CUDA graph was built for.
+One *row* is one (image m, vote v, timestep i, candidate c) with both of its conditions (two UNet
+evaluations). For a batch of M rethought images the full method has R = M*V*n*k rows. The scorer
+runs them in *stages* chosen by ``early_exit.RowPlanner`` (one stage of all R rows when
+``early_exit = off``; vote rounds and paired elimination otherwise). Each stage's rows, across
+all images, are gathered in fixed-size chunks of ``unet_batch`` rows (the tail padded by
+repeating the last row) so every engine call has the same shape: the shape a TensorRT engine or
+a CUDA graph was built for. On the device path there is one host synchronisation per stage.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dbmef.errors import ConfigError, EngineError
+from dbmef.errors import EngineError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import Engine
+from dbmef.runtime.early_exit import ExitPolicy, RowPlanner, run_planner, vote
+from dbmef.runtime.engine import Engine, row_scorer
 from dbmef.runtime.noise import NoiseBank
-from dbmef.runtime.schedule import alphas_cumprod, timestep_grid
+from dbmef.runtime.schedule import NoiseSchedule
+
+__all__ = ["DiffusionScorer", "ScoreResult", "combine_and_error", "error_from_terms", "error_terms", "vote"]
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +58,13 @@ def error_from_terms(terms: np.ndarray, lam: float) -> np.ndarray:
     return (1 - lam) ** 2 * aa + lam**2 * bb + 2 * lam * (1 - lam) * ab
 
 
-def vote(errors: np.ndarray) -> tuple[int, np.ndarray]:
-    """Majority vote over V repeats with the paper's tie-break.
-
-    errors: (V, k) per-vote, per-candidate mean error. Each vote picks its argmin (a tie inside a
-    vote goes to the better-ranked candidate). The candidate with the most votes wins; a tie goes to
-    the tied candidate with the least mean error over votes, then to the better rank.
-    Returns (winning candidate position, (k,) vote counts).
-    """
-    errors = np.asarray(errors, dtype=np.float64)
-    if errors.ndim != 2:
-        raise ConfigError(f"vote() needs errors of shape (V, k), got {errors.shape}")
-    counts = np.bincount(errors.argmin(axis=1), minlength=errors.shape[1])
-    tied = np.flatnonzero(counts == counts.max())
-    mean_err = errors.mean(axis=0)
-    winner = int(tied[np.argmin(mean_err[tied])])  # argmin: first (best-ranked) among equal means
-    return winner, counts
-
-
 @dataclass
 class ScoreResult:
-    """Scorer output for M images. candidates (M,k) class ids in rank order; errors (M,V,k);
-    votes (M,k) counts; labels (M,) winning class ids; rows: UNet rows evaluated (padding excluded);
-    engine_calls: engine invocations made."""
+    """Scorer output for M images. candidates (M,k) class ids in rank order; errors (M,V,k) mean
+    error per vote and candidate over the timesteps evaluated (NaN where early exit evaluated none);
+    votes (M,k) votes won among completed votes; labels (M,) winning class ids; rows_per_image (M,)
+    rows evaluated for each image (padding excluded; 2 UNet evaluations each); rows: their sum;
+    engine_calls: engine invocations made; stages: planner stages (host syncs on the device path)."""
 
     candidates: np.ndarray
     errors: np.ndarray
@@ -82,6 +72,13 @@ class ScoreResult:
     labels: np.ndarray
     rows: int
     engine_calls: int
+    rows_per_image: np.ndarray
+    stages: int = 1
+
+    @property
+    def unet_evals_per_image(self) -> np.ndarray:
+        """(M,) UNet evaluations each image cost: positive and negative per row."""
+        return 2 * self.rows_per_image
 
 
 class DiffusionScorer:
@@ -93,12 +90,14 @@ class DiffusionScorer:
     error run on the host. ``mode`` is inferred from the engine's input names.
     """
 
-    def __init__(self, config: ScoringConfig, engine: Engine, latent_shape: tuple[int, int, int]):
+    def __init__(self, config: ScoringConfig, engine: Engine, latent_shape: tuple[int, int, int],
+                 schedule: NoiseSchedule | None = None):
         self.config = config
         self.engine = engine
         self.latent_shape = tuple(latent_shape)
-        self.timesteps = timestep_grid(config.n_timesteps, config.num_train_timesteps)  # (n,)
-        self.abar = alphas_cumprod(config.num_train_timesteps, config.beta_start, config.beta_end)
+        self.schedule = schedule or NoiseSchedule()
+        self.timesteps = self.schedule.grid(config.n_timesteps)  # (n,)
+        self.abar = self.schedule.alphas_cumprod()
         # Square roots taken in float64, then cast: the fused graph embeds these same tables.
         self.sqrt_abar = np.sqrt(self.abar).astype(np.float32)  # (T,)
         self.sqrt_one_minus_abar = np.sqrt(1.0 - self.abar).astype(np.float32)  # (T,)
@@ -148,22 +147,20 @@ class DiffusionScorer:
         b = x0.shape[0]
         return out[:b], out[b:]
 
-    def _score_on_host(self, latents, candidates, positive_table, negative_embeddings, progress,  # type: ignore[no-untyped-def]
+    def _score_on_host(self, latents, candidates, positive_table, negative_embeddings, index, progress,  # type: ignore[no-untyped-def]
                        kernel=None, width=None):
-        """Gather rows on the host, one fixed-size engine call per chunk. Returns (errors (R,), calls);
-        with ``kernel``/``width`` (the terms kernel), (R, width) float64 per-row outputs."""
-        cfg = self.config
+        """Gather rows ``index`` = (m, v, i, c) on the host, one fixed-size engine call per chunk.
+        Returns (errors (R,), calls); with ``kernel``/``width`` (the terms kernel), (R, width) float64."""
         kernel = kernel or self._kernel
-        m_count = latents.shape[0]
-        V, n, k, B = cfg.votes, cfg.n_timesteps, cfg.k, cfg.unet_batch
-        total = m_count * V * n * k
+        B = self.config.unet_batch
+        m_all, v_all, i_all, c_all = index
+        total = len(m_all)
         errors = np.empty(total, dtype=np.float32) if width is None else np.empty((total, width), np.float64)
         calls = 0
         for start in range(0, total, B):
             stop = min(start + B, total)
-            idx = np.arange(start, start + B)
-            idx[stop - start :] = stop - 1  # pad the tail by repeating the last real row
-            m, v, i, c = np.unravel_index(idx, (m_count, V, n, k))
+            sel = np.minimum(np.arange(start, start + B), stop - 1)  # pad the tail by repeating the last row
+            m, v, i, c = m_all[sel], v_all[sel], i_all[sel], c_all[sel]
             err = kernel(
                 latents[m],  # (B,4,h,w)
                 self.noise.eps[v, i],  # (B,4,h,w)
@@ -176,6 +173,20 @@ class DiffusionScorer:
             if progress is not None:
                 progress(stop - start)
         return errors, calls
+
+    def _score_on_device(self, device, latents, candidates, positive_table, negative_embeddings, index,  # type: ignore[no-untyped-def]
+                         progress):
+        """One stage on an engine that gathers rows on the device (native TensorRT): one host sync."""
+        B = self.config.unet_batch
+        total = len(index[0])
+        padded = -(-total // B) * B
+        sel = np.minimum(np.arange(padded), total - 1)
+        mvic = tuple(a[sel] for a in index)
+        errors = device.score_rows(latents, self.noise.eps, self.timesteps, positive_table, negative_embeddings,
+                                   candidates, self._lam, mvic, B)[:total]
+        if progress is not None:
+            progress(total)
+        return np.asarray(errors, dtype=np.float32), padded // B
 
     # -- scoring -----------------------------------------------------------------------------
     def score_terms(
@@ -195,8 +206,9 @@ class DiffusionScorer:
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         candidates = np.asarray(candidates, dtype=np.int64)
         self._check(latents, candidates, negative_embeddings)
-        terms, _ = self._score_on_host(latents, candidates, positive_table,
-                                       negative_embeddings, progress, kernel=self._terms_kernel, width=3)
+        full = RowPlanner(latents.shape[0], cfg.votes, cfg.n_timesteps, cfg.k, ExitPolicy("off")).next_rows()
+        terms, _ = self._score_on_host(latents, candidates, positive_table, negative_embeddings, full, progress,
+                                       kernel=self._terms_kernel, width=3)
         return terms.reshape(latents.shape[0], cfg.votes, cfg.n_timesteps, cfg.k, 3)
 
     def _check(self, latents: np.ndarray, candidates: np.ndarray, negative_embeddings: np.ndarray) -> None:
@@ -230,26 +242,22 @@ class DiffusionScorer:
         candidates = np.asarray(candidates, dtype=np.int64)
         m_count = latents.shape[0]
         self._check(latents, candidates, negative_embeddings)
-        V, n, k, B = cfg.votes, cfg.n_timesteps, cfg.k, cfg.unet_batch
-        total = m_count * V * n * k
-        device_rows = getattr(self.engine, "score_rows", None)
-        if device_rows is not None and self.mode == "fused":
-            # The engine gathers rows on the device and syncs once (the native TensorRT backend).
-            padded = -(-total // B) * B
-            mvic = np.unravel_index(np.minimum(np.arange(padded), total - 1), (m_count, V, n, k))
-            errors = device_rows(latents, self.noise.eps, self.timesteps, positive_table, negative_embeddings,
-                                 candidates, self._lam, mvic, B)[:total]
-            calls = padded // B
-            if progress is not None:
-                progress(total)
-        else:
-            errors, calls = self._score_on_host(latents, candidates, positive_table, negative_embeddings, progress)
-        # Mean over timesteps: (M,V,n,k) -> (M,V,k)
-        per_vote = errors.reshape(m_count, V, n, k).mean(axis=2, dtype=np.float64).astype(np.float32)
-        labels = np.empty(m_count, dtype=np.int64)
-        votes = np.empty((m_count, k), dtype=np.int64)
-        for j in range(m_count):
-            w, counts = vote(per_vote[j])
-            labels[j] = candidates[j, w]
-            votes[j] = counts
-        return ScoreResult(candidates, per_vote, votes, labels, rows=total, engine_calls=calls)
+        device = row_scorer(self.engine) if self.mode == "fused" else None
+        calls = 0
+
+        def evaluate(index: tuple[np.ndarray, ...]) -> np.ndarray:
+            nonlocal calls
+            if device is not None:
+                err, n_calls = self._score_on_device(device, latents, candidates, positive_table,
+                                                     negative_embeddings, index, progress)
+            else:
+                err, n_calls = self._score_on_host(latents, candidates, positive_table, negative_embeddings,
+                                                   index, progress)
+            calls += n_calls
+            return err
+
+        plan = run_planner(RowPlanner(m_count, cfg.votes, cfg.n_timesteps, cfg.k, cfg.exit_policy), evaluate)
+        labels = candidates[np.arange(m_count), plan.winner] if m_count else np.empty(0, np.int64)
+        return ScoreResult(candidates, plan.per_vote_errors(), plan.vote_counts(), labels.astype(np.int64),
+                           rows=int(plan.rows.sum()), engine_calls=calls, rows_per_image=plan.rows.copy(),
+                           stages=plan.stages)

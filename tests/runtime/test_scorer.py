@@ -115,7 +115,7 @@ def naive_errors(cfg, p):
 
 @pytest.mark.parametrize("kind", ["unet", "fused"])
 def test_scorer_matches_naive_loop_and_uses_fixed_batches(problem, kind):
-    cfg = ScoringConfig(k=3, n_timesteps=4, votes=3, lam=1.1, unet_batch=7)
+    cfg = ScoringConfig(k=3, n_timesteps=4, votes=3, lam=1.1, unet_batch=7, early_exit="off")
     log: list[int] = []
     engine = make_unet_engine(log) if kind == "unet" else make_fused_engine(log)
     sc = DiffusionScorer(cfg, engine, LATENT)
@@ -124,7 +124,8 @@ def test_scorer_matches_naive_loop_and_uses_fixed_batches(problem, kind):
     expected = naive_errors(cfg, problem)
     np.testing.assert_allclose(r.errors, expected, rtol=1e-5, atol=1e-6)
     rows = 3 * 3 * 4 * 3
-    assert r.rows == rows and r.engine_calls == math.ceil(rows / 7)
+    assert r.rows == rows and r.engine_calls == math.ceil(rows / 7) and r.stages == 1
+    assert list(r.unet_evals_per_image) == [2 * 3 * 4 * 3] * 3
     per_call = 14 if kind == "unet" else 7  # both conditions in one UNet call
     assert set(log) == {per_call}  # every call has the fixed shape, the tail padded
     for m in range(3):

@@ -156,8 +156,9 @@ def test_clear_error_without_gpu_or_tensorrt(tmp_path):
 def test_backend_fallback_order(tiny_bundle, tmp_path, caplog):
     """auto: native TensorRT when engines for this GPU exist, else ONNX Runtime; tensorrt: no
     silent fallback."""
+    from dbmef.runtime import DBMEFRuntime
+    from dbmef.runtime.backends import open_engine
     from dbmef.runtime.ort_backend import OrtEngine
-    from dbmef.runtime.runtime import DBMEFRuntime, open_engine
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)

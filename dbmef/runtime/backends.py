@@ -1,0 +1,102 @@
+"""The engine backends the runtime can open a bundle's components with, by name.
+
+A backend is one function ``open(bundle_dir, manifest, component, options) -> Engine`` registered
+under a name. ``options`` is whatever the caller passed: the backend's own options object, or a
+plain dict (what a ``RuntimeSpec`` ships to Ray workers), or None for its defaults; each backend
+turns it into its own settings, so no other module builds backend options. Adding a backend::
+
+    from dbmef.runtime.backends import register
+
+    def open_openvino(bundle_dir, manifest, component, options):
+        return MyOpenVinoEngine(bundle_dir / manifest.components[component].file, component, options)
+
+    register("openvino", open_openvino)
+
+then ``DBMEFRuntime(bundle, backend="openvino")`` or ``dbmef classify --backend openvino``.
+Built in: ``onnxruntime`` (CPU, CUDA, TensorRT execution providers), ``tensorrt`` (native engines
+built by ``dbmef build-engines``) and ``auto`` (TensorRT where this bundle has engines for a
+component and they open, else ONNX Runtime, saying why at WARNING level).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dbmef.errors import BundleError, ConfigError
+from dbmef.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+Opener = Callable[[Path, Any, str, Any], Engine]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    open: Opener
+    description: str = ""
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(name: str, opener: Opener, description: str = "") -> None:
+    """Make ``opener`` available as backend ``name`` (replacing any backend of that name)."""
+    if not name or name == "auto":
+        raise ConfigError(f"backend name {name!r} is reserved or empty")
+    _REGISTRY[name] = Backend(name, opener, description)
+
+
+def names() -> tuple[str, ...]:
+    """Registered backends, plus 'auto'."""
+    return (*_REGISTRY, "auto")
+
+
+def open_engine(bundle_dir: Path, manifest: Any, component: str, backend: str, options: Any = None) -> Engine:
+    """One component of a bundle on the named backend."""
+    if backend == "auto":
+        return _open_auto(bundle_dir, manifest, component, options)
+    if backend not in _REGISTRY:
+        raise ConfigError(f"backend {backend!r} is not registered; known backends: {list(names())}")
+    return _REGISTRY[backend].open(Path(bundle_dir), manifest, component, options)
+
+
+def _open_auto(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:
+    if manifest.tensorrt.get("engines", {}).get(component):
+        try:
+            return open_engine(bundle_dir, manifest, component, "tensorrt", None)
+        except Exception as exc:  # any reason TensorRT cannot serve: say it loudly, then fall back
+            log.warning("backend auto: native TensorRT engine for '%s' could not be used (%s); running it on "
+                        "ONNX Runtime instead", component, exc)
+    return open_engine(bundle_dir, manifest, component, "onnxruntime", options)
+
+
+# -- built-in backends -------------------------------------------------------------------------------
+def _open_onnxruntime(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:
+    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
+
+    if options is None or isinstance(options, dict):
+        try:
+            options = OrtOptions(**(options or {}))
+        except TypeError as exc:
+            raise ConfigError(f"onnxruntime backend options {options}: {exc}") from exc
+    return OrtEngine(bundle_dir / manifest.components[component].file, component, options)
+
+
+def _open_tensorrt(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:
+    if not manifest.tensorrt.get("engines", {}).get(component):
+        raise BundleError(
+            f"bundle {bundle_dir} has no TensorRT engine for '{component}'; build them with "
+            f"`dbmef build-engines --bundle {bundle_dir}` on the target GPU, or use --backend onnxruntime"
+        )
+    from dbmef.runtime.trt_backend import TrtEngine
+
+    return TrtEngine.from_bundle(bundle_dir, manifest, component)
+
+
+register("onnxruntime", _open_onnxruntime, "ONNX Runtime: CPU, CUDA or TensorRT execution provider")
+register("tensorrt", _open_tensorrt, "native TensorRT engines built by `dbmef build-engines`")

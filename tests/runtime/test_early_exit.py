@@ -1,0 +1,181 @@
+"""Early exit (issue 13): exact equals the full method decision for decision, adaptive with z = inf
+equals exact, row counts are exact, and stage-wise batching does not depend on the batch."""
+
+import numpy as np
+import pytest
+
+from dbmef.errors import ConfigError
+from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.early_exit import ExitPolicy, replay, van_der_corput_order, vote, vote_means
+from dbmef.runtime.engine import FunctionEngine
+from dbmef.runtime.noise import NoiseBank
+from dbmef.runtime.scorer import DiffusionScorer
+from tests.runtime.test_scorer import LATENT
+
+EXACT = ExitPolicy("exact")
+OFF = ExitPolicy("off")
+
+
+def full_method(errors: np.ndarray) -> np.ndarray:
+    """The paper's decision, written without the planner: every vote, majority, tie-break."""
+    return np.array([vote(vote_means(e))[0] for e in errors])
+
+
+def test_van_der_corput_order_by_hand():
+    assert list(van_der_corput_order(8)) == [0, 4, 2, 6, 1, 5, 3, 7]
+    assert list(van_der_corput_order(5)) == [0, 4, 2, 1, 3]  # 8-point order with 5, 6, 7 left out
+    order = van_der_corput_order(30)
+    assert sorted(order) == list(range(30))
+    assert order[:4].max() - order[:4].min() >= 15  # any prefix spreads over the grid
+
+
+def test_exact_rounds_by_hand():
+    """V = 5, n = 2, k = 3. Image 0: candidate 1 wins votes 0-2 -> settled after the first round
+    (3 votes x 2 timesteps x 3 candidates = 18 rows). Image 1: votes go 0, 1, 0, then 0 -> 3 of
+    5 after 4 votes (24 rows). Image 2: 0, 1, 2, 0, 1 -> all 5 votes, tie 2-2 broken by mean error."""
+    e = np.ones((3, 5, 2, 3), np.float32)
+    for v in range(5):
+        e[0, v, :, 1] = 0.5
+    for v, c in enumerate([0, 1, 0, 0, 1]):
+        e[1, v, :, c] = 0.5
+    for v, c in enumerate([0, 1, 2, 0, 1]):
+        e[2, v, :, c] = 0.5
+    e[2, 1, :, 1] = 0.1  # candidate 1's winning votes have the lower errors -> wins the 2-2 tie
+    p = replay(e, EXACT)
+    assert list(p.winner) == [1, 0, 1]
+    assert list(p.rows) == [18, 24, 30]
+    assert list(p.winner) == list(full_method(e))
+    assert list(p.vote_counts()[1]) == [3, 1, 0]
+    assert np.isnan(p.per_vote_errors()[0, 3:]).all()  # votes 3 and 4 of image 0 never ran
+    off = replay(e, OFF)
+    assert list(off.rows) == [30, 30, 30] and off.stages == 1
+
+
+@pytest.mark.parametrize("votes", [1, 2, 3, 4, 5, 7])
+def test_exact_equals_off_on_random_errors_with_ties(votes):
+    """Property test: errors drawn from a handful of values, so ties inside votes, vote-count ties
+    and mean-error ties are all frequent."""
+    rng = np.random.default_rng(votes)
+    for trial in range(40):
+        k = int(rng.integers(2, 6))
+        n = int(rng.integers(1, 5))
+        levels = rng.integers(2, 5)
+        e = (rng.integers(0, levels, size=(25, votes, n, k)) / levels).astype(np.float32)
+        if trial % 2:
+            e += rng.standard_normal(e.shape).astype(np.float32) * 1e-3
+        p = replay(e, EXACT)
+        assert list(p.winner) == list(full_method(e)), trial
+        assert (p.rows <= votes * n * k).all()
+        assert (p.rows % (n * k) == 0).all()  # whole votes only
+
+
+def test_adaptive_with_infinite_z_equals_exact():
+    rng = np.random.default_rng(7)
+    e = rng.gamma(2.0, 0.1, size=(60, 5, 6, 4)).astype(np.float32)
+    exact = replay(e, EXACT)
+    inf = replay(e, ExitPolicy("adaptive", z=float("inf"), interval=2, min_rows=4))
+    assert list(inf.winner) == list(exact.winner)
+    np.testing.assert_array_equal(inf.rows, exact.rows)  # the same votes, visited in another order
+
+
+def test_adaptive_drops_a_clear_loser_and_keeps_a_close_call():
+    """k = 3, one vote of n = 8, checkpoints every 2 timesteps, min 2 rows, z = 2. The first stage
+    visits grid positions 0 and 4 (van der Corput). Candidate 2's paired excess over the leader is
+    +1 on every row (mean 1, sd 0): dropped at the first checkpoint. Candidate 1 is 0.01 above
+    candidate 0 at positions 0-3 and 0.01 below at 4-7, so every checkpoint pairs a + with a -:
+    mean excess 0, never separated."""
+    e = np.zeros((1, 1, 8, 3), np.float32)
+    e[0, 0, :, 0] = 1.0
+    e[0, 0, :, 1] = 1.0 + 0.01 * np.array([1, 1, 1, 1, -1, -1, -1, -1])
+    e[0, 0, :, 2] = 2.0
+    p = replay(e, ExitPolicy("adaptive", z=2.0, interval=2, min_rows=2))
+    assert not p.alive[0, 2] and p.alive[0, :2].all()
+    # the two survivors ran every timestep, candidate 2 only the first checkpoint's two
+    assert p.rows[0] == 3 * 2 + 2 * 6
+    assert p.winner[0] in (0, 1) and p.winner[0] == full_method(e)[0]
+
+
+def test_adaptive_decides_with_one_survivor_before_any_vote_completes():
+    e = np.zeros((1, 5, 30, 4), np.float32)
+    e[..., 0] = 1.0
+    e[..., 1:] = 3.0 + np.random.default_rng(0).standard_normal((1, 5, 30, 3)).astype(np.float32) * 0.1
+    p = replay(e, ExitPolicy("adaptive", z=3.0, interval=3, min_rows=6))
+    assert p.winner[0] == 0
+    assert p.rows[0] == 3 * 3 * 4  # one checkpoint: 3 votes x 3 timesteps x 4 candidates
+    assert p.stages == 1
+
+
+def test_policy_and_config_validation():
+    with pytest.raises(ConfigError, match="early_exit"):
+        ScoringConfig(early_exit="sometimes")
+    with pytest.raises(ConfigError, match="exit_z"):
+        ScoringConfig(exit_z=0.0)
+    assert ScoringConfig(exit_z=float("inf")).exit_policy.z == float("inf")
+    assert ScoringConfig().early_exit == "exact"
+
+
+def problem(M=6, C=9, k=4, L=5, D=6, seed=0, scale=0.3):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((M, *LATENT)).astype(np.float32),
+            np.stack([rng.permutation(C)[:k] for _ in range(M)]),
+            scale * rng.standard_normal((C, L, D)).astype(np.float32),
+            scale * rng.standard_normal((M, k, L, D)).astype(np.float32))
+
+
+def close_call_engine(log):
+    """A fused scorer whose per-row error is ``mean((eps - g)^2)``, g a per-condition offset: a
+    candidate wins a vote when its g is nearest that vote's noise mean, so votes disagree and
+    early exit needs several stages."""
+
+    def fn(x0, eps, timestep, emb_pos, emb_neg, lam):
+        log.append(len(x0))
+        g = (emb_pos.mean(axis=(1, 2)) - emb_neg.mean(axis=(1, 2)))[:, None, None, None]
+        return {"error": np.mean((eps - g) ** 2, axis=(1, 2, 3)).astype(np.float32)}
+
+    return FunctionEngine("scorer", ("x0", "eps", "timestep", "emb_pos", "emb_neg", "lam"), ("error",), fn)
+
+
+@pytest.mark.parametrize("mode", ["exact", "adaptive"])
+def test_stagewise_scorer_equals_replay_of_the_full_errors(mode):
+    """The scorer's stages, on real engine calls, make the decisions and row counts that replaying
+    the planner over the full per-row errors (computed here directly) predicts; rows counted
+    exclude padding."""
+    lat, cands, pos, neg = problem()
+    cfg = ScoringConfig(k=4, n_timesteps=6, votes=5, unet_batch=7, early_exit=mode, exit_z=1.0, exit_interval=2,
+                        exit_min_rows=4)
+    eps = NoiseBank(5, 6, LATENT, cfg.seed).eps  # (V, n, 4, h, w)
+    g = pos[cands].mean(axis=(2, 3)) - neg.mean(axis=(2, 3))  # (M, k)
+    full = ((eps[None, :, :, None] - g[:, None, None, :, None, None, None]) ** 2).mean(axis=(4, 5, 6))
+    want = replay(full.astype(np.float32), cfg.exit_policy)
+    calls: list[int] = []
+    r = DiffusionScorer(cfg, close_call_engine(calls), LATENT).score(lat, cands, pos, neg)
+    assert list(r.labels) == list(cands[np.arange(len(cands)), want.winner])
+    np.testing.assert_array_equal(r.rows_per_image, want.rows)
+    assert r.rows == want.rows.sum() < 6 * 5 * 6 * 4
+    assert set(calls) == {7} and r.engine_calls == len(calls) == sum(-(-n // 7) for n in want.stage_rows)
+    assert r.stages == want.stages > 1
+
+
+@pytest.mark.parametrize("mode", ["off", "exact", "adaptive"])
+def test_stagewise_batching_does_not_depend_on_the_batch(mode):
+    lat, cands, pos, neg = problem(seed=3)
+    cfg = ScoringConfig(k=4, n_timesteps=6, votes=5, unet_batch=5, early_exit=mode, exit_z=1.0, exit_interval=2,
+                        exit_min_rows=4)
+    sc = DiffusionScorer(cfg, close_call_engine([]), LATENT)
+    together = sc.score(lat, cands, pos, neg)
+    for m in range(len(lat)):
+        alone = sc.score(lat[m : m + 1], cands[m : m + 1], pos, neg[m : m + 1])
+        assert alone.labels[0] == together.labels[m]
+        assert alone.rows_per_image[0] == together.rows_per_image[m]
+        np.testing.assert_array_equal(alone.errors[0], together.errors[m])
+
+
+def test_exact_equals_off_on_the_scorer():
+    lat, cands, pos, neg = problem(M=12, seed=5)
+    cfg = ScoringConfig(k=4, n_timesteps=4, votes=5, unet_batch=8)
+    off = DiffusionScorer(cfg.replace(early_exit="off"), close_call_engine([]), LATENT).score(lat, cands, pos, neg)
+    ex = DiffusionScorer(cfg, close_call_engine([]), LATENT).score(lat, cands, pos, neg)
+    assert list(ex.labels) == list(off.labels)
+    assert ex.rows < off.rows
+    done = ~np.isnan(ex.errors).any(axis=2)
+    np.testing.assert_array_equal(ex.errors[done], off.errors[done])
