@@ -79,7 +79,6 @@ def run_bench(spec: RuntimeSpec, source: str | Path | None = None, n_images: int
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the runtime ``spec`` describes (its backend, options and scoring overrides). Returns
     a JSON-ready report (see ``benchmarks/RESULTS.md``)."""
-    from dbmef.runtime.protector import Protector
 
     def say(msg: str) -> None:
         log.info(msg)
@@ -112,28 +111,10 @@ def run_bench(spec: RuntimeSpec, source: str | Path | None = None, n_images: int
         report.update(equal_decisions(spec, rt, images, repeats, say))
     slow = {"dbmef": stages["wall_s"]["p50"]}
     if source is not None and baselines:
-        from dbmef.reference.baselines import PaperScriptsBaseline
-        from dbmef.reference.engines import reference_pipeline
-
-        work = cfg.replace(early_exit="off")  # the torch baselines do the full method: compare at equal work
-        report["baselines"] = {}
-        if "torch_batched" in baselines:
-            say("baseline torch_batched")
-            tb = reference_pipeline(source, work, Protector(math.inf, 0.0, None))
-            walls = timed_runs(lambda: tb.classify(images), repeats, warmup=1)
-            slow["torch_batched"] = statistics.median(walls)
-            report["baselines"]["torch_batched"] = {"wall_s": {"p50": slow["torch_batched"], "all": walls},
-                                                    "stages_s": dict(tb.last_timings)}
-        if "paper_scripts" in baselines:
-            say("baseline paper_scripts (torch)")
-            ps = PaperScriptsBaseline(source, work)
-            walls = timed_runs(lambda: ps.classify(images), repeats, warmup=1)
-            slow["paper_scripts"] = statistics.median(walls)
-            report["baselines"]["paper_scripts"] = {"wall_s": {"p50": slow["paper_scripts"], "all": walls},
-                                                    "stages_s": dict(ps.timings)}
-        for name in ("paper_scripts", "torch_batched"):
-            if name in slow:
-                report[f"speedup_vs_{name}"] = slow[name] / slow["dbmef"]
+        report["baselines"] = torch_baselines(source, cfg, images, repeats, baselines, say)
+        for name, b in report["baselines"].items():
+            slow[name] = b["wall_s"]["p50"]
+            report[f"speedup_vs_{name}"] = slow[name] / slow["dbmef"]
     say("machine matmul rate")
     rates = machine_matmul_rate()
     flops = rt.manifest.sources.get("sd", {}).get("unet_flops_per_evaluation")
@@ -156,6 +137,30 @@ def run_bench(spec: RuntimeSpec, source: str | Path | None = None, n_images: int
         report["scorer_profile"] = profile_scorer(rt, int(spec.options.get("intra_op_threads", 0)))
     rt.close()
     return report
+
+
+def torch_baselines(source: str | Path, cfg: ScoringConfig, images: list[np.ndarray], repeats: int,
+                    baselines: tuple[str, ...], say: Callable[[str], None]) -> dict[str, Any]:
+    """The torch-eager baselines on the bundle's source system, at equal work (early exit off)."""
+    from dbmef.reference.baselines import PaperScriptsBaseline
+    from dbmef.reference.engines import reference_pipeline
+    from dbmef.runtime.protector import Protector
+
+    work = cfg.replace(early_exit="off")  # the torch baselines do the full method: compare at equal work
+    out: dict[str, Any] = {}
+    if "torch_batched" in baselines:
+        say("baseline torch_batched")
+        tb = reference_pipeline(source, work, Protector(math.inf, 0.0, None))
+        walls = timed_runs(lambda: tb.classify(images), repeats, warmup=1)
+        out["torch_batched"] = {"wall_s": {"p50": statistics.median(walls), "all": walls},
+                                "stages_s": dict(tb.last_timings)}
+    if "paper_scripts" in baselines:
+        say("baseline paper_scripts (torch)")
+        ps = PaperScriptsBaseline(source, work)
+        walls = timed_runs(lambda: ps.classify(images), repeats, warmup=1)
+        out["paper_scripts"] = {"wall_s": {"p50": statistics.median(walls), "all": walls},
+                                "stages_s": dict(ps.timings)}
+    return out
 
 
 def equal_decisions(spec: RuntimeSpec, rt: Any, images: list[np.ndarray], repeats: int,

@@ -291,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_calibrate)
 
+    _add_eval(sub)
+    _add_serve(sub)
+    _add_tools(sub)
+    return p
+
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="accuracy of backbone vs DBMEF on a labelled set, resumable")
     add_runtime_args(e)
     e.add_argument("--data", required=True, help="ImageFolder root or a 'path label' file list")
@@ -307,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per rethink actor (1: one per GPU, 0.5: two per GPU)")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_serve(sub: Any) -> None:
     sv = sub.add_parser("serve", help="HTTP service on Ray Serve: POST an image to /classify, GET /healthz")
     add_runtime_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
@@ -320,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_tools(sub: Any) -> None:
+    """info, bench, build-engines, demo."""
     i = sub.add_parser("info", help="show what a bundle holds")
     i.add_argument("--bundle", required=True)
     i.add_argument("--json", action="store_true")
@@ -354,7 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None, help="only the first N test digits")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

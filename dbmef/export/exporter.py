@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.errors import ExportError, ValidationError
+from dbmef.errors import ExportError
 from dbmef.runtime.bundle import BundleManifest, ComponentRecord, TensorInfo, sha256_file
 from dbmef.runtime.config import ScoringConfig
 
@@ -101,38 +101,34 @@ def _records(
     )
 
 
+@dataclass
+class LoadedSystem:
+    """Everything export needs from the sources, loaded once: the torch modules, the class names and
+    the sizes and component specs they imply."""
+
+    backbone: Any
+    sd: Any
+    sd_dir: Path
+    sd_source: dict[str, Any]
+    class_names: list[str]
+    wnids: list[str] | None
+    data_cfg: dict[str, Any]
+    image_size: int
+    latent_shape: tuple[int, int, int]
+    specs: dict[str, Any]
+    sources: dict[str, Any]
+
+
 def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
     """Export a DBMEF system to a validated ONNX bundle and return its folder.
 
-    Steps: resolve sources (offline) -> torch modules -> ONNX per component (dynamic batch,
-    constant folding, shape inference, checker) -> ONNX Runtime vs torch per component ->
-    decision check of the scorer -> tokenizer, class names, positive embeddings -> manifest.
+    Steps: resolve and load the sources (offline) -> ONNX per component (dynamic batch, constant
+    folding, shape inference, checker) with ONNX Runtime vs torch validation -> tokenizer and
+    positive embeddings -> manifest -> decision check of the scorer -> write the manifest.
     A failed validation raises ValidationError and leaves no manifest behind.
     """
+    from dbmef.export.checks import check_scheduler, decision_check
     from dbmef.export.sources import offline_env
-
-    offline_env()
-    t_start = time.perf_counter()
-    import torch
-
-    from dbmef.export.onnx_tools import export_onnx, validate_component
-    from dbmef.export.sources import imagenet_class_names, resolve_sd_source
-    from dbmef.export.specs import CastIO, make_specs
-    from dbmef.reference.loading import (
-        backbone_data_config,
-        load_backbone,
-        load_sd,
-        read_class_names,
-        save_tokenizer_json,
-    )
-    from dbmef.reference.loading import latent_shape as latent_shape_of
-    from dbmef.reference.modules import (
-        BackboneModule,
-        FusedScorerModule,
-        TextEncoderModule,
-        UNetModule,
-        VaeEncoderModule,
-    )
     from dbmef.runtime.schedule import NoiseSchedule
 
     def step(msg: str) -> None:
@@ -140,8 +136,47 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         if progress is not None:
             progress(msg)
 
-    # -- 1. sources, all offline --------------------------------------------------------------
+    offline_env()
+    t_start = time.perf_counter()
     step("resolving sources")
+    system = load_system(cfg)
+    out = Path(cfg.out) if cfg.out else cfg.default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "manifest.json").exists():
+        (out / "manifest.json").unlink()  # a half-rewritten bundle must not look valid
+    schedule = NoiseSchedule()  # SD's; check_scheduler refuses a source trained with another
+    records, timings = export_components(cfg, system, schedule.alphas_cumprod(), out, step)
+    step("tokenizer and positive embeddings")
+    pad_id, pos = write_text_side(cfg, system, out)
+    manifest = make_manifest(cfg, system, records, schedule, pad_id, pos, out)
+    check_scheduler(system.sd.scheduler_config)
+    if cfg.validate and cfg.decision_cases > 0:
+        step("decision check")
+        t0 = time.perf_counter()
+        decision = decision_check(out, manifest, system.sd, schedule.alphas_cumprod(), cfg)
+        manifest.components[manifest.scorer_component].validation["decision_check"] = decision
+        timings["decision_check"] = time.perf_counter() - t0
+    manifest.sources["export_seconds"] = round(time.perf_counter() - t_start, 2)
+    manifest.sources["export_timings"] = {k: round(v, 3) for k, v in timings.items()}
+    (out / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    manifest.save(out)
+    if system.sd_source["kind"] in ("tiny", "sd15-random-init"):
+        import shutil
+
+        # the generated source lives in a temp folder; it is rebuilt from its seed on demand
+        shutil.rmtree(system.sd_dir.parent if system.sd_source["kind"] == "tiny" else system.sd_dir,
+                      ignore_errors=True)
+    step(f"bundle written to {out}")
+    return out
+
+
+def load_system(cfg: ExportConfig) -> LoadedSystem:
+    """Resolve the sources (offline), load the torch modules once, and derive names, sizes and specs."""
+    from dbmef.export.sources import resolve_sd_source
+    from dbmef.export.specs import make_specs
+    from dbmef.reference.loading import backbone_data_config, load_backbone, load_sd
+    from dbmef.reference.loading import latent_shape as latent_shape_of
+
     if cfg.backbone == "tiny" and cfg.sd != "tiny":
         raise ExportError("--backbone tiny is the tiny system's classifier: use it with --sd tiny")
     # The backbone first: a missing cached classifier fails before any SD work.
@@ -153,13 +188,33 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         backbone_dir = sd_dir.parent / "backbone"
         backbone = load_backbone(backbone_dir)
     sd = load_sd(sd_dir)
-    out = Path(cfg.out) if cfg.out else cfg.default_out()
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").exists():
-        (out / "manifest.json").unlink()  # a half-rewritten bundle must not look valid
+    class_names, wnids = _class_names(cfg, int(backbone.num_classes), backbone_dir)
+    data_cfg = backbone_data_config(backbone)
+    vae_cfg = sd.vae.config
+    image_size = cfg.image_size if sd_source["kind"] != "tiny" else int(sd_source["image_size"])
+    latent_shape = latent_shape_of(vae_cfg, image_size)
+    down = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    if image_size % down:
+        raise ExportError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {down}")
+    specs = make_specs(image_size=image_size, backbone_size=tuple(data_cfg["input_size"][1:]),
+                       text_width=int(sd.text_encoder.config.hidden_size), latent_shape=latent_shape,
+                       unet_batch=cfg.scoring.unet_batch, seed=cfg.seed)
+    sources = {
+        "backbone": {"id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init,
+                     "num_classes": int(backbone.num_classes),
+                     "weights_sha256": sha256_file(cfg.weights) if cfg.weights else None},
+        "sd": {**sd_source, "unet_config_sha256": _config_hash(sd_dir / "unet" / "config.json"),
+               "unet_config": {k: v for k, v in dict(sd.unet.config).items() if not k.startswith("_")},
+               "unet_flops_per_evaluation": _unet_flops(sd.unet.config, latent_shape)},
+    }
+    return LoadedSystem(backbone, sd, sd_dir, sd_source, class_names, wnids, data_cfg, image_size, latent_shape,
+                        specs, sources)
 
-    # -- class names ------------------------------------------------------------------------
-    num_classes = int(backbone.num_classes)
+
+def _class_names(cfg: ExportConfig, num_classes: int, backbone_dir: Path | None) -> tuple[list[str], list[str] | None]:
+    from dbmef.export.sources import imagenet_class_names
+    from dbmef.reference.loading import read_class_names
+
     wnids: list[str] | None = None
     if cfg.class_names:
         class_names = read_class_names(cfg.class_names)
@@ -175,106 +230,109 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
     if len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names for a backbone with {num_classes} classes "
                           f"(--class-names {cfg.class_names})")
+    return list(class_names), wnids
 
-    # -- sizes and specs --------------------------------------------------------------------
-    data_cfg = backbone_data_config(backbone)
-    vae_cfg = sd.vae.config
-    image_size = cfg.image_size if sd_source["kind"] != "tiny" else int(sd_source["image_size"])
-    latent_shape = latent_shape_of(vae_cfg, image_size)
-    down = 2 ** (len(vae_cfg.block_out_channels) - 1)
-    if image_size % down:
-        raise ExportError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {down}")
-    text_width = int(sd.text_encoder.config.hidden_size)
-    specs = make_specs(image_size=image_size, backbone_size=tuple(data_cfg["input_size"][1:]),
-                       text_width=text_width, latent_shape=latent_shape,
-                       unet_batch=cfg.scoring.unet_batch, seed=cfg.seed)
+
+def reference_module(name: str, system: LoadedSystem, abar: np.ndarray) -> Any:
+    """The float32 torch module a component is exported from and validated against."""
+    from dbmef.reference.modules import (
+        BackboneModule,
+        FusedScorerModule,
+        TextEncoderModule,
+        UNetModule,
+        VaeEncoderModule,
+    )
+
+    sd = system.sd
+    makers = {"backbone": lambda: BackboneModule(system.backbone),
+              "text_encoder": lambda: TextEncoderModule(sd.text_encoder),
+              "vae_encoder": lambda: VaeEncoderModule(sd.vae),
+              "scorer": lambda: FusedScorerModule(sd.unet, abar), "unet": lambda: UNetModule(sd.unet)}
+    return makers[name]()
+
+
+def exported_module(name: str, cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray, reference: Any) -> Any:
+    """The module traced for component ``name`` in the bundle's precision (fp16 keeps float32 I/O)."""
+    import copy
+
+    import torch
+
+    from dbmef.export.specs import CastIO
+    from dbmef.reference.modules import FusedScorerModule
+
     dtype = torch.float16 if cfg.precision == "fp16" else torch.float32
-    schedule = NoiseSchedule()  # SD's; _check_scheduler refuses a source trained with another
-    abar = schedule.alphas_cumprod()
+    if name == "scorer":
+        unet = system.sd.unet if dtype == torch.float32 else copy.deepcopy(system.sd.unet).to(dtype)
+        return FusedScorerModule(unet, abar)  # noising and the error stay float32 inside
+    if dtype == torch.float32 or _precision_of(name, cfg) == "fp32":
+        return reference
+    return CastIO(copy.deepcopy(reference), dtype)
 
-    # fp32 references stay in float32; the exported modules run in the bundle's precision.
-    ref_modules = {
-        "backbone": BackboneModule(backbone),
-        "text_encoder": TextEncoderModule(sd.text_encoder),
-        "vae_encoder": VaeEncoderModule(sd.vae),
-    }
 
-    def precision_of(name: str) -> str:
-        return "fp32" if name in FP16_KEEP_FP32 else cfg.precision
+def _precision_of(name: str, cfg: ExportConfig) -> str:
+    return "fp32" if name in FP16_KEEP_FP32 else cfg.precision
 
-    def exported(name: str) -> torch.nn.Module:
-        if name == "scorer":
-            import copy
 
-            unet = sd.unet if dtype == torch.float32 else copy.deepcopy(sd.unet).to(dtype)
-            return FusedScorerModule(unet, abar)  # noising and the error stay float32 inside
-        if name == "unet":
-            m: torch.nn.Module = UNetModule(sd.unet)
-        else:
-            m = ref_modules[name]
-        if dtype == torch.float32 or precision_of(name) == "fp32":
-            return m
-        import copy
-
-        return CastIO(copy.deepcopy(m), dtype)
+def export_components(cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray, out: Path,
+                      step: Any) -> tuple[dict[str, ComponentRecord], dict[str, float]]:
+    """Export and validate every component; returns their manifest records and the seconds taken."""
+    from dbmef.export.onnx_tools import export_onnx, validate_component
 
     names = ["backbone", "text_encoder", "vae_encoder"]
     names += {"fused": ["scorer"], "unet": ["unet"], "both": ["scorer", "unet"]}[cfg.scorer]
-    sources = {
-        "backbone": {"id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init,
-                     "num_classes": num_classes,
-                     "weights_sha256": sha256_file(cfg.weights) if cfg.weights else None},
-        "sd": {**sd_source, "unet_config_sha256": _config_hash(sd_dir / "unet" / "config.json"),
-               "unet_config": {k: v for k, v in dict(sd.unet.config).items() if not k.startswith("_")},
-               "unet_flops_per_evaluation": _unet_flops(sd.unet.config, latent_shape)},
-    }
     records: dict[str, ComponentRecord] = {}
     timings: dict[str, float] = {}
     for name in names:
-        spec = specs[name]
+        spec, precision = system.specs[name], _precision_of(name, cfg)
         step(f"exporting {name}")
         t0 = time.perf_counter()
-        module = exported(name)
-        path = export_onnx(module, spec, out / f"{name}.onnx", opset=cfg.opset,
-                           small=precision_of(name) == "fp16", sample_batch=1 if precision_of(name) == "fp16" else 2)
+        # fp32 references stay in float32; the exported modules run in the bundle's precision.
+        ref = reference_module(name, system, abar)
+        path = export_onnx(exported_module(name, cfg, system, abar, ref), spec, out / f"{name}.onnx",
+                           opset=cfg.opset, small=precision == "fp16", sample_batch=1 if precision == "fp16" else 2)
         timings[f"export_{name}"] = time.perf_counter() - t0
         validation: dict[str, Any] = {"status": "skipped"}
         if cfg.validate:
             step(f"validating {name}")
             t0 = time.perf_counter()
             # fp16 graphs are compared against the fp32 torch model: what the user would otherwise run.
-            ref = ref_modules.get(name) or (
-                FusedScorerModule(sd.unet, abar) if name == "scorer" else UNetModule(sd.unet))
-            validation = validate_component(ref, path, spec, precision_of(name))
+            validation = validate_component(ref, path, spec, precision)
             timings[f"validate_{name}"] = time.perf_counter() - t0
-        records[name] = _records(spec, path, precision_of(name), validation,
-                                 sources["backbone"] if name == "backbone" else sources["sd"])
-        del module
+        records[name] = _records(spec, path, precision, validation,
+                                 system.sources["backbone" if name == "backbone" else "sd"])
+    return records, timings
 
-    # -- tokenizer, positive embeddings -----------------------------------------------------
-    step("tokenizer and positive embeddings")
-    pad_id = save_tokenizer_json(sd.tokenizer, out / "tokenizer.json")
+
+def write_text_side(cfg: ExportConfig, system: LoadedSystem, out: Path) -> tuple[int | None, np.ndarray]:
+    """tokenizer.json and the positive embedding of every class (C, 77, D), computed once here."""
+    import torch
+
+    from dbmef.reference.loading import save_tokenizer_json
     from dbmef.runtime.prompts import positive_prompt
     from dbmef.runtime.tokenizer import ClipTokenizer
 
+    pad_id = save_tokenizer_json(system.sd.tokenizer, out / "tokenizer.json")
     tok = ClipTokenizer(out / "tokenizer.json", pad_id=pad_id)
-    prompts = [positive_prompt(n, cfg.scoring.templates) for n in class_names]
-    te = ref_modules["text_encoder"]
+    prompts = [positive_prompt(n, cfg.scoring.templates) for n in system.class_names]
+    te = reference_module("text_encoder", system, np.empty(0))
     with torch.no_grad():
         pos = np.concatenate([
             te(torch.from_numpy(tok(prompts[s : s + 64]))).float().numpy() for s in range(0, len(prompts), 64)
         ]).astype(np.float32)  # (C, 77, D)
     np.save(out / "positive_embeddings.npy", pos)
+    return pad_id, pos
 
-    scorer_component = "scorer" if "scorer" in records else "unet"
-    manifest = BundleManifest(
+
+def make_manifest(cfg: ExportConfig, system: LoadedSystem, records: dict[str, ComponentRecord], schedule: Any,
+                  pad_id: int | None, pos: np.ndarray, out: Path) -> BundleManifest:
+    return BundleManifest(
         components=records,
-        scorer_component=scorer_component,
-        class_names=list(class_names),
-        backbone_preprocess=data_cfg,
-        vae={"image_size": image_size, "latent_shape": list(latent_shape),
-             "scaling_factor": float(vae_cfg.scaling_factor)},
-        scheduler={**schedule.to_dict(), "source_config": sd.scheduler_config},
+        scorer_component="scorer" if "scorer" in records else "unet",
+        class_names=list(system.class_names),
+        backbone_preprocess=system.data_cfg,
+        vae={"image_size": system.image_size, "latent_shape": list(system.latent_shape),
+             "scaling_factor": float(system.sd.vae.config.scaling_factor)},
+        scheduler={**schedule.to_dict(), "source_config": system.sd.scheduler_config},
         scoring=cfg.scoring,
         tokenizer={"file": "tokenizer.json", "sha256": sha256_file(out / "tokenizer.json"), "max_length": 77,
                    "pad_id": pad_id, "library": "tokenizers"},
@@ -283,30 +341,10 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
                              "template": cfg.scoring.templates.positive},
         protector=None,
         precision=cfg.precision,
-        sources={**sources, "class_wnids": wnids},
+        sources={**system.sources, "class_wnids": system.wnids},
         tools=tool_versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    _check_scheduler(sd.scheduler_config)
-
-    # -- the decision check: the exported scorer picks what torch picks ------------------------
-    if cfg.validate and cfg.decision_cases > 0:
-        step("decision check")
-        t0 = time.perf_counter()
-        decision = decision_check(out, manifest, sd, abar, cfg)
-        manifest.components[scorer_component].validation["decision_check"] = decision
-        timings["decision_check"] = time.perf_counter() - t0
-    manifest.sources["export_seconds"] = round(time.perf_counter() - t_start, 2)
-    manifest.sources["export_timings"] = {k: round(v, 3) for k, v in timings.items()}
-    (out / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    manifest.save(out)
-    if sd_source["kind"] in ("tiny", "sd15-random-init"):
-        import shutil
-
-        # the generated source lives in a temp folder; it is rebuilt from its seed on demand
-        shutil.rmtree(sd_dir.parent if sd_source["kind"] == "tiny" else sd_dir, ignore_errors=True)
-    step(f"bundle written to {out}")
-    return out
 
 
 def _unet_flops(unet_config: Any, latent_shape: tuple[int, int, int]) -> float | None:
@@ -322,64 +360,3 @@ def _unet_flops(unet_config: Any, latent_shape: tuple[int, int, int]) -> float |
 
 def _config_hash(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
-
-
-def _check_scheduler(sched: dict[str, Any]) -> None:
-    """DBMEF assumes SD's scaled_linear schedule; refuse a source trained with another."""
-    if not sched:
-        return
-    expected = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                "num_train_timesteps": 1000}
-    bad = {k: sched.get(k) for k, v in expected.items() if k in sched and sched[k] != v}
-    if bad:
-        raise ExportError(f"the SD source's scheduler_config.json has {bad}; DBMEF's scorer assumes {expected}")
-
-
-def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarray, cfg: ExportConfig) -> dict[str, Any]:
-    """On random cases (latent, k candidates, conditions), the exported scorer through ONNX
-    Runtime must pick the same candidate as the torch reference scorer."""
-    from dbmef.reference.engines import TorchEngine
-    from dbmef.reference.modules import FusedScorerModule, UNetModule
-    from dbmef.runtime.engine import SCORER, UNET
-    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
-    from dbmef.runtime.scorer import DiffusionScorer
-
-    comp = manifest.scorer_component
-    k = min(cfg.scoring.k, len(manifest.class_names))
-    latent_shape = tuple(manifest.vae["latent_shape"])
-    # Each row costs two UNet evaluations on both sides. A real-size UNet (about 0.8 TFLOP per
-    # evaluation at 64x64) gets a few cases on a coarse grid so the check takes minutes on a CPU;
-    # the tiny system gets many.
-    big = latent_shape[1] >= 32
-    small = cfg.scoring.replace(k=k, n_timesteps=min(cfg.scoring.n_timesteps, 2 if big else 4),
-                                votes=min(cfg.scoring.votes, 1 if big else 2),
-                                # a CPU materialises attention: 64x64 latents take 0.5 GB per UNet sample
-                                unet_batch=1 if big else min(cfg.scoring.unet_batch, 8))
-    rng = np.random.default_rng(cfg.seed + 1)
-    m = min(cfg.decision_cases, 2) if big else cfg.decision_cases
-    latents = rng.standard_normal((m, *latent_shape)).astype(np.float32)
-    cands = np.stack([rng.permutation(len(manifest.class_names))[:k] for _ in range(m)])
-    pos_table = np.load(out / manifest.positive_embeddings["file"])
-    neg = pos_table[rng.integers(0, len(pos_table), (m, k))]  # real text-encoder outputs as negatives
-    ort_engine = OrtEngine(out / manifest.components[comp].file, comp, OrtOptions(device="cpu"))
-    torch_engine = (TorchEngine(SCORER, FusedScorerModule(sd.unet, abar)) if comp == "scorer"
-                    else TorchEngine(UNET, UNetModule(sd.unet)))
-    a = DiffusionScorer(small, ort_engine, latent_shape).score(latents, cands, pos_table, neg)
-    b = DiffusionScorer(small, torch_engine, latent_shape).score(latents, cands, pos_table, neg)
-    agree = int((a.labels == b.labels).sum())
-    rel = float(np.max(np.abs(a.errors - b.errors) / np.maximum(np.abs(b.errors), 1e-12)))
-    # A random case can be a near tie; a disagreement only counts when the reference's margin
-    # between its winner and runner-up exceeds the measured error difference.
-    margins = np.sort(b.errors.mean(axis=1), axis=1)
-    margin = margins[:, 1] - margins[:, 0]
-    max_abs = float(np.max(np.abs(a.errors - b.errors)))
-    real = [i for i in range(m) if a.labels[i] != b.labels[i] and margin[i] > 2 * max_abs]
-    report = {"cases": m, "agree": agree, "max_rel_error_diff": rel, "max_abs_error_diff": max_abs,
-              "near_ties": int(m - agree - len(real)), "config": small.to_dict()}
-    if real:
-        raise ValidationError(
-            f"decision check failed: the exported {comp} picks a different candidate than torch in {len(real)} "
-            f"of {m} random cases with clear margins (max error diff {max_abs:.3g}); the export is refused"
-        )
-    ort_engine.close()
-    return report

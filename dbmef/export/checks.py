@@ -1,0 +1,76 @@
+"""Export-time checks beyond per-component tolerances: the source's noise schedule is SD's, and
+the exported scorer makes the torch reference's decisions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dbmef.errors import ExportError, ValidationError
+from dbmef.runtime.bundle import BundleManifest
+
+if TYPE_CHECKING:
+    from dbmef.export.exporter import ExportConfig
+
+
+def check_scheduler(sched: dict[str, Any]) -> None:
+    """DBMEF assumes SD's scaled_linear schedule; refuse a source trained with another."""
+    if not sched:
+        return
+    expected = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "num_train_timesteps": 1000}
+    bad = {k: sched.get(k) for k, v in expected.items() if k in sched and sched[k] != v}
+    if bad:
+        raise ExportError(f"the SD source's scheduler_config.json has {bad}; DBMEF's scorer assumes {expected}")
+
+
+def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarray, cfg: ExportConfig) -> dict[str, Any]:
+    """On random cases (latent, k candidates, conditions), the exported scorer through ONNX
+    Runtime must pick the same candidate as the torch reference scorer."""
+    from dbmef.reference.engines import TorchEngine
+    from dbmef.reference.modules import FusedScorerModule, UNetModule
+    from dbmef.runtime.engine import SCORER, UNET
+    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
+    from dbmef.runtime.scorer import DiffusionScorer
+
+    comp = manifest.scorer_component
+    k = min(cfg.scoring.k, len(manifest.class_names))
+    latent_shape = tuple(manifest.vae["latent_shape"])
+    # Each row costs two UNet evaluations on both sides. A real-size UNet (about 0.8 TFLOP per
+    # evaluation at 64x64) gets a few cases on a coarse grid so the check takes minutes on a CPU;
+    # the tiny system gets many.
+    big = latent_shape[1] >= 32
+    small = cfg.scoring.replace(k=k, n_timesteps=min(cfg.scoring.n_timesteps, 2 if big else 4),
+                                votes=min(cfg.scoring.votes, 1 if big else 2),
+                                # a CPU materialises attention: 64x64 latents take 0.5 GB per UNet sample
+                                unet_batch=1 if big else min(cfg.scoring.unet_batch, 8))
+    rng = np.random.default_rng(cfg.seed + 1)
+    m = min(cfg.decision_cases, 2) if big else cfg.decision_cases
+    latents = rng.standard_normal((m, *latent_shape)).astype(np.float32)
+    cands = np.stack([rng.permutation(len(manifest.class_names))[:k] for _ in range(m)])
+    pos_table = np.load(out / manifest.positive_embeddings["file"])
+    neg = pos_table[rng.integers(0, len(pos_table), (m, k))]  # real text-encoder outputs as negatives
+    ort_engine = OrtEngine(out / manifest.components[comp].file, comp, OrtOptions(device="cpu"))
+    torch_engine = (TorchEngine(SCORER, FusedScorerModule(sd.unet, abar)) if comp == "scorer"
+                    else TorchEngine(UNET, UNetModule(sd.unet)))
+    a = DiffusionScorer(small, ort_engine, latent_shape).score(latents, cands, pos_table, neg)
+    b = DiffusionScorer(small, torch_engine, latent_shape).score(latents, cands, pos_table, neg)
+    agree = int((a.labels == b.labels).sum())
+    rel = float(np.max(np.abs(a.errors - b.errors) / np.maximum(np.abs(b.errors), 1e-12)))
+    # A random case can be a near tie; a disagreement only counts when the reference's margin
+    # between its winner and runner-up exceeds the measured error difference.
+    margins = np.sort(b.errors.mean(axis=1), axis=1)
+    margin = margins[:, 1] - margins[:, 0]
+    max_abs = float(np.max(np.abs(a.errors - b.errors)))
+    real = [i for i in range(m) if a.labels[i] != b.labels[i] and margin[i] > 2 * max_abs]
+    report = {"cases": m, "agree": agree, "max_rel_error_diff": rel, "max_abs_error_diff": max_abs,
+              "near_ties": int(m - agree - len(real)), "config": small.to_dict()}
+    if real:
+        raise ValidationError(
+            f"decision check failed: the exported {comp} picks a different candidate than torch in {len(real)} "
+            f"of {m} random cases with clear margins (max error diff {max_abs:.3g}); the export is refused"
+        )
+    ort_engine.close()
+    return report
