@@ -67,6 +67,8 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
     p.add_argument("--no-verify", action="store_true", help="skip the bundle's file-hash check")
+    p.add_argument("--expect-digest", metavar="SHA256",
+                   help="refuse any bundle whose digest (printed by `dbmef info`) is not this one")
     g = p.add_argument_group("scoring overrides (default: the bundle's)")
     g.add_argument("--k", type=int)
     g.add_argument("--timesteps", type=int, dest="n_timesteps")
@@ -92,10 +94,13 @@ def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
     from dbmef.runtime import RuntimeSpec
 
     overrides = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
+    if args.threads < 0:
+        raise DBMEFError(f"--threads {args.threads} is invalid: 0 lets ONNX Runtime decide, N > 0 sets it")
     options = {"device": args.device, "intra_op_threads": args.threads}
     return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, options=options, verify=not args.no_verify,
                        batch_size=args.batch_size, scoring=overrides,
-                       prot=getattr(args, "prot", None) if prot_override else None)
+                       prot=getattr(args, "prot", None) if prot_override else None,
+                       expect_digest=args.expect_digest)
 
 
 def make_runtime(args: argparse.Namespace, calibrated: bool = True) -> Any:
@@ -195,7 +200,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     m = load_manifest(args.bundle)
     verify_files(args.bundle, m, hashes=not args.no_verify)
     if args.json:
-        print(json.dumps(m.to_dict(), indent=2))
+        print(json.dumps({**m.to_dict(), "digest": m.digest()}, indent=2))
         return 0
     rows = []
     for name, rec in m.components.items():
@@ -205,6 +210,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append([name, rec.file, rec.precision, round(size / 2**20, 2), val, worst,
                      ", ".join(f"{t.name}{tuple(t.shape)}" for t in rec.inputs)])
     print(f"bundle      {args.bundle} (format v{m.format_version}, created {m.created})")
+    print(f"digest      {m.digest()}")
     print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
     print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
     print(f"scorer      {m.scorer_component}; latent {m.vae['latent_shape']} from {m.vae['image_size']}px")

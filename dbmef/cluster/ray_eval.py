@@ -119,7 +119,7 @@ def ray_evaluate(
     """
     ray = require_ray()
     path = Path(results_path)
-    done, todo = open_results(path, items, resume, progress)
+    done, todo = open_results(path, items, resume, spec.identity(), progress)
     if todo:
         started = init_ray(address)
         try:

@@ -139,6 +139,9 @@ class BundleManifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> BundleManifest:
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: the manifest is a JSON {type(d).__name__}, not an object; "
+                              "re-export the bundle")
         if d.get("format") != FORMAT:
             raise BundleError(f"{where}: 'format' is {d.get('format')!r}, not {FORMAT!r}; this is not a dbmef bundle")
         version = d.get("format_version")
@@ -148,6 +151,7 @@ class BundleManifest:
                 f"(it reads version {FORMAT_VERSION}); re-export the bundle with this dbmef's dbmef-export, "
                 "or install the dbmef version that wrote it"
             )
+        check_schema(d, where)
         try:
             scoring = _scoring_without_schedule(d["scoring"], d["scheduler"], where)
             m = cls(
@@ -181,6 +185,15 @@ class BundleManifest:
             )
         return m
 
+    def digest(self) -> str:
+        """sha256 over the manifest's canonical JSON, which names every file with its sha256: one
+        string that pins everything a bundle answers with (components, class names, templates,
+        protector, configs). TensorRT engine records are left out: engines are rebuilt per GPU and
+        checked against their ONNX graphs, not part of what the bundle means."""
+        d = self.to_dict()
+        d.pop("tensorrt", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     @property
     def schedule(self) -> NoiseSchedule:
         """The noise schedule the UNet was trained with and the fused scorer baked in."""
@@ -206,6 +219,58 @@ class BundleManifest:
         out.append((self.tokenizer["file"], self.tokenizer["sha256"]))
         out.append((self.positive_embeddings["file"], self.positive_embeddings["sha256"]))
         return out
+
+
+# field -> the JSON type it must have (checked before any field is used, so a manifest of the wrong
+# shape is a BundleError naming the field, never an AttributeError)
+_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "components": dict, "scorer_component": str, "class_names": list, "backbone_preprocess": dict, "vae": dict,
+    "scheduler": dict, "scoring": dict, "tokenizer": dict, "positive_embeddings": dict,
+    "protector": (dict, type(None)), "sources": dict, "tools": dict, "tensorrt": dict, "precision": str,
+}
+_NESTED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "vae": {"image_size": int, "latent_shape": list},
+    "tokenizer": {"file": str, "sha256": str},
+    "positive_embeddings": {"file": str, "sha256": str},
+    "backbone_preprocess": {"input_size": list},
+}
+_COMPONENT: dict[str, type | tuple[type, ...]] = {"file": str, "sha256": str, "inputs": list, "outputs": list,
+                                                   "external_data": (str, type(None))}
+
+
+def check_schema(d: dict[str, Any], where: str) -> None:
+    """Every field the runtime reads has the JSON type it expects."""
+
+    def need(value: Any, kind: type | tuple[type, ...], field: str) -> None:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise BundleError(f"{where}: field '{field}' must be a JSON {names}, got {type(value).__name__} "
+                              f"{str(value)[:60]!r}; the manifest is damaged: re-export the bundle")
+
+    for key, kind in _SCHEMA.items():
+        if key in d:
+            need(d[key], kind, key)
+    for key, fields in _NESTED.items():
+        for f, kind in fields.items():
+            if isinstance(d.get(key), dict) and f in d[key]:
+                need(d[key][f], kind, f"{key}.{f}")
+    for name, rec in (d.get("components") or {}).items():
+        need(rec, dict, f"components.{name}")
+        for f, kind in _COMPONENT.items():
+            if f in rec:
+                need(rec[f], kind, f"components.{name}.{f}")
+        for io in ("inputs", "outputs"):
+            for j, t in enumerate(rec.get(io, [])):
+                need(t, dict, f"components.{name}.{io}[{j}]")
+                for f in ("name", "dtype", "shape"):
+                    if f not in t:
+                        raise BundleError(f"{where}: field 'components.{name}.{io}[{j}].{f}' is missing; "
+                                          "re-export the bundle")
+    for j, n in enumerate(d.get("class_names") or []):
+        need(n, str, f"class_names[{j}]")
+    shape = (d.get("vae") or {}).get("latent_shape", [4, 1, 1])
+    if len(shape) != 3 or not all(isinstance(x, int) and x > 0 for x in shape):
+        raise BundleError(f"{where}: field 'vae.latent_shape' must be 3 positive integers, got {shape!r}")
 
 
 def _scoring_without_schedule(scoring: dict[str, Any], scheduler: dict[str, Any], where: str) -> ScoringConfig:
@@ -245,5 +310,6 @@ def verify_files(bundle_dir: str | Path, manifest: BundleManifest, hashes: bool 
         if hashes and sha256_file(p) != digest:
             raise BundleError(
                 f"bundle file {p} does not match the sha256 recorded in {d / MANIFEST}: it was altered or "
-                "truncated; re-export the bundle (or pass verify=False to skip the check at your own risk)"
+                "truncated; re-export the bundle (or skip the check at your own risk: --no-verify on the command "
+                "line, verify=False in Python)"
             )

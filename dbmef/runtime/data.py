@@ -42,9 +42,17 @@ class LabelResolver:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every non-hidden file under ``folder``, sorted: unreadable ones are kept so that each is
-    reported with its error instead of silently dropped."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Every non-hidden entry under ``folder`` that is not a folder, sorted: unreadable ones
+    (dangling or looping symbolic links, sockets, files without permission) are kept so that each
+    is reported with its error instead of silently dropped."""
+    return sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and not _is_dir(p))
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:  # a symlink loop: not a folder; load_image reports it
+        return False
 
 
 def load_labelled(data: str | Path, class_names: Sequence[str], wnids: Sequence[str] | None = None
@@ -91,11 +99,8 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[str]:
     """Command-line inputs: files as given, folders expanded to their image files (sorted)."""
     out: list[str] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            found = [str(f) for f in list_images(p) if f.suffix.lower() in IMAGE_SUFFIXES]
-            if not found:
-                raise ConfigError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out.extend(found)
-        else:
-            out.append(str(p))
+        found = [str(f) for f in list_images(p) if f.suffix.lower() in IMAGE_SUFFIXES] if _is_dir(p) else []
+        # A folder without images (say, one named x.jpg) stays one input: it fails alone, with its
+        # reason, instead of refusing the whole call.
+        out.extend(found or [str(p)])
     return out

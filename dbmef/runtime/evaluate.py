@@ -76,20 +76,34 @@ def record(path: str, label: int, r: Any) -> dict[str, Any]:
 
 
 Records = dict[str, dict[str, Any]]
+HEADER_KEY = "dbmef_results"  # the first line of a results file: {HEADER_KEY: 1, "identity": {...}}
 
 
-def open_results(path: Path, items: Sequence[LabelledImage], resume: bool,
+def open_results(path: Path, items: Sequence[LabelledImage], resume: bool, identity: dict[str, Any],
                  progress: Callable[[int], None] | None = None) -> tuple[Records, list[LabelledImage]]:
     """Prepare a results file for (re)starting: the records already done, keyed by image, and the
-    items still to do. A resumed file is rewritten without a possibly torn last line."""
+    items still to do. The file starts with a header holding the runtime's ``identity`` (bundle
+    digest, scoring config, protector); resuming under another identity is refused, naming the
+    fields that differ. A resumed file is rewritten without any torn line (a crash mid-write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not resume and path.exists():
         path.unlink()
-    done = read_results(path)
+    header, done = read_results_file(path)
+    if path.exists() and (header is not None or done):
+        if header is None:
+            raise ConfigError(f"results file {path} has no header (written by an older dbmef): its configuration "
+                              "cannot be checked; pass --no-resume to start over (or another --results file)")
+        if header["identity"] != identity:
+            raise ConfigError(f"results file {path} was written with another configuration ("
+                              f"{', '.join(_differences(header['identity'], identity))}); resuming would mix "
+                              "two configurations in one file: pass --no-resume to start over, or another --results")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:  # header + every whole record: drops a torn last line, even a lone one
+        f.write(json.dumps({HEADER_KEY: 1, "identity": identity}) + "\n")
+        for rec in done.values():
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
     if done:
-        with open(path, "w") as f:
-            for rec in done.values():
-                f.write(json.dumps(rec) + "\n")
         log.info("resuming: %d of %d images already in %s", len(done), len(items), path)
     todo = [it for it in items if it.path not in done]
     if progress and len(items) - len(todo):
@@ -97,20 +111,42 @@ def open_results(path: Path, items: Sequence[LabelledImage], resume: bool,
     return done, todo
 
 
-def read_results(path: Path) -> dict[str, dict[str, Any]]:
-    """Records already in a results file, keyed by image; a torn last line (a crash mid-write) is
-    dropped and that image is redone."""
-    done: dict[str, dict[str, Any]] = {}
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: file {a!r}, now {b!r}")
+    return out
+
+
+def read_results_file(path: Path) -> tuple[dict[str, Any] | None, Records]:
+    """The header (or None) and the records of a results file, keyed by image; torn or unparseable
+    lines are skipped (their images are redone)."""
+    header: dict[str, Any] | None = None
+    done: Records = {}
     if not path.is_file():
-        return done
+        return header, done
     with open(path) as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[rec["image"]] = rec
-    return done
+            if not isinstance(rec, dict):
+                continue
+            if HEADER_KEY in rec:
+                header = rec
+            elif "image" in rec:
+                done[rec["image"]] = rec
+    return header, done
+
+
+def read_results(path: Path) -> Records:
+    """The records already in a results file, keyed by image."""
+    return read_results_file(path)[1]
 
 
 def evaluate(runtime: Any, items: Sequence[LabelledImage], results_path: str | Path, resume: bool = True,
@@ -118,7 +154,7 @@ def evaluate(runtime: Any, items: Sequence[LabelledImage], results_path: str | P
     """Classify every item, appending per-image records to ``results_path`` (JSONL), and return
     the summary. ``stop_after``: stop after that many new images (for tests of resuming)."""
     path = Path(results_path)
-    done, todo = open_results(path, items, resume, progress)
+    done, todo = open_results(path, items, resume, runtime.identity(), progress)
     new = 0
     with open(path, "a") as f:
         for s in range(0, len(todo), runtime.batch_size):

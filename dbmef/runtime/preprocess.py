@@ -11,17 +11,26 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dbmef.errors import ConfigError, ImageError
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+# Limits on what one input may cost, checked from the file size and the image header before any
+# pixel is decoded or resized: a 100 KB PNG can declare 30000 x 30000 pixels (a decompression bomb),
+# and a 1 x 5 000 000 strip resized to a 512 short side would be 2.5 G pixels.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_IMAGE_PIXELS = 64 * 2**20  # decoded pixels (PIL's own guard is 89 M with a warning, 179 M an error)
+MAX_ASPECT_RATIO = 64.0  # long side / short side
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -69,9 +78,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_size(name: str, width: int, height: int) -> None:
+    """Refuse sizes over the limits above, before anything is decoded or resized."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: {width}x{height} = {width * height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                         "(a decompression-bomb guard); downscale the image first")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(f"{name}: {width}x{height} has an aspect ratio of {ratio:.0f}, over the limit of "
+                         f"{MAX_ASPECT_RATIO:.0f}; the classifier's center crop would see almost none of it")
+
+
+def _decode(fp: Any, name: str) -> Image.Image:
+    with warnings.catch_warnings():
+        # Corrupt metadata makes PIL warn on stderr per file; the image's own error (if any) says enough.
+        warnings.simplefilter("ignore", UserWarning)
+        # PIL warns (and only warns) between its two bomb limits: treat that as the error it is.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(fp) as im:
+            check_size(name, *im.size)  # from the header: nothing decoded yet
+            im.load()
+            # Phone photos store the sensor's orientation in EXIF: show the models the upright image.
+            return ImageOps.exif_transpose(im) or im
+
+
 def load_image(src: ImageInput) -> Image.Image:
     """Decode a path, encoded bytes, a PIL image or an array (H,W[,C], uint8/uint16/float) to RGB.
 
+    Encoded inputs are checked against ``MAX_FILE_BYTES``, ``MAX_IMAGE_PIXELS`` and
+    ``MAX_ASPECT_RATIO`` before decoding, and turned upright by their EXIF orientation.
     Raises ImageError naming the input when it cannot be read.
     """
     name = describe(src)
@@ -79,15 +116,18 @@ def load_image(src: ImageInput) -> Image.Image:
     try:
         if isinstance(src, (str, Path)):
             p = Path(src)
+            if p.is_dir():
+                raise ImageError(f"{name}: is a folder, not an image file")
             if not p.is_file():
-                raise ImageError(f"{name}: no such file")
-            with Image.open(p) as im:
-                im.load()
-                img = im
+                link = " (a dangling or looping symbolic link)" if p.is_symlink() else ""
+                raise ImageError(f"{name}: no such file{link}")
+            if p.stat().st_size > MAX_FILE_BYTES:
+                raise ImageError(f"{name}: {p.stat().st_size} bytes is over the limit of {MAX_FILE_BYTES}")
+            img = _decode(p, name)
         elif isinstance(src, bytes):
-            with Image.open(io.BytesIO(src)) as im:
-                im.load()
-                img = im
+            if len(src) > MAX_FILE_BYTES:
+                raise ImageError(f"{name}: over the limit of {MAX_FILE_BYTES} bytes")
+            img = _decode(io.BytesIO(src), name)
         elif isinstance(src, Image.Image):
             img = src
         elif isinstance(src, np.ndarray):
@@ -96,10 +136,17 @@ def load_image(src: ImageInput) -> Image.Image:
             raise ImageError(
                 f"unsupported image input of type {type(src).__name__}; pass a path, bytes, PIL image or array"
             )
+        check_size(name, *img.size)
         return to_rgb(img)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses at open past twice its own limit: same answer as check_size, in its words
+        raise ImageError(f"{name}: {exc} The limit here is {MAX_IMAGE_PIXELS} pixels (a decompression-bomb "
+                         "guard); downscale the image first") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError,
+            struct.error, ZeroDivisionError, IndexError, TypeError, KeyError) as exc:
+        # Corrupt files reach many exception types inside PIL's decoders (found by fuzzing).
         # PIL names the in-memory buffer object in its message; that address helps nobody.
         detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {detail})") from exc

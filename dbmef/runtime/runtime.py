@@ -21,7 +21,7 @@ import numpy as np
 from dbmef.errors import BundleError, ConfigError
 from dbmef.runtime.backends import names as backend_names
 from dbmef.runtime.backends import open_engine
-from dbmef.runtime.bundle import load_manifest, verify_files
+from dbmef.runtime.bundle import BundleManifest, load_manifest, verify_files
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import Engine, LazyEngine
 from dbmef.runtime.pipeline import DBMEFPipeline, ImageResult, PipelineEngines
@@ -50,6 +50,7 @@ class RuntimeSpec:
     scoring: dict[str, Any] = field(default_factory=dict)
     prot: float | None = None
     lazy: bool = False
+    expect_digest: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -62,8 +63,29 @@ class RuntimeSpec:
     def build(self) -> DBMEFRuntime:
         return DBMEFRuntime.from_spec(self)
 
+    def identity(self) -> dict[str, Any]:
+        """``DBMEFRuntime.identity`` without opening any engine (what the driver of a distributed
+        evaluation writes into its results file)."""
+        m = load_manifest(self.bundle)
+        # as the runtime resolves it: the override, else the bundle's, else rethink everything
+        protector = self._protector() or m.protector or Protector(math.inf, 0.0, None)
+        return identity(m, m.scoring.replace(**self.scoring), protector)
+
+    def _protector(self) -> Protector | None:
+        if self.prot is None:
+            return None
+        return Protector(math.inf if self.prot == 0.0 else -math.inf, self.prot, None)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def identity(manifest: BundleManifest, scoring: ScoringConfig, protector: Protector | None) -> dict[str, Any]:
+    """The fields that decide answers. ``unet_batch`` is left out: answers do not depend on it."""
+    sc = scoring.to_dict()
+    sc.pop("unet_batch", None)
+    return {"bundle_digest": manifest.digest(), "scoring": sc,
+            "protector": protector.to_dict() if protector is not None else None}
 
 
 class DBMEFRuntime:
@@ -90,6 +112,7 @@ class DBMEFRuntime:
         batch_size: int = 16,
         cache_size: int = 4096,
         lazy: bool = False,
+        expect_digest: str | None = None,
     ):
         if backend not in backend_names():
             raise ConfigError(f"backend {backend!r} is not one of {list(backend_names())}")
@@ -99,6 +122,10 @@ class DBMEFRuntime:
         self.backend, self.options = backend, options  # kept to open more engines the same way
         self.manifest = load_manifest(self.bundle_dir)
         verify_files(self.bundle_dir, self.manifest, hashes=verify)
+        if expect_digest is not None and self.manifest.digest() != expect_digest.strip().lower():
+            raise BundleError(f"bundle {self.bundle_dir} has digest {self.manifest.digest()}, not the expected "
+                              f"{expect_digest} (--expect-digest): it is another bundle, or it was changed (re-"
+                              "exported, recalibrated); `dbmef info` prints a bundle's digest")
         m = self.manifest
         self.config = scoring or m.scoring
         if protector is None:
@@ -154,11 +181,14 @@ class DBMEFRuntime:
         """The runtime a ``RuntimeSpec`` describes: scoring overrides applied to the bundle's config,
         ``prot`` 0/1 as a fixed protector."""
         scoring = load_manifest(spec.bundle).scoring.replace(**spec.scoring) if spec.scoring else None
-        protector = None
-        if spec.prot is not None:
-            protector = Protector(math.inf if spec.prot == 0.0 else -math.inf, spec.prot, None)
         return cls(spec.bundle, backend=spec.backend, options=dict(spec.options), verify=spec.verify,
-                   scoring=scoring, protector=protector, batch_size=spec.batch_size, lazy=spec.lazy)
+                   scoring=scoring, protector=spec._protector(), batch_size=spec.batch_size, lazy=spec.lazy,
+                   expect_digest=spec.expect_digest)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides this runtime's answers, as plain data: the bundle digest, the scoring config
+        and the protector. Results files record it so a resume never mixes two configurations."""
+        return identity(self.manifest, self.config, self.protector)
 
     @property
     def class_names(self) -> list[str]:
