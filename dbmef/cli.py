@@ -188,7 +188,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, replicas=args.replicas,
                       gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                      max_body_bytes=int(args.max_body_mb * 2**20))
+                      max_body_bytes=int(args.max_body_mb * 2**20), max_ongoing_requests=args.max_ongoing_requests,
+                      body_timeout_s=args.body_timeout_s, request_timeout_s=args.request_timeout_s,
+                      keep_alive_timeout_s=args.keep_alive_timeout_s)
     print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /classify, GET /healthz); Ctrl-C stops")
     start(runtime_spec(args), cfg, host=args.host, port=args.port, address=args.address, blocking=True)
     return 0
@@ -333,6 +335,11 @@ def _add_serve(sub: Any) -> None:
     sv.add_argument("--max-batch-size", type=int, default=16, help="requests gathered into one batch")
     sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
     sv.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413")
+    sv.add_argument("--body-timeout-s", type=float, default=10.0,
+                    help="a request body must arrive within this (slow clients get 408)")
+    sv.add_argument("--request-timeout-s", type=float, default=300.0, help="end-to-end limit per request")
+    sv.add_argument("--keep-alive-timeout-s", type=float, default=5.0, help="idle keep-alive connections close")
+    sv.add_argument("--max-ongoing-requests", type=int, default=1024, help="requests a replica holds at once")
     sv.set_defaults(func=cmd_serve)
 
 

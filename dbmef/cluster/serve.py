@@ -21,6 +21,7 @@ from typing import Any
 from ray import serve
 
 from dbmef.cluster import RuntimeSpec
+from dbmef.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,22 @@ class ServeConfig:
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     max_body_bytes: int = 10 << 20
-    max_ongoing_requests: int = 64
+    # Requests a replica holds at once. Intake is async and the batch bounds the compute, so this is
+    # high on purpose: at 64, 64 clients trickling their uploads took every slot and /healthz waited.
+    max_ongoing_requests: int = 1024
+    body_timeout_s: float = 10.0  # the whole body must arrive within this, else 408 and the slot is freed
+    request_timeout_s: float = 300.0  # Serve's HTTP proxy: end to end, then 408/504
+    keep_alive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "replicas", "max_body_bytes", "max_ongoing_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve option {name} = {getattr(self, name)} must be at least 1")
+        for name in ("batch_wait_ms", "gpus_per_replica", "cpus_per_replica", "body_timeout_s",
+                     "request_timeout_s", "keep_alive_timeout_s"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"serve option {name} = {v} must be finite and >= 0")
 
 
 def _json(status: int, payload: dict[str, Any]) -> Any:
@@ -70,17 +86,28 @@ class DBMEFService:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return _json(413, {"error": f"body of {int(declared)} bytes is over the {limit}-byte limit"})
-        body = bytearray()
-        async for chunk in request.stream():  # enforce the limit without trusting the header
-            body += chunk
-            if len(body) > limit:
-                return _json(413, {"error": f"body is over the {limit}-byte limit"})
+        try:
+            body = await asyncio.wait_for(self._read_body(request, limit), timeout=self.cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            return _json(408, {"error": f"the request body did not arrive within {self.cfg.body_timeout_s:g} s"})
+        if body is None:
+            return _json(413, {"error": f"body is over the {limit}-byte limit"})
         if not body:
             return _json(400, {"error": "empty body: POST one encoded image (JPEG, PNG, ...)"})
         result = await self._classify_batch(bytes(body))
         if result.get("error"):
             return _json(400, result)
         return _json(200, result)
+
+    @staticmethod
+    async def _read_body(request: Any, limit: int) -> bytes | None:
+        """The body, or None past ``limit`` bytes (enforced while reading: the header may lie)."""
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
 
     def health(self) -> dict[str, Any]:
         rt = self.rt
@@ -128,16 +155,18 @@ def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127
     """Start (or join, with ``address``) Ray, start Serve's HTTP proxy on host:port and deploy."""
     from dbmef.cluster import init_ray
 
+    cfg = config or ServeConfig()
     init_ray(address)
     # Serve gives its HTTP proxy a fixed 60 s to come up; a loaded machine can miss that while
     # worker processes start. Try again rather than fail the service.
     for attempt in range(3):
         try:
-            serve.start(http_options={"host": host, "port": port})
+            serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s,
+                                      "keep_alive_timeout_s": cfg.keep_alive_timeout_s})
             break
         except Exception as exc:  # ActorDiedError / GetTimeoutError from the proxy start
             if attempt == 2:
                 raise
             log.warning("Ray Serve's HTTP proxy did not start (%s); retrying", type(exc).__name__)
             serve.shutdown()
-    return serve.run(build_app(spec, config), name="dbmef", route_prefix="/", blocking=blocking)
+    return serve.run(build_app(spec, cfg), name="dbmef", route_prefix="/", blocking=blocking)

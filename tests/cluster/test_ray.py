@@ -109,7 +109,8 @@ def test_serve_batches_concurrent_requests_and_rejects_bad_input(local_ray, digi
     from dbmef.cluster.serve import ServeConfig, start
 
     port = _free_port()
-    start(SPEC, ServeConfig(max_batch_size=8, batch_wait_ms=300, max_body_bytes=50_000), port=port)
+    start(SPEC, ServeConfig(max_batch_size=8, batch_wait_ms=300, max_body_bytes=50_000, body_timeout_s=4.0),
+          port=port)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -150,5 +151,42 @@ def test_serve_batches_concurrent_requests_and_rejects_bad_input(local_ray, digi
         render(demo_test_split().images[0]).save(buf, "PNG")
         status, ok = _request(base + "/classify", buf.getvalue())  # still serving after the bad ones
         assert status == 200 and ok["class_name"] in DIGIT_NAMES
+        slow_clients_and_bombs(port, buf.getvalue())
     finally:
         serve.shutdown()
+
+
+def slow_clients_and_bombs(port: int, good: bytes) -> None:
+    """Issue 15: 200 clients that send headers and 10 bytes of a 40 kB body (under this service's
+    50 kB limit, so only the body deadline can end them) do not stall the service (health and a good request answer within 2 s), a decompression bomb fails only its own
+    request (400), and the slow clients are cut off with 408 after the body deadline."""
+    from tests.runtime.test_hostile_input import png_declaring
+
+    base = f"http://127.0.0.1:{port}"
+    slow = []
+    for _ in range(200):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 40000\r\n\r\n" + b"0123456789")
+        slow.append(s)
+    try:
+        time.sleep(0.5)
+        t0 = time.time()
+        assert _request(base + "/healthz", method="GET")[0] == 200
+        with cf.ThreadPoolExecutor(2) as ex:
+            bomb = ex.submit(_request, base + "/classify", png_declaring(30000, 30000))
+            status, ok = _request(base + "/classify", good)
+        assert status == 200 and ok["class_name"] in DIGIT_NAMES
+        assert time.time() - t0 < 2.0
+        status, err = bomb.result()
+        assert status == 400 and "decompression-bomb guard" in err["error"]
+        cut, got = 0, []
+        for s in slow:  # each gets 408 once its 4 s body deadline passes
+            try:
+                got.append(s.recv(200))
+                cut += b" 408 " in got[-1]
+            except OSError:
+                pass
+        assert cut >= 190, (cut, got[:2])
+    finally:
+        for s in slow:
+            s.close()
