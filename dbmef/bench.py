@@ -198,6 +198,7 @@ def equal_decisions(spec: RuntimeSpec, rt: Any, images: list[np.ndarray], repeat
         modes[mode] = {"wall_s": {"p50": statistics.median(mwalls), "all": mwalls},
                        "unet_evals_per_rethought_image": float(np.mean([r.unet_evals for r in res])),
                        "decisions_differing_from_paper_scripts": int(sum(r.label != p for r, p in zip(res, labels))),
+                       "scorer": dict(getattr(mrt.pipeline, "last_scoring", {})),
                        "speedup_vs_paper_scripts": statistics.median(walls) / statistics.median(mwalls)}
     out["early_exit_modes"] = modes
     out["speedup_vs_paper_scripts_equal_work"] = modes["off"]["speedup_vs_paper_scripts"]

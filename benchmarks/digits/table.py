@@ -48,7 +48,8 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
     """All Table 1 columns for one bundle and k. Returns accuracies, costs and the runtime check."""
     from tqdm.auto import tqdm
 
-    from dbmef.runtime.runtime import DBMEFRuntime, open_engine
+    from dbmef.runtime import DBMEFRuntime
+    from dbmef.runtime.backends import open_engine
     from dbmef.runtime.scorer import DiffusionScorer, error_from_terms, vote
 
     images = [np.asarray(render(a)) for a in split.images]
@@ -73,12 +74,13 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
         rows1 = len(y) * n * k
         with tqdm(total=rows1, desc=f"{Path(bundle).name} k={k} V=1", unit="row", mininterval=2) as bar:
             t0 = time.perf_counter()
-            terms1 = DiffusionScorer(cfg, unet, shape).score_terms(latents, top, pos, neg, bar.update)[:, 0]
+            scorer = DiffusionScorer(cfg, unet, shape, rt.manifest.schedule)
+            terms1 = scorer.score_terms(latents, top, pos, neg, bar.update)[:, 0]
             sec_per_eval = (time.perf_counter() - t0) / (2 * rows1)  # two UNet evaluations per row
         sel = np.flatnonzero(rethink)
         with tqdm(total=len(sel) * votes * n * k, desc=f"{Path(bundle).name} k={k} V={votes}", unit="row",
                   mininterval=2) as bar:
-            terms_v = DiffusionScorer(cfg.replace(votes=votes), unet, shape).score_terms(
+            terms_v = DiffusionScorer(cfg.replace(votes=votes), unet, shape, rt.manifest.schedule).score_terms(
                 latents[sel], top[sel], pos, neg[sel], bar.update)
         # Noise banks are prefix-stable: vote 0 of the V-vote run is the V=1 run's noise.
         np.testing.assert_allclose(terms_v[:, 0], terms1[sel], rtol=1e-5, atol=1e-7)
@@ -116,6 +118,8 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
                      "differences_not_near_ties": int((differ & ~close).sum()), "wall_seconds": wall,
                      "seconds_per_image": wall / len(y)}
 
+    early = {f"V{V}": early_exit_columns(e, top, sel, y) for V, e in
+             ((1, error_from_terms(terms1[sel], lam)[:, None]), (votes, error_from_terms(terms_v, lam)))}
     acc = {c: float((pred[c] == y).mean()) for c in COLUMNS}
     rate = float(rethink.mean())
     evals = {"top1": 0.0, "no_protector": 2.0 * n * k, "neg_only": 2.0 * n * k * rate,
@@ -129,7 +133,30 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
         "flips": {"fixed": int(((pred["combined"] == y) & (top1 != y)).sum()),
                   "broken": int(((pred["combined"] != y) & (top1 == y)).sum())},
         "runtime_check": check,
+        "early_exit": early,
     }
+
+
+def early_exit_columns(errors: np.ndarray, top: np.ndarray, sel: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Each early-exit mode (adaptive at the runtime's defaults) replayed over the full per-row errors
+    (M, V, n, k) of the rethought images ``sel``: UNet evaluations per rethought image, agreement with
+    ``off`` on those images, and test accuracy (images not rethought keep the backbone's answer)."""
+    from dbmef.runtime.config import ScoringConfig
+    from dbmef.runtime.early_exit import ExitPolicy, replay
+
+    errors = errors.astype(np.float32)
+    off = replay(errors, ExitPolicy("off"))
+    out: dict[str, Any] = {}
+    for name, policy in (("off", ExitPolicy("off")), ("exact", ExitPolicy("exact")),
+                         ("adaptive", ScoringConfig().exit_policy)):
+        p = off if name == "off" else replay(errors, policy)
+        pred = top[:, 0].copy()
+        pred[sel] = top[sel, p.winner]
+        out[name] = {"unet_evals_per_rethought_image": float(2 * p.rows.mean()) if len(sel) else 0.0,
+                     "agreement_with_off": float((p.winner == off.winner).mean()) if len(sel) else 1.0,
+                     "accuracy": float((pred == y).mean()),
+                     "policy": {"z": policy.z, "interval": policy.interval, "min_rows": policy.min_rows}}
+    return out
 
 
 def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
@@ -162,8 +189,8 @@ def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
 def measure_seconds_per_eval(bundle: Path, rows: int = 64, seconds: float = 5.0) -> float:
     """Seconds per UNet evaluation of the bundle's plain UNet on ONNX Runtime (CPU), 2*rows
     samples per call as the scorer sends them, median of repeated calls."""
+    from dbmef.runtime.backends import open_engine
     from dbmef.runtime.bundle import load_manifest
-    from dbmef.runtime.runtime import open_engine
 
     m = load_manifest(bundle)
     c, h, w = m.vae["latent_shape"]
@@ -263,7 +290,31 @@ def markdown(data: dict[str, Any]) -> str:
                              + f"; wall time {np.mean([c['seconds_per_image'] for c in chk]) * 1e3:.1f} ms "
                              "per test image.")
             lines.append("")
+    lines += early_exit_markdown(res)
     return "\n".join(lines)
+
+
+def early_exit_markdown(res: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in res if r.get("early_exit")]
+    if not rows:
+        return []
+    pol = rows[0]["early_exit"]["V1"]["adaptive"]["policy"]
+    lines = ["## Early exit (issue 13)", "",
+             "The rethought images' full per-row errors (the prot + both / + 5 votes columns above) replayed "
+             "through the runtime's early-exit planner (`dbmef.runtime.early_exit.replay`, the code the scorer "
+             f"runs): UNet evaluations per rethought image, decisions equal to `off` on the rethought images, and "
+             f"test accuracy. adaptive at the runtime's defaults (z = {pol['z']}, interval {pol['interval']}, "
+             f"min rows {pol['min_rows']}), chosen on the weak seed-0 bundle only: every other row is held out.",
+             "", "| backbone | k | V | seed | evals off | exact | adaptive | agree exact | agree adaptive | "
+             "acc off | acc adaptive |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["backbone"] != "weak", r["k"], r["seed"])):
+        for vk, e in r["early_exit"].items():
+            lines.append(
+                f"| {r['backbone']} | {r['k']} | {vk[1:]} | {r['seed']} | "
+                + " | ".join(f"{e[m]['unet_evals_per_rethought_image']:.0f}" for m in ("off", "exact", "adaptive"))
+                + f" | {e['exact']['agreement_with_off']:.1%} | {e['adaptive']['agreement_with_off']:.1%} | "
+                f"{e['off']['accuracy']:.2%} | {e['adaptive']['accuracy']:.2%} |")
+    return [*lines, ""]
 
 
 NOTES = "## Notes"

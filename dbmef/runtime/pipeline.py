@@ -328,6 +328,9 @@ class DBMEFPipeline:
             neg = self.negative_embeddings(cands)  # (M,k,L,D)
         with timer("unet_scoring"):
             sr = self.scorer.score(latents, cands, self.positive_embeddings, neg, progress)
+        # what the last slow path cost in engine terms (benchmarks read it; answers never depend on it)
+        self.last_scoring = {"images": len(todo), "rows": sr.rows, "engine_calls": sr.engine_calls,
+                             "stages": sr.stages, "padded_rows": sr.engine_calls * self.config.unet_batch - sr.rows}
         with timer("vote"):
             for q, r in enumerate(todo):
                 r.label = int(sr.labels[q])
