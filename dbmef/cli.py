@@ -260,7 +260,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
     recs = build_engines(args.bundle, components=args.components, force=args.force,
                          workspace_bytes=int(args.workspace_gb * 2**30), unet_batch=args.unet_batch,
-                         optimization_level=args.opt_level, device=args.device_id)
+                         optimization_level=args.opt_level, device=args.device_id, tf32=args.tf32)
     rows = [[n, r.file, r.precision, r.gpu, r.compute_capability, r.trt_version, r.build_seconds]
             for n, r in recs.items()]
     print(table(rows, ["component", "engine", "precision", "gpu", "cc", "tensorrt", "build_s"]))
@@ -369,6 +369,8 @@ def _add_tools(sub: Any) -> None:
     b.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace memory-pool limit")
     b.add_argument("--unet-batch", type=int, help="static scorer batch (default: the bundle's)")
     b.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
+    b.add_argument("--tf32", action="store_true",
+                   help="allow TF32 math in fp32 engines (faster, ~1e-3 relative error; off by default)")
     b.add_argument("--device-id", type=int, default=0)
     b.set_defaults(func=cmd_build_engines)
 

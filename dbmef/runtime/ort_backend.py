@@ -46,9 +46,9 @@ def import_onnxruntime() -> Any:
 
 @dataclass
 class OrtOptions:
-    """Session settings. ``device``: 'cpu', 'cuda', 'tensorrt' or 'auto' (TensorRT EP > CUDA > CPU
-    by what the installed onnxruntime offers; 'auto' prefers CUDA over the TensorRT EP because the
-    EP builds engines on first use). Thread counts of 0 let ONNX Runtime decide."""
+    """Session settings. ``device``: 'cpu', 'cuda', 'tensorrt' or 'auto' ('auto' is CUDA when the
+    installed onnxruntime offers it, else the CPU; never the TensorRT EP, which builds engines on
+    first use: ask for it with 'tensorrt'). Thread counts of 0 let ONNX Runtime decide."""
 
     device: str = "auto"
     device_id: int = 0
@@ -56,7 +56,9 @@ class OrtOptions:
     inter_op_threads: int = 0
     graph_optimization: str = "all"  # disable | basic | extended | all
     io_binding: bool | None = None  # default: on for GPU providers
-    trt_fp16: bool = True
+    # Off: an fp16 bundle is already fp16, and an fp32 bundle must not silently run in fp16 (the
+    # native TensorRT path builds strongly typed engines with the graph's own precision).
+    trt_fp16: bool = False
     trt_cache_dir: str | None = None  # engine and timing caches of the TensorRT EP
     trt_workspace_bytes: int = 4 << 30
     strict: bool = False  # raise instead of warn when a GPU provider is not really used

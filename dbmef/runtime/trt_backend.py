@@ -10,7 +10,7 @@ synchronises once per batch of images, not once per UNet call.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,26 @@ def buffer_bytes(shape: tuple[int, ...], dtype: Any) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
+def static_profile(engine: Any, input_names: Sequence[str]) -> bool:
+    """Whether every input has one shape only, so one captured CUDA graph serves every call.
+
+    ``get_tensor_shape`` is no answer: it reports -1 for every dimension that is dynamic in the
+    network ("with -1 in place of each dynamic runtime dimension", ICudaEngine docs), and every
+    exported graph has a symbolic batch, whatever the profile. The profile is: min == max for
+    every input of profile 0 (``get_tensor_profile_shape`` returns [min, opt, max])."""
+    for n in input_names:
+        if all(d >= 0 for d in dims(engine.get_tensor_shape(n))):
+            continue
+        mn, _opt, mx = engine.get_tensor_profile_shape(n, 0)
+        if dims(mn) != dims(mx):
+            return False
+    return True
+
+
+SCORER_DTYPES = {"x0": np.float32, "eps": np.float32, "timestep": np.int64, "emb_pos": np.float32,
+                 "emb_neg": np.float32, "lam": np.float32}
+
+
 class TrtEngine:
     """A deserialized TensorRT engine with persistent buffers, behind the Engine interface."""
 
@@ -101,13 +121,13 @@ class TrtEngine:
                                  cuda.PinnedArray((int(np.prod(shape)),), dt))
             self.context.set_tensor_address(n, self.slots[n].device.ptr)
         self.current: dict[str, tuple[int, ...]] = dict(in_max)
-        self.static = all(
-            all(d >= 0 for d in dims(self.engine.get_tensor_shape(n))) for n in self.input_names
-        )
+        self.static = static_profile(self.engine, self.input_names)
         self.use_cuda_graph = use_cuda_graph and self.static
         self.graph: cuda.CudaGraph | None = None
         self._resident: dict[str, tuple[Any, cuda.DeviceBuffer]] = {}
+        self._errors_out: cuda.PinnedArray | None = None
         self.calls = 0
+        self.syncs = 0  # host synchronisations (gpu_check reports them per batch)
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path, manifest: Any, component: str) -> TrtEngine:
@@ -125,6 +145,7 @@ class TrtEngine:
             view = slot.host.array[: int(np.prod(out_shapes[n]))]
             cuda.memcpy_dtoh_async(view, slot.device.ptr, self.stream)
         self.stream.synchronize()
+        self.syncs += 1
         self.calls += 1
         return {n: self.slots[n].host.array[: int(np.prod(s))].reshape(s).copy() for n, s in out_shapes.items()}
 
@@ -181,8 +202,13 @@ class TrtEngine:
                    index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], batch: int) -> np.ndarray:
         """Errors (R,) for rows given by ``index`` = (m, v, i, c), each (R_padded,), in chunks of
         ``batch``; one host synchronisation at the end."""
-        if set(self.input_names) != {"x0", "eps", "timestep", "emb_pos", "emb_neg", "lam"}:
+        if set(self.input_names) != set(SCORER_DTYPES):
             raise EngineError(f"engine '{self.name}' is not a fused scorer")
+        # The device copies below move raw bytes: every slot must hold what the host arrays hold.
+        wrong = {n: str(self.slots[n].dtype) for n, dt in SCORER_DTYPES.items() if self.slots[n].dtype != dt}
+        if wrong:
+            raise EngineError(f"engine '{self.name}': input types {wrong} are not the fused scorer's "
+                              f"{ {n: np.dtype(d).name for n, d in SCORER_DTYPES.items()} }; re-export the bundle")
         if self.slots["x0"].max_shape[0] != batch:
             raise EngineError(f"engine '{self.name}' was built for {self.slots['x0'].max_shape[0]} rows per call, "
                               f"the scorer asks for {batch}; rebuild engines with --unet-batch {batch}")
@@ -196,7 +222,11 @@ class TrtEngine:
         self._upload("lam", lam)
         m, v, i, c = index
         total = len(m)
-        out = cuda.PinnedArray((total,), np.float32)
+        if self._errors_out is None or self._errors_out.array.size < total:
+            if self._errors_out is not None:
+                self._errors_out.free()
+            self._errors_out = cuda.PinnedArray((max(total, 4 * batch),), np.float32)  # grows, never per call
+        out = self._errors_out
         latent_bytes = int(np.prod(latents.shape[1:])) * 4
         emb_bytes = int(np.prod(positive.shape[1:])) * 4
         k = candidates.shape[1]
@@ -208,9 +238,10 @@ class TrtEngine:
                                        cp.nbytes, self.stream)
             self._execute()
             cuda.memcpy_dtoh_async(out.array[s : s + batch], self.slots["error"].device.ptr, self.stream)
-        self.stream.synchronize()  # the one host sync of this batch of images
+        self.stream.synchronize()  # the one host sync of this stage, for every image of the batch
+        self.syncs += 1
         self.calls += (total + batch - 1) // batch
-        return out.array.copy()
+        return out.array[:total].copy()
 
     def close(self) -> None:
         self._drop_graph()
@@ -219,6 +250,9 @@ class TrtEngine:
             slot.host.free()
         for _, buf in self._resident.values():
             buf.free()
+        if self._errors_out is not None:
+            self._errors_out.free()
+            self._errors_out = None
         self._resident.clear()
         self.stream.destroy()
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from dbmef.runtime.bundle import BundleManifest, ComponentRecord, load_manifest,
 log = logging.getLogger(__name__)
 
 ENGINE_DIR = "trt"
-TIMING_CACHE = "timing.cache"
 # Batch profiles per component: (min, opt, max), or a static batch for the scorer/unet.
 DEFAULT_BATCH_PROFILES: dict[str, tuple[int, int, int]] = {
     "backbone": (1, 16, 64),
@@ -112,12 +111,59 @@ def shape_profile(manifest: BundleManifest, component: str, unet_batch: int | No
     return ShapeProfile(tuple(out))
 
 
+@dataclass(frozen=True)
+class BuildSettings:
+    """Builder settings that change the engine, hence part of its key: the optimisation level, the
+    workspace limit and TF32. TF32 is off by default for fp32 graphs: TensorRT enables it by default
+    and a strongly typed network does not turn it off, so an fp32 engine would run its convolutions
+    and matmuls at TF32 precision, which is not what an fp32 bundle promises."""
+
+    optimization_level: int = 3
+    workspace_bytes: int = 8 << 30
+    tf32: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def engine_key(onnx_sha256: str, trt_version: str, gpu_name: str, compute_capability: str, precision: str,
-               profile: ShapeProfile) -> str:
+               profile: ShapeProfile, settings: BuildSettings | None = None) -> str:
     """A stable hash of everything an engine depends on."""
     blob = json.dumps({"onnx": onnx_sha256, "trt": trt_version, "gpu": gpu_name, "cc": compute_capability,
-                       "precision": precision, "profile": profile.to_dict()}, sort_keys=True)
+                       "precision": precision, "profile": profile.to_dict(),
+                       "settings": (settings or BuildSettings()).to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def timing_cache_name(trt_version: str, compute_capability: str) -> str:
+    """Timing caches hold per-GPU, per-version kernel timings: one file per (TensorRT, compute
+    capability), so a bundle built on several GPUs never feeds one GPU's cache to another."""
+    return f"timing-trt{trt_version}-cc{compute_capability}.cache"
+
+
+def attach_timing_cache(config: Any, cache_bytes: bytes) -> Any:
+    """Give ``config`` a timing cache made from ``cache_bytes``; when TensorRT refuses it (its
+    header names another device or version: ``set_timing_cache`` returns False), a fresh empty one.
+    Returns the cache in use."""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, False):
+        log.warning("TensorRT refused the saved timing cache (another GPU or TensorRT version?); starting a fresh one")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
+
+
+def save_timing_cache(config: Any, path: Path) -> None:
+    """Write the builder's timing cache, if it has one (``get_timing_cache`` may return None)."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        log.warning("TensorRT returned no timing cache after the build; %s not updated", path)
+        return
+    data = cache.serialize()
+    if data is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(memoryview(data)))
 
 
 def engine_file_name(component: str, key: str) -> str:
@@ -166,24 +212,24 @@ class EngineBytesFromNetwork:
     """Build a serialized engine with one optimization profile, a workspace limit and a timing
     cache that is loaded before and saved after the build."""
 
-    def __init__(self, network_loader: NetworkFromOnnxPath, profile: ShapeProfile, workspace_bytes: int,
-                 timing_cache: Path | None = None, optimization_level: int = 3):
+    def __init__(self, network_loader: NetworkFromOnnxPath, profile: ShapeProfile, settings: BuildSettings,
+                 timing_cache: Path | None = None):
         self.network_loader = network_loader
         self.profile = profile
-        self.workspace_bytes = workspace_bytes
+        self.settings = settings
         self.timing_cache = timing_cache
-        self.optimization_level = optimization_level
 
     def __call__(self) -> bytes:
         import_tensorrt()
         import tensorrt as trt
         builder, network, _parser = self.network_loader()
         config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
-        config.builder_optimization_level = self.optimization_level
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.settings.workspace_bytes)
+        config.builder_optimization_level = self.settings.optimization_level
+        if not self.settings.tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
         cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, False)
+        attach_timing_cache(config, cache_bytes)
         prof = builder.create_optimization_profile()
         for name, mn, opt, mx in self.profile.inputs:
             prof.set_shape(name, trt.Dims(mn), trt.Dims(opt), trt.Dims(mx))
@@ -193,8 +239,7 @@ class EngineBytesFromNetwork:
             raise EngineError(f"TensorRT failed to build an engine from {self.network_loader.path} "
                               "(see the TensorRT messages above, -v)")
         if self.timing_cache is not None:
-            self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-            self.timing_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+            save_timing_cache(config, self.timing_cache)
         return bytes(memoryview(serialized))
 
 
@@ -209,6 +254,7 @@ class EngineRecord:
     precision: str
     profile: dict[str, Any]
     build_seconds: float
+    settings: dict[str, Any] = field(default_factory=lambda: BuildSettings().to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,7 +262,7 @@ class EngineRecord:
 
 def build_engines(bundle_dir: str | Path, components: list[str] | None = None, force: bool = False,
                   workspace_bytes: int = 8 << 30, unet_batch: int | None = None, optimization_level: int = 3,
-                  device: int = 0) -> dict[str, EngineRecord]:
+                  device: int = 0, tf32: bool = False) -> dict[str, EngineRecord]:
     """Build (or reuse) a TensorRT engine per component for this GPU; record them in the manifest.
 
     An existing engine is reused only when its key (ONNX hash, TensorRT version, GPU, compute
@@ -237,7 +283,9 @@ def build_engines(bundle_dir: str | Path, components: list[str] | None = None, f
     for name in names:
         rec: ComponentRecord = manifest.components[name]
         profile = shape_profile(manifest, name, unet_batch)
-        key = engine_key(rec.sha256, trt.__version__, gpu["name"], gpu["compute_capability"], rec.precision, profile)
+        settings = BuildSettings(optimization_level, workspace_bytes, tf32)
+        key = engine_key(rec.sha256, trt.__version__, gpu["name"], gpu["compute_capability"], rec.precision, profile,
+                         settings)
         old = existing.get(name)
         path = bundle / engine_file_name(name, key)
         if not force and old and old.get("key") == key and path.is_file() and sha256_file(path) == old.get("sha256"):
@@ -247,19 +295,21 @@ def build_engines(bundle_dir: str | Path, components: list[str] | None = None, f
         if old and old.get("key") != key:
             log.info("%s: engine key changed (%s -> %s): rebuilding", name, old.get("key"), key)
         t0 = time.perf_counter()
-        data = EngineBytesFromNetwork(NetworkFromOnnxPath(bundle / rec.file, logger), profile, workspace_bytes,
-                                      bundle / ENGINE_DIR / TIMING_CACHE, optimization_level)()
+        cache = bundle / ENGINE_DIR / timing_cache_name(trt.__version__, gpu["compute_capability"])
+        data = EngineBytesFromNetwork(NetworkFromOnnxPath(bundle / rec.file, logger), profile, settings, cache)()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         out[name] = EngineRecord(file=engine_file_name(name, key), key=key, sha256=sha256_file(path),
                                  trt_version=trt.__version__, gpu=gpu["name"],
                                  compute_capability=gpu["compute_capability"], precision=rec.precision,
-                                 profile=profile.to_dict(), build_seconds=round(time.perf_counter() - t0, 2))
+                                 profile=profile.to_dict(), build_seconds=round(time.perf_counter() - t0, 2),
+                                 settings=settings.to_dict())
         log.info("%s: built %s in %.1f s", name, path.name, out[name].build_seconds)
     manifest = load_manifest(bundle)  # re-read: keep whatever else changed meanwhile
     engines = dict(manifest.tensorrt.get("engines", {}))
     engines.update({k: v.to_dict() for k, v in out.items()})
-    manifest.tensorrt = {"engines": engines, "timing_cache": f"{ENGINE_DIR}/{TIMING_CACHE}"}
+    cache_file = timing_cache_name(trt.__version__, gpu["compute_capability"])
+    manifest.tensorrt = {"engines": engines, "timing_cache": f"{ENGINE_DIR}/{cache_file}"}
     manifest.save(bundle)
     return out
 
@@ -284,8 +334,9 @@ def usable_engine(bundle_dir: Path, manifest: BundleManifest, component: str) ->
         )
     profile = ShapeProfile(tuple((n, tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
                                  for n, d in rec["profile"].items()))
+    settings = BuildSettings(**rec.get("settings", {}))
     key = engine_key(want[3], trt.__version__, gpu["name"], gpu["compute_capability"],
-                     manifest.components[component].precision, profile)
+                     manifest.components[component].precision, profile, settings)
     if key != rec["key"]:
         raise BundleError(f"the TensorRT engine for {component} is stale (its ONNX changed); rebuild with "
                           f"`dbmef build-engines --bundle {bundle_dir}`")

@@ -158,8 +158,9 @@ def test_serve_batches_concurrent_requests_and_rejects_bad_input(local_ray, digi
 
 def slow_clients_and_bombs(port: int, good: bytes) -> None:
     """Issue 15: 200 clients that send headers and 10 bytes of a 40 kB body (under this service's
-    50 kB limit, so only the body deadline can end them) do not stall the service (health and a good request answer within 2 s), a decompression bomb fails only its own
-    request (400), and the slow clients are cut off with 408 after the body deadline."""
+    50 kB limit, so only the body deadline can end them) do not stall the service: health and a
+    good request answer within 2 s, a decompression bomb fails only its own request (400), and the
+    slow clients are cut off with 408 after the body deadline."""
     from tests.runtime.test_hostile_input import png_declaring
 
     base = f"http://127.0.0.1:{port}"

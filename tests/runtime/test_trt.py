@@ -23,7 +23,14 @@ from dbmef.runtime.trt_build import ShapeProfile, engine_file_name, engine_key, 
 from tests.conftest import needs_ort, needs_torch
 
 ROOT = Path(__file__).resolve().parents[2]
-gpu = pytest.mark.skipif(device_count() == 0, reason="needs an NVIDIA GPU with TensorRT")
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+# Issue 14.3: a GPU without TensorRT (onnxruntime-gpu alone) is not enough for these tests.
+gpu = pytest.mark.skipif(device_count() == 0 or not _has_tensorrt(), reason="needs an NVIDIA GPU with TensorRT")
 
 
 @needs_torch
@@ -58,6 +65,92 @@ def test_engine_key_changes_with_every_input():
     for field, value in changes.items():
         assert engine_key(**{**base, field: value}) != k0, field
     assert engine_file_name("scorer", k0) == f"trt/scorer-{k0}.engine"
+    # issue 14.7: builder settings are part of the key, so --opt-level 5 never reuses a level-3 engine
+    from dbmef.runtime.trt_build import BuildSettings
+
+    assert engine_key(**base, settings=BuildSettings()) == k0
+    for settings in (BuildSettings(optimization_level=5), BuildSettings(workspace_bytes=1 << 30),
+                     BuildSettings(tf32=True)):
+        assert engine_key(**base, settings=settings) != k0, settings
+
+
+class FakeTrtEngine:
+    """Models two documented ICudaEngine answers: get_tensor_shape has -1 for every dimension that
+    is dynamic in the network, whatever the profile; get_tensor_profile_shape(name, 0) gives
+    [min, opt, max] of optimisation profile 0."""
+
+    def __init__(self, profiles):
+        self.profiles = profiles
+
+    def get_tensor_shape(self, name):
+        return tuple(-1 if mn != mx or i == 0 else mn for i, (mn, mx) in
+                     enumerate(zip(self.profiles[name][0], self.profiles[name][2])))
+
+    def get_tensor_profile_shape(self, name, profile):
+        assert profile == 0
+        return self.profiles[name]
+
+
+def test_cuda_graphs_are_used_for_a_static_profile_despite_a_symbolic_batch():
+    """Issue 14.1: the scorer's min = opt = max profile is static although its network batch is -1."""
+    from dbmef.runtime.trt_backend import static_profile
+
+    static = FakeTrtEngine({"x0": [(32, 4, 8, 8)] * 3, "timestep": [(32,)] * 3})
+    assert static.get_tensor_shape("x0")[0] == -1
+    assert static_profile(static, ["x0", "timestep"])
+    dynamic = FakeTrtEngine({"x0": [(1, 4, 8, 8), (8, 4, 8, 8), (32, 4, 8, 8)], "timestep": [(32,)] * 3})
+    assert not static_profile(dynamic, ["x0", "timestep"])
+
+
+class FakeBuilderConfig:
+    """Models IBuilderConfig's timing-cache answers: set_timing_cache returns False for a cache whose
+    header names another device or TensorRT version; get_timing_cache may return None."""
+
+    def __init__(self, foreign: bytes = b"", cache_after_build: bool = True):
+        self.foreign, self.cache_after_build, self.attached = foreign, cache_after_build, None
+
+    def create_timing_cache(self, data: bytes):
+        return ("cache", bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache[1] and cache[1] == self.foreign and not ignore_mismatch:
+            return False
+        self.attached = cache
+        return True
+
+    def get_timing_cache(self):
+        if not self.cache_after_build:
+            return None
+
+        class Cache:
+            def serialize(self):
+                return b"timings"
+        return Cache()
+
+
+def test_a_foreign_timing_cache_falls_back_to_a_fresh_one(tmp_path, caplog):
+    """Issue 14.2: the build must not crash after it succeeded because the saved cache came from
+    another GPU; the cache file is keyed by TensorRT version and compute capability."""
+    from dbmef.runtime.trt_build import attach_timing_cache, save_timing_cache, timing_cache_name
+
+    cfg = FakeBuilderConfig(foreign=b"h100 timings")
+    attach_timing_cache(cfg, b"h100 timings")
+    assert cfg.attached == ("cache", b"") and "refused the saved timing cache" in caplog.text
+    good = FakeBuilderConfig()
+    attach_timing_cache(good, b"mine")
+    assert good.attached == ("cache", b"mine")
+    save_timing_cache(FakeBuilderConfig(cache_after_build=False), tmp_path / "t.cache")  # None: no crash
+    assert not (tmp_path / "t.cache").exists()
+    save_timing_cache(good, tmp_path / "t.cache")
+    assert (tmp_path / "t.cache").read_bytes() == b"timings"
+    assert timing_cache_name("10.16.1.11", "9.0") != timing_cache_name("10.16.1.11", "8.9")
+
+
+def test_onnxruntime_tensorrt_provider_keeps_the_bundle_precision():
+    """Issue 14.6: the TensorRT execution provider must not run an fp32 bundle in fp16 by default."""
+    from dbmef.runtime.ort_backend import OrtOptions
+
+    assert OrtOptions().trt_fp16 is False
 
 
 def test_buffer_sizes():
@@ -174,7 +267,11 @@ def test_backend_fallback_order(tiny_bundle, tmp_path, caplog):
         with pytest.raises(BackendUnavailableError):
             open_engine(b, m, "backbone", "tensorrt", None)
     rt = DBMEFRuntime(b, backend="auto")
-    assert rt.describe()["providers"]["scorer"] == "CPUExecutionProvider"
+    # issue 14.3: on a machine with a working onnxruntime-gpu, auto's fallback runs on CUDA
+    from dbmef.runtime.ort_backend import CUDA, available_providers
+
+    want = "CUDAExecutionProvider" if CUDA in available_providers() else "CPUExecutionProvider"
+    assert rt.describe()["providers"]["scorer"] == want
 
 
 def test_check_trt_is_wired_into_make_test():
