@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dbmef.errors import ConfigError
+
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 16  # 8x8 digits upscaled 2x: the backbone's and the VAE's input size
 
@@ -23,7 +25,7 @@ def render(digit: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
     white strokes on black, bicubic-upscaled."""
     a = np.asarray(digit, dtype=np.float64)
     if a.shape != (8, 8):
-        raise ValueError(f"a digit is an 8x8 array, got shape {a.shape}")
+        raise ConfigError(f"a digit is an 8x8 array, got shape {a.shape}")
     g = Image.fromarray(np.clip(np.rint(a * (255.0 / 16.0)), 0, 255).astype(np.uint8), mode="L")
     return g.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dbmef.digits import DIGIT_NAMES, IMAGE_SIZE, DigitsSplit, demo_bundle_dir, demo_test_split, render
+from dbmef.errors import ConfigError
 
 
 def test_render_and_split_round_trip(tmp_path):
@@ -19,7 +20,7 @@ def test_render_and_split_round_trip(tmp_path):
     assert img.size == (IMAGE_SIZE, IMAGE_SIZE) and img.mode == "RGB"
     px = np.asarray(img)
     assert px.max() >= 250 and px[0, 0].tolist() == [0, 0, 0]  # white strokes on black
-    with pytest.raises(ValueError, match="8x8"):
+    with pytest.raises(ConfigError, match="8x8"):
         render(np.zeros((4, 4)))
     s = DigitsSplit(np.zeros((2, 8, 8), np.uint8), np.array([1, 2]), np.array([5, 9]))
     s.save(tmp_path / "s.npz")

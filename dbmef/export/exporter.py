@@ -198,7 +198,7 @@ def load_system(cfg: ExportConfig) -> LoadedSystem:
         raise ExportError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {down}")
     specs = make_specs(image_size=image_size, backbone_size=tuple(data_cfg["input_size"][1:]),
                        text_width=int(sd.text_encoder.config.hidden_size), latent_shape=latent_shape,
-                       unet_batch=cfg.scoring.unet_batch, seed=cfg.seed)
+                       seed=cfg.seed)
     sources = {
         "backbone": {"id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init,
                      "num_classes": int(backbone.num_classes),

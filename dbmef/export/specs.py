@@ -1,12 +1,11 @@
-"""One spec per exported component: the module to trace, sample inputs, dynamic axes, the
-TensorRT shape profile and the validation tolerance (after TensorRT's demo/Diffusion models and
-optimum's per-model configs). Export, validation and engine building all read these."""
+"""One spec per exported component: its I/O contract, sample inputs and dynamic axes (after
+TensorRT's demo/Diffusion models and optimum's per-model configs). Export and validation read
+these; TensorRT shape profiles come from the bundle's manifest (``dbmef.runtime.trt_build``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +40,6 @@ class ExportSpec:
     contract: ComponentSpec
     make_inputs: Callable[[int], tuple[torch.Tensor, ...]]  # batch -> sample inputs
     dynamic_axes: dict[str, dict[int, str]]
-    profile: dict[str, Any]  # TensorRT: min/opt/max batch or a static batch
     # Inputs at a reduced spatial size with the spatial axes marked dynamic: tracing an fp16
     # module runs one forward pass in half precision, which on a CPU has no fast kernels (the SD
     # VAE at 512 px takes tens of minutes); the graph is the same at any size and is validated at
@@ -65,7 +63,7 @@ def _batch_axes(contract: ComponentSpec) -> dict[str, dict[int, str]]:
 
 def make_specs(
     *, image_size: int, backbone_size: tuple[int, int], text_width: int, latent_shape: tuple[int, int, int],
-    unet_batch: int, seed: int = 0,
+    seed: int = 0,
 ) -> dict[str, ExportSpec]:
     """Specs for the system's sizes. Sample inputs are seeded so validation is reproducible."""
     g = torch.Generator().manual_seed(seed)
@@ -94,19 +92,15 @@ def make_specs(
     small = min(h, 16)  # a latent the UNet's three downsamplings still divide
 
     return {
-        "backbone": ExportSpec(BACKBONE, backbone_inputs, _batch_axes(BACKBONE),
-                               {"min": 1, "opt": 32, "max": 64}),
-        "text_encoder": ExportSpec(TEXT_ENCODER, text_inputs, _batch_axes(TEXT_ENCODER),
-                                   {"min": 1, "opt": 8, "max": 64}),
+        "backbone": ExportSpec(BACKBONE, backbone_inputs, _batch_axes(BACKBONE)),
+        "text_encoder": ExportSpec(TEXT_ENCODER, text_inputs, _batch_axes(TEXT_ENCODER)),
         "vae_encoder": ExportSpec(VAE_ENCODER, vae_inputs, _batch_axes(VAE_ENCODER),
-                                  {"min": 1, "opt": 4, "max": 8},
                                   small_inputs=lambda b: vae_inputs(b, small * 8),
                                   spatial_axes={"image": {2: "H", 3: "W"}, "latent": {2: "h", 3: "w"}}),
-        # The scorer runs at the runtime's fixed batch: a static profile lets CUDA graphs apply.
-        "scorer": ExportSpec(SCORER, scorer_inputs, _batch_axes(SCORER), {"static": unet_batch},
+        "scorer": ExportSpec(SCORER, scorer_inputs, _batch_axes(SCORER),
                              small_inputs=lambda b: scorer_inputs(b, small, small),
                              spatial_axes={"x0": {2: "h", 3: "w"}, "eps": {2: "h", 3: "w"}}),
-        "unet": ExportSpec(UNET, unet_inputs, _batch_axes(UNET), {"static": 2 * unet_batch},
+        "unet": ExportSpec(UNET, unet_inputs, _batch_axes(UNET),
                            small_inputs=lambda b: unet_inputs(b, small, small),
                            spatial_axes={"sample": {2: "h", 3: "w"}, "noise_pred": {2: "h", 3: "w"}}),
     }

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dbmef.errors import ConfigError
+
 TINY_CLASS_NAMES = ["cat", "dog", "car", "ship", "frog", "horse", "bird", "truck", "deer", "plane"]
 
 
@@ -93,7 +95,7 @@ def build_tiny_system(out: str | Path, spec: TinySpec | None = None, class_names
     spec = spec or TinySpec()
     names = class_names or TINY_CLASS_NAMES[: spec.num_classes]
     if len(names) != spec.num_classes:
-        raise ValueError(f"{len(names)} class names for {spec.num_classes} classes")
+        raise ConfigError(f"{len(names)} class names for {spec.num_classes} classes")
     root = Path(out)
     sd = root / "sd"
     torch.manual_seed(spec.seed)

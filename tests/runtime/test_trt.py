@@ -300,6 +300,7 @@ def test_check_trt_catches_a_misspelt_method(tmp_path):
     assert ok, out
 
 
+@pytest.mark.gpu
 @gpu
 def test_trt_engine_matches_onnxruntime_on_gpu(tiny_bundle, tmp_path):
     """On a GPU: build engines for the tiny bundle and compare with ONNX Runtime (the full
