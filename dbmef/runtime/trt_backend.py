@@ -176,7 +176,8 @@ class TrtEngine:
             # One ordinary run first: TensorRT may allocate or initialise lazily, which cannot be
             # captured; then capture the kernels of one run and replay them from now on.
             self._enqueue()
-            self.stream.synchronize()
+            self.stream.synchronize()  # once per engine (and per input-shape change), not per batch
+            self.syncs += 1
             self.graph = cuda.CudaGraph(self.stream, self._enqueue)
         self.graph.launch(self.stream)
 
