@@ -67,3 +67,17 @@ def test_flops_of_sd15_unet_at_64x64():
     from dbmef.reference.baselines import unet_flops_per_evaluation
 
     assert unet_flops_per_evaluation(dict(SD15_UNET), (64, 64)) == pytest.approx(0.80e12, rel=0.02)
+
+
+def test_gpu_check_picks_a_scorer_batch_that_fits():
+    """Issue 14.12: ONNX Runtime's CUDA attention is not fused; SD v1.5 at 64x64 needs ~1 GB per
+    scorer row in fp16, so a 24 GB card gets 12 rows per call, not the bundle's 32."""
+    from types import SimpleNamespace
+
+    from benchmarks.gpu_check import fitting_unet_batch
+
+    sd15 = SimpleNamespace(vae={"latent_shape": [4, 64, 64]}, precision="fp16",
+                           sources={"sd": {"unet_config": {"attention_head_dim": 8}}})
+    assert fitting_unet_batch(sd15, 80 << 30) == 32
+    assert fitting_unet_batch(sd15, 24 << 30) == 12  # 2 samples x 8 heads x 4096^2 x 2 B x 2 = 1 GiB a row
+    assert fitting_unet_batch(sd15, 1 << 30) == 1
