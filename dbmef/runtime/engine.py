@@ -20,8 +20,9 @@ from dbmef.errors import EngineError
 class Engine(Protocol):
     """Named inputs -> named outputs (host numpy arrays both ways); ``close`` frees what it holds.
 
-    That is all the runtime asks of an engine. A backend may add the device-side row path
-    (:class:`RowScorer`); the scorer asks for it explicitly through :func:`row_scorer`.
+    That is all the runtime asks of an engine. A backend may add ``max_batch`` (rows per call it
+    accepts, read through :func:`max_batch`) and the device-side row path (:class:`RowScorer`,
+    read through :func:`row_scorer`).
     """
 
     name: str
@@ -42,6 +43,14 @@ class RowScorer(Protocol):
     def score_rows(self, latents: np.ndarray, noise: np.ndarray, timesteps: np.ndarray, positive: np.ndarray,
                    negative: np.ndarray, candidates: np.ndarray, lam: np.ndarray,
                    index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], batch: int) -> np.ndarray: ...
+
+
+def max_batch(engine: Engine, default: int) -> int:
+    """Rows per call the engine accepts: its ``max_batch`` when it declares one (a TensorRT engine's
+    profile maximum), else ``default``. Every chunked call in the pipeline goes through this, so a
+    larger ``--batch-size`` is split to fit the engine instead of failing inside it."""
+    declared = getattr(engine.resolve() if isinstance(engine, LazyEngine) else engine, "max_batch", None)
+    return max(1, min(default, int(declared))) if declared else default
 
 
 def row_scorer(engine: Engine) -> RowScorer | None:

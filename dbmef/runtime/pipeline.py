@@ -16,7 +16,7 @@ from PIL import Image
 
 from dbmef.errors import ConfigError, DBMEFError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import Engine
+from dbmef.runtime.engine import Engine, max_batch
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreprocess, describe, load_image
 from dbmef.runtime.prompts import negative_prompts, positive_prompt
 from dbmef.runtime.protector import Protector, softmax
@@ -186,8 +186,9 @@ class DBMEFPipeline:
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """texts -> (N, L, D) last hidden states, in text-encoder batches of at most 64."""
         outs = []
-        for s in range(0, len(texts), 64):
-            ids = self.tokenizer(texts[s : s + 64])
+        step = max_batch(self.engines.text_encoder, 64)
+        for s in range(0, len(texts), step):
+            ids = self.tokenizer(texts[s : s + step])
             outs.append(self.engines.text_encoder({"input_ids": ids})["last_hidden_state"])
         return np.concatenate(outs).astype(np.float32, copy=False)
 
@@ -278,20 +279,19 @@ class DBMEFPipeline:
                 errors.append(str(exc))
         if not pixel:
             return np.empty((0, len(self.class_names)), np.float32), errors
-        arr = np.stack(pixel)
-        logits = np.concatenate([
-            self.engines.backbone({"pixel_values": arr[s : s + self.backbone_batch]})["logits"]
-            for s in range(0, len(arr), self.backbone_batch)
-        ])
+        logits = self._backbone(np.stack(pixel))
         return logits, errors
+
+    def _backbone(self, pixel: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) -> (N, C) logits, in calls of at most the engine's batch."""
+        step = max_batch(self.engines.backbone, self.backbone_batch)
+        return np.concatenate([self.engines.backbone({"pixel_values": pixel[s : s + step]})["logits"]
+                               for s in range(0, len(pixel), step)])
 
     def _backbone_and_protector(self, ok: list[ImageResult], pixel: np.ndarray, timer: StageTimer) -> None:
         k = self.config.k
         with timer("backbone"):
-            logits = np.concatenate([
-                self.engines.backbone({"pixel_values": pixel[s : s + self.backbone_batch]})["logits"]
-                for s in range(0, len(pixel), self.backbone_batch)
-            ])  # (N, C)
+            logits = self._backbone(pixel)  # (N, C)
         if logits.shape[1] != len(self.class_names):
             raise ConfigError(
                 f"the backbone outputs {logits.shape[1]} classes but {len(self.class_names)} class names "
@@ -321,8 +321,9 @@ class DBMEFPipeline:
             raise ConfigError(f"results carry a top-{cands.shape[1]} but the scoring config has k = {k}")
         with timer("vae_encode"):
             imgs = np.stack([self.vae_preprocess(pils[r.index]) for r in todo])
+            step = max_batch(self.engines.vae_encoder, 8)
             latents = np.concatenate([
-                self.engines.vae_encoder({"image": imgs[s : s + 8]})["latent"] for s in range(0, len(imgs), 8)
+                self.engines.vae_encoder({"image": imgs[s : s + step]})["latent"] for s in range(0, len(imgs), step)
             ])  # (M,4,h,w)
         with timer("text_encoder"):
             neg = self.negative_embeddings(cands)  # (M,k,L,D)

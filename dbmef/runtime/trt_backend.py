@@ -122,6 +122,9 @@ class TrtEngine:
             self.context.set_tensor_address(n, self.slots[n].device.ptr)
         self.current: dict[str, tuple[int, ...]] = dict(in_max)
         self.static = static_profile(self.engine, self.input_names)
+        # rows per call the profile allows (the first input carries the batch in every component's
+        # contract; the scorer's lam is (1,)): the pipeline chunks its calls to this
+        self.max_batch = self.slots[self.input_names[0]].max_shape[0]
         self.use_cuda_graph = use_cuda_graph and self.static
         self.graph: cuda.CudaGraph | None = None
         self._resident: dict[str, tuple[Any, cuda.DeviceBuffer]] = {}

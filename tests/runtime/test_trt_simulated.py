@@ -64,6 +64,13 @@ def test_native_tensorrt_backend_on_a_simulated_device(which, tiny_bundle, sampl
         assert stages == 1 if mode == "off" else stages >= 1
         rt.close()
     assert dev.calls["graph_capture"] >= 1 and dev.calls["graph_launch"] > dev.calls["graph_capture"]
+    # issue 14.8: a batch larger than the engines' profiles is split to fit them, not refused
+    big = (images * 12)[:72]  # 72 images in one batch; the backbone profile allows 64
+    scoring = {"k": 2, "votes": 1, "n_timesteps": 4}
+    rt, got = _classify(bundle, big, "tensorrt", scoring)
+    assert rt.pipeline.engines.backbone.max_batch == 64 < len(big)
+    assert [r.label for r in got] == [r.label for r in _classify(bundle, big, "onnxruntime", scoring)[1]]
+    rt.close()
     assert dev.calls["memcpy_dtod"] > 0  # rows gathered on the device, not uploaded from the host
 
 
