@@ -20,6 +20,7 @@ component and they open, else ONNX Runtime, saying why at WARNING level).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +85,22 @@ def _open_onnxruntime(bundle_dir: Path, manifest: Any, component: str, options: 
             options = OrtOptions(**(options or {}))
         except TypeError as exc:
             raise ConfigError(f"onnxruntime backend options {options}: {exc}") from exc
+    if options.device == "tensorrt" and not options.trt_profile_shapes:
+        options = dataclasses.replace(options, trt_profile_shapes=ort_trt_profile(manifest, component))
     return OrtEngine(bundle_dir / manifest.components[component].file, component, options)
+
+
+def ort_trt_profile(manifest: Any, component: str) -> dict[str, str]:
+    """The component's TensorRT shape profile (``trt_build.shape_profile``) in the TensorRT
+    execution provider's ``name:AxBxC,...`` form, keyed min / opt / max."""
+    from dbmef.runtime.trt_build import shape_profile
+
+    prof = shape_profile(manifest, component)
+
+    def fmt(j: int) -> str:
+        return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[j])}" for name, *shapes in prof.inputs)
+
+    return {"min": fmt(0), "opt": fmt(1), "max": fmt(2)}
 
 
 def _open_tensorrt(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:

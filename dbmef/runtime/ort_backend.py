@@ -61,6 +61,10 @@ class OrtOptions:
     trt_fp16: bool = False
     trt_cache_dir: str | None = None  # engine and timing caches of the TensorRT EP
     trt_workspace_bytes: int = 4 << 30
+    # "name:1x3x224x224,..." for trt_profile_{min,opt,max}_shapes; set per component by the backend
+    # from the bundle (the same profiles `dbmef build-engines` uses), so the EP builds one engine
+    # up front instead of a new one whenever a new batch size arrives.
+    trt_profile_shapes: dict[str, str] = field(default_factory=dict)
     strict: bool = False  # raise instead of warn when a GPU provider is not really used
     extra_session_config: dict[str, str] = field(default_factory=dict)
 
@@ -101,6 +105,7 @@ def resolve_providers(opts: OrtOptions) -> list[Any]:
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": cache,
             "trt_max_workspace_size": opts.trt_workspace_bytes,
+            **{f"trt_profile_{k}_shapes": v for k, v in opts.trt_profile_shapes.items()},
         }
         return [(TRT, trt_opts), (CUDA, cuda_opts), CPU]
     raise EngineError(f"unknown device {opts.device!r}; use cpu, cuda, tensorrt or auto")

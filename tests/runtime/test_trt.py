@@ -146,11 +146,20 @@ def test_a_foreign_timing_cache_falls_back_to_a_fresh_one(tmp_path, caplog):
     assert timing_cache_name("10.16.1.11", "9.0") != timing_cache_name("10.16.1.11", "8.9")
 
 
-def test_onnxruntime_tensorrt_provider_keeps_the_bundle_precision():
-    """Issue 14.6: the TensorRT execution provider must not run an fp32 bundle in fp16 by default."""
+def test_onnxruntime_tensorrt_provider_keeps_the_bundle_precision_and_profiles():
+    """Issue 14.6: the TensorRT execution provider must not run an fp32 bundle in fp16 by default, and
+    gets the bundle's shape profiles up front (else it builds an engine per new batch size)."""
+    from dbmef.digits import demo_bundle_dir
+    from dbmef.runtime.backends import ort_trt_profile
+    from dbmef.runtime.bundle import load_manifest
     from dbmef.runtime.ort_backend import OrtOptions
 
     assert OrtOptions().trt_fp16 is False
+    m = load_manifest(demo_bundle_dir())
+    assert ort_trt_profile(m, "backbone") == {"min": "pixel_values:1x3x16x16", "opt": "pixel_values:16x3x16x16",
+                                              "max": "pixel_values:64x3x16x16"}
+    scorer = ort_trt_profile(m, "scorer")
+    assert scorer["min"] == scorer["max"] and "x0:64x4x8x8" in scorer["min"] and "lam:1" in scorer["min"]
 
 
 def test_buffer_sizes():
