@@ -24,7 +24,7 @@ from dbmef.runtime.backends import open_engine
 from dbmef.runtime.early_exit import vote
 from dbmef.runtime.preprocess import ImageInput, load_image
 from dbmef.runtime.prompts import negative_prompts, positive_prompt
-from dbmef.runtime.protector import softmax
+from dbmef.runtime.protector import softmax, top_k
 from dbmef.runtime.scorer import combine_and_error
 
 PAPER_UNET_BATCH = 30
@@ -72,10 +72,11 @@ class PaperScriptsOnEngines:
             t = self._tick("decode_preprocess", t)
             x0 = pipe.engines.vae_encoder({"image": pipe.vae_preprocess(pil)[None]})["latent"][0]
             t = self._tick("vae_encode", t)  # before the gate, on every image
-            probs = softmax(pipe.engines.backbone({"pixel_values": x})["logits"])[0]
+            probs = softmax(pipe.engines.backbone({"pixel_values": x})["logits"])
             t = self._tick("backbone", t)
-            top = [int(c) for c in np.argsort(-probs, kind="stable")[: cfg.k]]
-            if float(probs[top[0]]) > self.threshold:
+            top_ids, top_p = top_k(probs, cfg.k)
+            top = [int(c) for c in top_ids[0]]
+            if float(top_p[0, 0]) > self.threshold:
                 labels.append(top[0])
                 continue
             cand = [names[c] for c in top]

@@ -51,10 +51,9 @@ def full_errors(bundle: Path, split: DigitsSplit, k: int, votes: int, all_images
     with DBMEFRuntime(bundle, scoring=cfg) as rt:
         pipe = rt.pipeline
         logits, _ = pipe.backbone_logits(images)
-        probs = np.exp(logits - logits.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        rethink = np.ones(len(images), bool) if all_images else rt.protector.rethink(probs.max(axis=1))
+        gate = rt.protector.gate(logits, k)
+        top = gate.top
+        rethink = np.ones(len(images), bool) if all_images else gate.rethink
         sel = np.flatnonzero(rethink)
         vae_in = np.stack([pipe.vae_preprocess(images[j]) for j in sel])
         latents = np.concatenate([pipe.engines.vae_encoder({"image": vae_in[s : s + 64]})["latent"]

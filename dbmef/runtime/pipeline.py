@@ -19,7 +19,7 @@ from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import Engine, max_batch
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreprocess, describe, load_image
 from dbmef.runtime.prompts import negative_prompts, positive_prompt
-from dbmef.runtime.protector import Protector, softmax
+from dbmef.runtime.protector import Protector
 from dbmef.runtime.schedule import NoiseSchedule
 from dbmef.runtime.scorer import DiffusionScorer
 from dbmef.runtime.tokenizer import ClipTokenizer
@@ -298,10 +298,8 @@ class DBMEFPipeline:
                 "are configured; pass class names that match the backbone"
             )
         with timer("protector"):
-            probs = softmax(logits)  # (N, C)
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k) rank order
-            top_p = np.take_along_axis(probs, top, axis=1)
-            rethink = self.protector.rethink(top_p[:, 0])
+            g = self.protector.gate(logits, k)
+            top, top_p, rethink = g.top, g.top_p, g.rethink  # (N, k), (N, k), (N,)
         for j, r in enumerate(ok):
             r.backbone_label = int(top[j, 0])
             r.max_prob = float(top_p[j, 0])

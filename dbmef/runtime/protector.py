@@ -19,6 +19,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates (DESIGN.md §1.3): (N, C) probabilities -> ((N, k) class ids in rank order,
+    (N, k) their probabilities). Ties keep the lower class id first (a stable sort)."""
+    top = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    return top, np.take_along_axis(probs, top, axis=-1)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The fast path's decision for N images: softmax ``probs`` (N, C), candidates ``top`` (N, k) in
+    rank order with their probabilities ``top_p`` (N, k), and ``rethink`` (N,) bool."""
+
+    probs: np.ndarray
+    top: np.ndarray
+    top_p: np.ndarray
+    rethink: np.ndarray
+
+
 @dataclass(frozen=True)
 class Protector:
     """Rethink an image iff its top softmax probability ``S(x) <= threshold``.
@@ -63,6 +81,13 @@ class Protector:
     def rethink(self, max_probs: np.ndarray) -> np.ndarray:
         """(B,) bool: True where the image is rethought (``S <= threshold``)."""
         return np.asarray(max_probs) <= self.threshold
+
+    def gate(self, logits: np.ndarray, k: int) -> Gate:
+        """DESIGN.md §1.1-1.3 in one place: softmax, S(x) = max p, rethink iff S <= threshold, and
+        the top-k candidates. (N, C) logits -> Gate."""
+        probs = softmax(logits)
+        top, top_p = top_k(probs, k)
+        return Gate(probs, top, top_p, self.rethink(top_p[:, 0]))
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinities: encode them as strings that float() reads back.

@@ -43,3 +43,22 @@ def test_softmax_stable_and_normalised():
     p = softmax(z)
     np.testing.assert_allclose(p[0], [0.5, 0.5, 0.0], atol=1e-7)
     np.testing.assert_allclose(p[1], [0.2, 0.6, 0.2], rtol=1e-6)
+
+
+def test_gate_by_hand():
+    """softmax, S = max p, rethink iff S <= threshold, top-k in rank order with ties to the lower id."""
+    import math
+
+    import numpy as np
+
+    from dbmef.runtime.protector import Protector
+
+    logits = np.array([[2.0, 0.0, 2.0, 1.0], [0.0, 5.0, 0.0, 0.0]])
+    e = [math.exp(2), 1.0, math.exp(2), math.e]
+    p0 = [x / sum(e) for x in e]  # 0.3992, 0.0540, 0.3992, 0.1469
+    g = Protector(0.5).gate(logits, 3)
+    assert g.top.tolist() == [[0, 2, 3], [1, 0, 2]]
+    np.testing.assert_allclose(g.top_p[0], [p0[0], p0[2], p0[3]], rtol=1e-6)
+    p1 = math.exp(5) / (math.exp(5) + 3)
+    assert g.top_p[1, 0] == np.float32(p1)
+    assert g.rethink.tolist() == [True, False]  # 0.399 <= 0.5; 0.980 > 0.5
