@@ -82,7 +82,7 @@ def test_ray_data_eval_equals_single_process_image_by_image_and_resumes(local_ra
     assert set(a) == set(b) and len(a) == N_IMAGES + 1
     for key in a:
         _same(a[key], b[key])
-    assert len(part.read_text().splitlines()) == N_IMAGES + 1  # no image written twice
+    assert len(part.read_text().splitlines()) == 1 + N_IMAGES + 1  # the header, then each image once
     for k in ("n_images", "n_errors", "backbone_accuracy", "dbmef_accuracy", "rethink_rate",
               "flips_true_to_false", "flips_false_to_true"):
         assert dist[k] == single[k], k
