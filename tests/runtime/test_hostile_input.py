@@ -104,10 +104,13 @@ def test_fuzzed_files_decode_or_raise_a_dbmef_error():
     assert time.perf_counter() - t0 < 60
 
 
-# The child reports its own peak RSS (RUSAGE_CHILDREN in the parent would be the largest child the
-# test process ever had, another test's included).
-_RUN_CLI = ("import resource, sys; from dbmef.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK_RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+# The child reports its own peak RSS from /proc/self/status (VmHWM, kB: this address space only).
+# getrusage will not do: RUSAGE_CHILDREN in the parent is the largest child the test process ever had,
+# and Linux keeps RUSAGE_SELF's ru_maxrss across execve, so a child of a large pytest process
+# reports the parent's size.
+_RUN_CLI = ("import re, sys; from dbmef.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+            "print('PEAK_RSS', hwm, file=sys.stderr); sys.exit(rc)")
 
 
 def cli(*args: str, timeout: int = 300) -> tuple[int, str, str, int]:
