@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import platform
 import statistics
 import sys
@@ -86,7 +85,7 @@ def check_bundle(bundle: Path, n_images: int, scoring: dict[str, int], repeats: 
     engines = build_engines(bundle, unet_batch=unet_batch)
     build_s = time.perf_counter() - t0
     images = synthetic_images(n_images)
-    rethink_all = Protector(math.inf, 0.0, None)
+    rethink_all = Protector.fixed(0.0)
     trt_rt = DBMEFRuntime(bundle, backend="tensorrt", protector=rethink_all)
     # early exit off: parity compares every vote's errors; the decision rule below discounts near ties
     cfg = trt_rt.manifest.scoring.replace(**scoring, early_exit="off")

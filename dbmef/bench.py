@@ -150,7 +150,7 @@ def torch_baselines(source: str | Path, cfg: ScoringConfig, images: list[np.ndar
     out: dict[str, Any] = {}
     if "torch_batched" in baselines:
         say("baseline torch_batched")
-        tb = reference_pipeline(source, work, Protector(math.inf, 0.0, None))
+        tb = reference_pipeline(source, work, Protector.fixed(0.0))
         walls = timed_runs(lambda: tb.classify(images), repeats, warmup=1)
         out["torch_batched"] = {"wall_s": {"p50": statistics.median(walls), "all": walls},
                                 "stages_s": dict(tb.last_timings)}

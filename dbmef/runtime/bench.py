@@ -39,7 +39,7 @@ def bench_stages(rt: Any, images: Sequence[ImageInput], repeats: int = 3, warmup
                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Every image rethought (Prot = 0): per-stage seconds per image (p50/p95 over repeats), the
     slow path's wall time, and scorer rows/s over the rows early exit really evaluated."""
-    rt.pipeline.protector = Protector(math.inf, 0.0, None)
+    rt.pipeline.protector = Protector.fixed(0.0)
     per_rep: list[dict[str, float]] = []
     walls: list[float] = []
     evals = 0

@@ -78,6 +78,13 @@ class Protector:
         threshold = float(np.quantile(s[ok], alpha, method="lower"))
         return cls(threshold, prot, n_correct)
 
+    @classmethod
+    def fixed(cls, prot: float) -> Protector:
+        """Prot = 0 rethinks every image (threshold +inf), Prot = 1 none (-inf), whatever the data."""
+        if prot not in (0.0, 1.0):
+            raise ConfigError(f"prot = {prot}: only 0 (rethink all) and 1 (rethink none) need no calibration")
+        return cls(math.inf if prot == 0.0 else -math.inf, prot, None)
+
     def rethink(self, max_probs: np.ndarray) -> np.ndarray:
         """(B,) bool: True where the image is rethought (``S <= threshold``)."""
         return np.asarray(max_probs) <= self.threshold

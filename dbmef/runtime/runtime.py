@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,17 +66,19 @@ class RuntimeSpec:
         """``DBMEFRuntime.identity`` without opening any engine (what the driver of a distributed
         evaluation writes into its results file)."""
         m = load_manifest(self.bundle)
-        # as the runtime resolves it: the override, else the bundle's, else rethink everything
-        protector = self._protector() or m.protector or Protector(math.inf, 0.0, None)
-        return identity(m, m.scoring.replace(**self.scoring), protector)
+        return identity(m, m.scoring.replace(**self.scoring), resolve_protector(m, self._protector()))
 
     def _protector(self) -> Protector | None:
-        if self.prot is None:
-            return None
-        return Protector(math.inf if self.prot == 0.0 else -math.inf, self.prot, None)
+        return None if self.prot is None else Protector.fixed(self.prot)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_protector(manifest: BundleManifest, override: Protector | None) -> Protector:
+    """The protector a runtime uses: the override, else the bundle's calibrated one, else Prot = 0
+    (an uncalibrated bundle rethinks every image)."""
+    return override or manifest.protector or Protector.fixed(0.0)
 
 
 def identity(manifest: BundleManifest, scoring: ScoringConfig, protector: Protector | None) -> dict[str, Any]:
@@ -128,12 +129,10 @@ class DBMEFRuntime:
                               "exported, recalibrated); `dbmef info` prints a bundle's digest")
         m = self.manifest
         self.config = scoring or m.scoring
-        if protector is None:
-            protector = m.protector
-        if protector is None:
+        if protector is None and m.protector is None:
             log.warning("bundle %s is not calibrated: every image is rethought (Prot = 0); run "
                         "`dbmef calibrate --bundle %s --data DIR --prot 0.95`", self.bundle_dir, self.bundle_dir)
-            protector = Protector(math.inf, 0.0, None)
+        protector = resolve_protector(m, protector)
         self.batch_size = batch_size
         pos = np.load(self.bundle_dir / m.positive_embeddings["file"])
         if pos.shape[0] != len(m.class_names):
