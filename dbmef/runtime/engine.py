@@ -49,14 +49,20 @@ def max_batch(engine: Engine, default: int) -> int:
     """Rows per call the engine accepts: its ``max_batch`` when it declares one (a TensorRT engine's
     profile maximum), else ``default``. Every chunked call in the pipeline goes through this, so a
     larger ``--batch-size`` is split to fit the engine instead of failing inside it."""
-    declared = getattr(engine.resolve() if isinstance(engine, LazyEngine) else engine, "max_batch", None)
+    declared = getattr(resolved(engine), "max_batch", None)
     return max(1, min(default, int(declared))) if declared else default
 
 
 def row_scorer(engine: Engine) -> RowScorer | None:
     """The engine's device-side row path, or None (rows are then gathered on the host)."""
-    target = engine.resolve() if isinstance(engine, LazyEngine) else engine
+    target = resolved(engine)
     return target if isinstance(target, RowScorer) else None
+
+
+def resolved(engine: Engine) -> Engine:
+    """The engine behind a ``LazyEngine`` (opened now if needed), or the engine itself: what optional
+    capabilities are asked of."""
+    return engine.resolve() if isinstance(engine, LazyEngine) else engine
 
 
 class LazyEngine:
