@@ -63,17 +63,21 @@ class ScoreResult:
     """Scorer output for M images. candidates (M,k) class ids in rank order; errors (M,V,k) mean
     error per vote and candidate over the timesteps evaluated (NaN where early exit evaluated none);
     votes (M,k) votes won among completed votes; labels (M,) winning class ids; rows_per_image (M,)
-    rows evaluated for each image (padding excluded; 2 UNet evaluations each); rows: their sum;
-    engine_calls: engine invocations made; stages: planner stages (host syncs on the device path)."""
+    rows evaluated for each image (padding excluded; 2 UNet evaluations each); engine_calls: engine
+    invocations made; stages: planner stages (host syncs on the device path)."""
 
     candidates: np.ndarray
     errors: np.ndarray
     votes: np.ndarray
     labels: np.ndarray
-    rows: int
     engine_calls: int
     rows_per_image: np.ndarray
     stages: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Rows evaluated for all M images together (padding excluded)."""
+        return int(self.rows_per_image.sum())
 
     @property
     def unet_evals_per_image(self) -> np.ndarray:
@@ -259,5 +263,5 @@ class DiffusionScorer:
         plan = run_planner(RowPlanner(m_count, cfg.votes, cfg.n_timesteps, cfg.k, cfg.exit_policy), evaluate)
         labels = candidates[np.arange(m_count), plan.winner] if m_count else np.empty(0, np.int64)
         return ScoreResult(candidates, plan.per_vote_errors(), plan.vote_counts(), labels.astype(np.int64),
-                           rows=int(plan.rows.sum()), engine_calls=calls, rows_per_image=plan.rows.copy(),
+                           engine_calls=calls, rows_per_image=plan.rows.copy(),
                            stages=plan.stages)
