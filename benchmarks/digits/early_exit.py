@@ -55,9 +55,7 @@ def full_errors(bundle: Path, split: DigitsSplit, k: int, votes: int, all_images
         top = gate.top
         rethink = np.ones(len(images), bool) if all_images else gate.rethink
         sel = np.flatnonzero(rethink)
-        vae_in = np.stack([pipe.vae_preprocess(images[j]) for j in sel])
-        latents = np.concatenate([pipe.engines.vae_encoder({"image": vae_in[s : s + 64]})["latent"]
-                                  for s in range(0, len(vae_in), 64)])
+        latents = pipe.encode_latents([images[j] for j in sel])
         neg = pipe.negative_embeddings(top[sel])
         unet = open_engine(Path(bundle), rt.manifest, "unet", "onnxruntime", None)
         scorer = DiffusionScorer(cfg, unet, tuple(rt.manifest.vae["latent_shape"]), rt.manifest.schedule)

@@ -39,11 +39,6 @@ TITLES = {
 }
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runtime: bool = True) -> dict[str, Any]:
     """All Table 1 columns for one bundle and k. Returns accuracies, costs and the runtime check."""
     from tqdm.auto import tqdm
@@ -61,12 +56,9 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
         pipe = rt.pipeline
         logits, errs = pipe.backbone_logits(images)
         assert not any(errs)
-        probs = softmax(logits)
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        rethink = rt.protector.rethink(probs.max(axis=1))
-        vae_in = np.stack([pipe.vae_preprocess(render(a)) for a in split.images])
-        latents = np.concatenate([pipe.engines.vae_encoder({"image": vae_in[s : s + 64]})["latent"]
-                                  for s in range(0, len(vae_in), 64)])
+        gate = rt.protector.gate(logits, k)
+        top, rethink = gate.top, gate.rethink
+        latents = pipe.encode_latents([render(a) for a in split.images])
         neg = pipe.negative_embeddings(top)
         pos = pipe.positive_embeddings
         unet = open_engine(Path(bundle), rt.manifest, "unet", "onnxruntime", None)

@@ -192,6 +192,14 @@ class DBMEFPipeline:
             outs.append(self.engines.text_encoder({"input_ids": ids})["last_hidden_state"])
         return np.concatenate(outs).astype(np.float32, copy=False)
 
+    def encode_latents(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images -> (M, 4, h, w) VAE latents x0 (DESIGN.md §1.4), in calls of at most the
+        engine's batch."""
+        imgs = np.stack([self.vae_preprocess(img) for img in images])
+        step = max_batch(self.engines.vae_encoder, 8)
+        return np.concatenate([self.engines.vae_encoder({"image": imgs[s : s + step]})["latent"]
+                               for s in range(0, len(imgs), step)])
+
     def negative_embeddings(self, candidates: np.ndarray) -> np.ndarray:
         """(M,k) candidate ids -> (M,k,L,D): each image's k negatives in one text-encoder call,
         cached by the ordered candidate tuple."""
@@ -318,11 +326,7 @@ class DBMEFPipeline:
         if cands.shape[1] != k:
             raise ConfigError(f"results carry a top-{cands.shape[1]} but the scoring config has k = {k}")
         with timer("vae_encode"):
-            imgs = np.stack([self.vae_preprocess(pils[r.index]) for r in todo])
-            step = max_batch(self.engines.vae_encoder, 8)
-            latents = np.concatenate([
-                self.engines.vae_encoder({"image": imgs[s : s + step]})["latent"] for s in range(0, len(imgs), step)
-            ])  # (M,4,h,w)
+            latents = self.encode_latents([pils[r.index] for r in todo])  # (M,4,h,w)
         with timer("text_encoder"):
             neg = self.negative_embeddings(cands)  # (M,k,L,D)
         with timer("unet_scoring"):
