@@ -97,12 +97,12 @@ def check_bundle(bundle: Path, n_images: int, scoring: dict[str, int], repeats: 
     precision = trt_rt.manifest.precision
     tol = 3e-2 if precision == "fp16" else 1e-3
     same = [a.label == b.label for a, b in zip(trt_res, ort_res)]
-    rel = max(float(np.max(np.abs(np.asarray(a.errors) - np.asarray(b.errors)) / np.abs(np.asarray(b.errors))))
+    rel = max(float(np.max(np.abs(np.asarray(a.noise_errors) - np.asarray(b.noise_errors)) / np.abs(np.asarray(b.noise_errors))))
               for a, b in zip(trt_res, ort_res))
     # The exporter's rule: a different decision counts only when ONNX Runtime's margin between its
     # best and second-best candidate (mean error over votes) exceeds twice the measured difference.
-    max_abs = max(float(np.max(np.abs(np.asarray(a.errors) - np.asarray(b.errors)))) for a, b in zip(trt_res, ort_res))
-    margins = [np.diff(np.sort(np.asarray(b.errors).mean(axis=0))[:2])[0] for b in ort_res]
+    max_abs = max(float(np.max(np.abs(np.asarray(a.noise_errors) - np.asarray(b.noise_errors)))) for a, b in zip(trt_res, ort_res))
+    margins = [np.diff(np.sort(np.asarray(b.noise_errors).mean(axis=0))[:2])[0] for b in ort_res]
     real = [i for i, (ok, mg) in enumerate(zip(same, margins)) if not ok and mg > 2 * max_abs]
     scorer = trt_rt.pipeline.engines.scorer
     graphs = {n: bool(getattr(getattr(trt_rt.pipeline.engines, n), "graph", None) is not None)

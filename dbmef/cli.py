@@ -121,7 +121,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
-        rows = [[r.image, r.label, r.class_name, r.rethought, r.max_prob,
+        rows = [[r.name, r.label, r.class_name, r.rethought, r.max_prob,
                  rt.class_names[r.backbone_label] if r.backbone_label is not None else None, r.error]
                 for r in results]
         print(table(rows, ["image", "label", "class_name", "rethought", "p_top1", "backbone", "error"]))

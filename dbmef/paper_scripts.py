@@ -21,11 +21,8 @@ import numpy as np
 
 from dbmef.errors import BundleError
 from dbmef.runtime.backends import open_engine
-from dbmef.runtime.early_exit import vote
+from dbmef.runtime.method import combine_and_error, negative_prompts, positive_prompt, softmax, top_k, vote
 from dbmef.runtime.preprocess import ImageInput, load_image
-from dbmef.runtime.prompts import negative_prompts, positive_prompt
-from dbmef.runtime.protector import softmax, top_k
-from dbmef.runtime.scorer import combine_and_error
 
 PAPER_UNET_BATCH = 30
 

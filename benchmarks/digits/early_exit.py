@@ -43,7 +43,8 @@ def full_errors(bundle: Path, split: DigitsSplit, k: int, votes: int, all_images
 
     from dbmef.runtime import DBMEFRuntime
     from dbmef.runtime.backends import open_engine
-    from dbmef.runtime.scorer import DiffusionScorer, error_from_terms
+    from dbmef.runtime.method import error_from_terms
+    from dbmef.runtime.scorer import DiffusionScorer
 
     images = [render(a) for a in split.images]
     with DBMEFRuntime(bundle) as base:

@@ -45,7 +45,8 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
 
     from dbmef.runtime import DBMEFRuntime
     from dbmef.runtime.backends import open_engine
-    from dbmef.runtime.scorer import DiffusionScorer, error_from_terms, vote
+    from dbmef.runtime.method import error_from_terms, vote
+    from dbmef.runtime.scorer import DiffusionScorer
 
     images = [np.asarray(render(a)) for a in split.images]
     y = split.labels

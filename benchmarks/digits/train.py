@@ -235,7 +235,7 @@ def encode_latents(vae: Any, x: np.ndarray, copies: int, max_shift: int, seed: i
 
 
 def sample_prompts(labels: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> list[str]:
-    from dbmef.runtime.config import PromptTemplates
+    from dbmef.runtime.method import PromptTemplates
 
     t = PromptTemplates()
     out = []

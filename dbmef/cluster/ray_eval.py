@@ -55,30 +55,16 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 class FastPathStage:
-    """Ray Data actor: backbone + protector. Final records for images kept by the protector; the
-    rethought ones go on with their pixels and their fast-path result."""
+    """Ray Data actor: backbone + protector. Passes the batch on as ``Batch.columns()``: rows kept
+    by the protector are final; rethought rows carry their VAE input, so nothing is decoded twice."""
 
     def __init__(self, spec: dict[str, Any]):
         self.rt = RuntimeSpec(**{**spec, "lazy": True}).build()  # load only this half's engines
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from dbmef.runtime.pipeline import ImageResult
-
-        paths = [str(p) for p in batch["path"]]
-        ok = [i for i, e in enumerate(batch["read_error"]) if not e]
-        results: list[Any] = [None] * len(paths)
-        for i, e in enumerate(batch["read_error"]):
-            if e:
-                results[i] = ImageResult(i, paths[i], error=str(e))
-        if ok:
-            fast, _ = self.rt.pipeline.fast_path([batch["pixels"][i] for i in ok], [paths[i] for i in ok])
-            for i, r in zip(ok, fast):
-                r.index = i
-                results[i] = r
-        keep = [bool(r.rethought and r.error is None) for r in results]
-        pixels = [batch["pixels"][i] if keep[i] else np.zeros((1, 1, 3), np.uint8) for i in range(len(paths))]
-        return {"path": batch["path"], "label": batch["label"], "pixels": _ragged(pixels),
-                "rethink": np.array(keep), "result": np.array([json.dumps(r.to_dict()) for r in results])}
+        fast = self.rt.pipeline.fast_path(list(batch["pixels"]), [str(p) for p in batch["path"]],
+                                          errors=[str(e) or None for e in batch["read_error"]])
+        return {"path": batch["path"], "label": batch["label"], **fast.columns()}
 
 
 class RethinkStage:
@@ -88,12 +74,10 @@ class RethinkStage:
         self.rt = RuntimeSpec(**{**spec, "lazy": True}).build()  # load only this half's engines
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from dbmef.runtime.pipeline import ImageResult
+        from dbmef.runtime.results import Batch
 
-        results = [ImageResult.from_dict(json.loads(s)) for s in batch["result"]]
-        todo = [i for i, flag in enumerate(batch["rethink"]) if flag]
-        if todo:
-            self.rt.pipeline.rethink([results[i] for i in todo], [batch["pixels"][i] for i in todo])
+        rows = Batch.from_columns({k: v for k, v in batch.items() if k not in ("path", "label")})
+        results = self.rt.pipeline.rethink(rows).results(self.rt.class_names)
         records = [record(str(p), int(y), r) for p, y, r in zip(batch["path"], batch["label"], results)]
         return {"record": np.array([json.dumps(rec) for rec in records])}
 

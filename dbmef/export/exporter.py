@@ -308,7 +308,7 @@ def write_text_side(cfg: ExportConfig, system: LoadedSystem, out: Path) -> tuple
     import torch
 
     from dbmef.reference.loading import save_tokenizer_json
-    from dbmef.runtime.prompts import positive_prompt
+    from dbmef.runtime.method import positive_prompt
     from dbmef.runtime.tokenizer import ClipTokenizer
 
     pad_id = save_tokenizer_json(system.sd.tokenizer, out / "tokenizer.json")

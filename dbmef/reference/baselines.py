@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.method import negative_prompts, positive_prompt, vote
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.preprocess import ImageInput, load_image
-from dbmef.runtime.prompts import negative_prompts, positive_prompt
 from dbmef.runtime.schedule import NoiseSchedule
-from dbmef.runtime.scorer import vote
 
 PAPER_UNET_BATCH = 30
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.runtime.pipeline import STAGES
+from dbmef.errors import ConfigError
 from dbmef.runtime.preprocess import ImageInput
-from dbmef.runtime.protector import Protector
+from dbmef.runtime.results import STAGES
 
 
 def pct(xs: Sequence[float], q: float) -> float:
@@ -37,9 +37,11 @@ def timed_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[flo
 
 def bench_stages(rt: Any, images: Sequence[ImageInput], repeats: int = 3, warmup: int = 1,
                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Every image rethought (Prot = 0): per-stage seconds per image (p50/p95 over repeats), the
-    slow path's wall time, and scorer rows/s over the rows early exit really evaluated."""
-    rt.pipeline.protector = Protector.fixed(0.0)
+    """Every image rethought (``rt`` built with Prot = 0): per-stage seconds per image (p50/p95
+    over repeats), the slow path's wall time, and scorer rows/s over the rows early exit really
+    evaluated."""
+    if not np.isposinf(rt.protector.threshold):
+        raise ConfigError("bench_stages needs a runtime that rethinks every image: build it with prot=0")
     per_rep: list[dict[str, float]] = []
     walls: list[float] = []
     evals = 0
@@ -50,7 +52,8 @@ def bench_stages(rt: Any, images: Sequence[ImageInput], repeats: int = 3, warmup
         evals = sum(x.unet_evals for x in res)  # the same every repetition: answers are deterministic
         if r >= warmup:
             walls.append(wall)
-            per_rep.append({s: rt.last_timings.get(s, 0.0) / len(images) for s in STAGES})
+            # each image carries its share of every stage: the shares sum to the batch's stage time
+            per_rep.append({s: sum(x.timings.get(s, 0.0) for x in res) / len(images) for s in STAGES})
         if progress:
             progress(1)
     rows = evals // 2  # scorer rows actually evaluated (early exit included, padding excluded)
@@ -71,12 +74,14 @@ def bench_throughput(rt: Any, images: Sequence[ImageInput], thresholds: dict[str
                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Images/s at controlled rethink rates, each given as a protector threshold."""
     out = {}
+    from dbmef.runtime.protector import Protector
+
     for label, thr in thresholds.items():
-        rt.pipeline.protector = Protector(thr, None, None)
+        gated = rt.with_protector(Protector(thr, None, None))
         res: list[Any] = []
 
-        def run(res: list[Any] = res) -> None:
-            res[:] = rt.classify(list(images))
+        def run(res: list[Any] = res, gated: Any = gated) -> None:
+            res[:] = gated.classify(list(images))
 
         walls = timed_runs(run, repeats, warmup=1)
         out[label] = {"threshold": thr, "rethink_rate": sum(r.rethought for r in res) / len(images),

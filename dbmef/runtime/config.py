@@ -12,6 +12,7 @@ from typing import Any
 from dbmef.errors import ConfigError
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
 from dbmef.runtime.early_exit import ExitPolicy
+from dbmef.runtime.method import PromptTemplates
 
 # Sanity bounds on user-supplied numbers: far beyond any sensible setting, small enough that a typo
 # (--votes 1e9, --lam 1e30) is refused with a message instead of running out of memory or giving inf.
@@ -21,35 +22,6 @@ MAX_LAM = 100.0
 MAX_UNET_BATCH = 65536
 # Fields of older manifests' scoring configs that now live in the bundle's scheduler record.
 SCHEDULER_FIELDS = ("num_train_timesteps", "beta_start", "beta_end")
-
-DEFAULT_POSITIVE_TEMPLATE = "a photo of a {name}."
-DEFAULT_NEGATIVE_TEMPLATE = "the features of {names}."
-
-
-@dataclass(frozen=True)
-class PromptTemplates:
-    """How class names become text conditions (DESIGN.md §1.6).
-
-    ``positive`` is formatted with ``name``; ``negative`` with ``names``, the other k-1
-    candidates in rank order joined by ``separator``.
-    """
-
-    positive: str = DEFAULT_POSITIVE_TEMPLATE
-    negative: str = DEFAULT_NEGATIVE_TEMPLATE
-    separator: str = ","
-
-    def __post_init__(self) -> None:
-        if "{name}" not in self.positive:
-            raise ConfigError(
-                f"prompt template 'positive' = {self.positive!r} has no '{{name}}' placeholder; "
-                "write it like 'a photo of a {name}.'"
-            )
-        if "{names}" not in self.negative:
-            raise ConfigError(
-                f"prompt template 'negative' = {self.negative!r} has no '{{names}}' placeholder; "
-                "write it like 'the features of {names}.'"
-            )
-
 
 @dataclass(frozen=True)
 class ScoringConfig:

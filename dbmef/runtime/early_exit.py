@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dbmef.errors import ConfigError
+from dbmef.runtime.method import vote, vote_means
 
 POLICIES = ("off", "exact", "adaptive")
 
@@ -42,31 +43,6 @@ def van_der_corput_order(n: int) -> np.ndarray:
     bits = max(1, math.ceil(math.log2(max(n, 2))))
     rev = [int(format(j, f"0{bits}b")[::-1], 2) for j in range(1 << bits)]
     return np.array([r for r in rev if r < n], dtype=np.int64)
-
-
-def vote_means(errors: np.ndarray) -> np.ndarray:
-    """Per-vote mean error over timesteps: (..., n, k) -> (..., k) float32, summed in float64 in
-    grid order. The one definition used by every policy, so ``exact`` compares the very numbers
-    ``off`` compares."""
-    return np.asarray(errors, dtype=np.float32).mean(axis=-2, dtype=np.float64).astype(np.float32)
-
-
-def vote(errors: np.ndarray) -> tuple[int, np.ndarray]:
-    """Majority vote over V repeats with the paper's tie-break.
-
-    errors: (V, k) per-vote, per-candidate mean error. Each vote picks its argmin (a tie inside a
-    vote goes to the better-ranked candidate). The candidate with the most votes wins; a tie goes to
-    the tied candidate with the least mean error over votes, then to the better rank.
-    Returns (winning candidate position, (k,) vote counts).
-    """
-    errors = np.asarray(errors, dtype=np.float64)
-    if errors.ndim != 2:
-        raise ConfigError(f"vote() needs errors of shape (V, k), got {errors.shape}")
-    counts = np.bincount(errors.argmin(axis=1), minlength=errors.shape[1])
-    tied = np.flatnonzero(counts == counts.max())
-    mean_err = errors.mean(axis=0)
-    winner = int(tied[np.argmin(mean_err[tied])])  # argmin: first (best-ranked) among equal means
-    return winner, counts
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import numpy as np
 from dbmef.errors import ConfigError
 from dbmef.runtime.bundle import load_manifest
 from dbmef.runtime.data import LabelledImage
-from dbmef.runtime.pipeline import STAGES
 from dbmef.runtime.protector import Protector
+from dbmef.runtime.results import STAGES
 
 log = logging.getLogger(__name__)
 

@@ -6,95 +6,24 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from dbmef.errors import ConfigError, DBMEFError
+from dbmef.errors import ConfigError, DBMEFError, ImageError
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import Engine, max_batch
+from dbmef.runtime.method import negative_prompts, positive_prompt
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreprocess, describe, load_image
-from dbmef.runtime.prompts import negative_prompts, positive_prompt
 from dbmef.runtime.protector import Protector
+from dbmef.runtime.results import Batch, ImageResult
 from dbmef.runtime.schedule import NoiseSchedule
 from dbmef.runtime.scorer import DiffusionScorer
 from dbmef.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
-
-STAGES = ("decode_preprocess", "backbone", "protector", "vae_encode", "text_encoder", "unet_scoring", "vote")
-SLOW_STAGES = ("vae_encode", "text_encoder", "unet_scoring", "vote")
-
-
-@dataclass
-class ImageResult:
-    """The answer for one input. ``label`` is None only when ``error`` says why."""
-
-    index: int
-    image: str
-    label: int | None = None
-    class_name: str | None = None
-    rethought: bool = False
-    backbone_label: int | None = None
-    max_prob: float | None = None
-    topk: list[tuple[int, float]] = field(default_factory=list)
-    candidates: list[int] = field(default_factory=list)
-    errors: list[list[float | None]] = field(default_factory=list)  # (V opened, k); None: not evaluated
-    votes: list[int] = field(default_factory=list)  # (k,) votes won among completed votes
-    unet_evals: int = 0  # UNet evaluations this image's rethink cost (0 when not rethought)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds, this image's share
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "image": self.image,
-            "label": self.label,
-            "class_name": self.class_name,
-            "rethought": self.rethought,
-            "backbone_label": self.backbone_label,
-            "max_prob": self.max_prob,
-            "topk": [[c, p] for c, p in self.topk],
-            "candidates": self.candidates,
-            "errors": self.errors,
-            "votes": self.votes,
-            "unet_evals": self.unet_evals,
-            "timings": self.timings,
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ImageResult:
-        """Inverse of ``to_dict`` (extra keys, such as an evaluation record's, are ignored)."""
-        return cls(
-            index=int(d["index"]), image=str(d["image"]), label=d.get("label"), class_name=d.get("class_name"),
-            rethought=bool(d.get("rethought", False)), backbone_label=d.get("backbone_label"),
-            max_prob=d.get("max_prob"), topk=[(int(c), float(p)) for c, p in d.get("topk", [])],
-            candidates=list(d.get("candidates", [])), errors=[list(e) for e in d.get("errors", [])],
-            votes=list(d.get("votes", [])), unet_evals=int(d.get("unet_evals", 0)),
-            timings=dict(d.get("timings", {})), error=d.get("error"),
-        )
-
-
-class StageTimer:
-    """Accumulates wall time per stage. Engines are synchronous here, so a stage's clock stops when
-    its outputs are on the host."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {s: 0.0 for s in STAGES}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-
 
 class EmbeddingCache:
     """A bounded LRU cache of negative embeddings keyed by the ordered candidate tuple."""
@@ -193,9 +122,11 @@ class DBMEFPipeline:
         return np.concatenate(outs).astype(np.float32, copy=False)
 
     def encode_latents(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB images -> (M, 4, h, w) VAE latents x0 (DESIGN.md §1.4), in calls of at most the
-        engine's batch."""
-        imgs = np.stack([self.vae_preprocess(img) for img in images])
+        """RGB images -> (M, 4, h, w) VAE latents x0 (DESIGN.md §1.4)."""
+        return self._vae(np.stack([self.vae_preprocess(img) for img in images]))
+
+    def _vae(self, imgs: np.ndarray) -> np.ndarray:
+        """(M, 3, S, S) VAE inputs -> (M, 4, h, w) latents, in calls of at most the engine's batch."""
         step = max_batch(self.engines.vae_encoder, 8)
         return np.concatenate([self.engines.vae_encoder({"image": imgs[s : s + step]})["latent"]
                                for s in range(0, len(imgs), step)])
@@ -214,65 +145,90 @@ class DBMEFPipeline:
             out.append(emb)
         return np.stack(out)
 
-    def classify(
-        self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> list[ImageResult]:
+    def classify(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[ImageResult]:
         """Classify a batch. One result per input, in input order; an input that cannot be read
         gets ``error`` set and does not stop the others. ``progress`` receives UNet rows done."""
-        timer = StageTimer()
-        results, pils = self._fast_path(images, names, timer)
-        ok = [r for r in results if r.error is None]
-        self._slow_path([r for r in ok if r.rethought], pils, timer, progress)
-        self._share_timings(ok, timer)
-        self.last_timings = timer.seconds
-        return results
+        return self.rethink(self.fast_path(images, names), progress).results(self.class_names)
 
-    def fast_path(self, images: Sequence[ImageInput], names: Sequence[str] | None = None
-                  ) -> tuple[list[ImageResult], dict[int, Image.Image]]:
-        """Decode, backbone and protector only (the first half of ``classify``, e.g. for a
-        distributed pipeline that rethinks elsewhere). Returns the results, final for images not
-        rethought, and the decoded images of the rethought ones by result index."""
-        timer = StageTimer()
-        results, pils = self._fast_path(images, names, timer)
-        ok = [r for r in results if r.error is None]
-        self._share_timings(ok, timer)
-        return results, {r.index: pils[r.index] for r in ok if r.rethought}
-
-    def rethink(self, results: Sequence[ImageResult], images: Sequence[ImageInput],
-                progress: Callable[[int], None] | None = None) -> None:
-        """The second half of ``classify``: re-rank ``results`` (from ``fast_path``, all with
-        ``rethought`` set) in place; ``images`` are the same images, in the same order. The answer
-        is the one ``classify`` gives: it depends on the image and its top-k only."""
-        timer = StageTimer()
-        todo = [r for r in results if r.rethought and r.error is None]
-        if len(results) != len(images):
-            raise ConfigError(f"rethink got {len(results)} results and {len(images)} images")
-        wanted = {id(r) for r in todo}
-        pils = {r.index: load_image(src) for r, src in zip(results, images) if id(r) in wanted}
-        self._slow_path(todo, pils, timer, progress)
-        share = {st: timer.seconds[st] / max(len(todo), 1) for st in SLOW_STAGES}
-        for r in todo:
-            r.timings.update(share)
-
-    def _fast_path(self, images: Sequence[ImageInput], names: Sequence[str] | None, timer: StageTimer
-                   ) -> tuple[list[ImageResult], dict[int, Image.Image]]:
-        results = [ImageResult(i, names[i] if names else describe(src)) for i, src in enumerate(images)]
+    def fast_path(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
+                  errors: Sequence[str | None] | None = None) -> Batch:
+        """Decode, backbone and gate: the first half of ``classify``. Rows not rethought are final;
+        rethought rows carry their VAE input, so ``rethink`` (here or in another process) never
+        decodes again. ``errors``: inputs already known to be unreadable (not read again)."""
+        batch = Batch.empty([names[i] if names else describe(src) for i, src in enumerate(images)],
+                            self.config.k, self.config.votes)
         pils: dict[int, Image.Image] = {}
         pixel: list[np.ndarray] = []
-        with timer("decode_preprocess"):
-            for r, src in zip(results, images):
-                try:
-                    img = load_image(src)
-                    pixel.append(self.backbone_preprocess(img))
-                    pils[r.index] = img
-                except DBMEFError as exc:
-                    r.error = str(exc)
-                    log.warning("skipping %s: %s", r.image, exc)
-        ok = [r for r in results if r.error is None]
-        if ok:
-            self._backbone_and_protector(ok, np.stack(pixel), timer)
-        return results, pils
+        t0 = time.perf_counter()
+        for i, src in enumerate(images):
+            try:
+                if errors is not None and errors[i]:
+                    raise ImageError(str(errors[i]))
+                img = load_image(src)
+                pixel.append(self.backbone_preprocess(img))
+                pils[i] = img
+            except DBMEFError as exc:
+                batch.error[i] = str(exc)
+                log.warning("skipping %s: %s", batch.names[i], exc)
+        ok = batch.ok
+        batch.charge("decode_preprocess", time.perf_counter() - t0, ok)
+        if ok.any():
+            self._gate(batch, np.stack(pixel), pils)
+        return batch
+
+    def _gate(self, batch: Batch, pixel: np.ndarray, pils: dict[int, Image.Image]) -> None:
+        ok = batch.ok
+        t0 = time.perf_counter()
+        logits = self._backbone(pixel)  # (N_ok, C)
+        batch.charge("backbone", time.perf_counter() - t0, ok)
+        if logits.shape[1] != len(self.class_names):
+            raise ConfigError(
+                f"the backbone outputs {logits.shape[1]} classes but {len(self.class_names)} class names "
+                "are configured; pass class names that match the backbone"
+            )
+        t0 = time.perf_counter()
+        g = self.protector.gate(logits, self.config.k)
+        batch.top[ok], batch.top_p[ok], batch.rethink[ok] = g.top, g.top_p, g.rethink
+        batch.label[ok] = g.top[:, 0]
+        batch.charge("protector", time.perf_counter() - t0, ok)
+        t0 = time.perf_counter()
+        for i in np.flatnonzero(batch.rethink):
+            batch.vae_pixels[i] = self.vae_preprocess(pils[int(i)])
+        batch.charge("vae_encode", time.perf_counter() - t0, batch.rethink)  # its preprocessing, done once here
+
+    def rethink(self, batch: Batch, progress: Callable[[int], None] | None = None) -> Batch:
+        """The second half of ``classify``: VAE -> negatives -> scorer -> vote for the batch's
+        rethought rows, in place. The answer is the one ``classify`` gives: it depends on the
+        image and its top-k only, whichever process or batch runs it."""
+        rows = batch.rethink & batch.ok & (batch.unet_evals == 0)
+        if not rows.any():
+            return batch
+        idx = np.flatnonzero(rows)
+        cands = batch.top[idx]  # (M, k)
+        if cands.shape[1] != self.config.k:
+            raise ConfigError(f"the batch carries a top-{cands.shape[1]} but the scoring config has k = "
+                              f"{self.config.k}")
+        t0 = time.perf_counter()
+        pixels = [batch.vae_pixels[i] for i in idx]
+        if any(p is None for p in pixels):
+            raise ConfigError("a rethought row of the batch has no VAE input: build batches with fast_path")
+        latents = self._vae(np.stack(pixels))  # type: ignore[arg-type]  # (M, 4, h, w)
+        t1 = time.perf_counter()
+        neg = self.negative_embeddings(cands)  # (M, k, L, D)
+        t2 = time.perf_counter()
+        sr = self.scorer.score(latents, cands, self.positive_embeddings, neg, progress)
+        t3 = time.perf_counter()
+        batch.label[idx] = sr.labels  # "vote": recording the tallied answers (the tally runs in the scorer)
+        batch.noise_errors[idx], batch.votes[idx], batch.unet_evals[idx] = sr.errors, sr.votes, sr.unet_evals_per_image
+        t4 = time.perf_counter()
+        # what the slow path cost in engine terms (benchmarks read it; answers never depend on it)
+        batch.scoring = {"images": len(idx), "rows": sr.rows, "engine_calls": sr.engine_calls, "stages": sr.stages,
+                         "padded_rows": sr.engine_calls * self.config.unet_batch - sr.rows}
+        for stage, secs in (("vae_encode", t1 - t0), ("text_encoder", t2 - t1), ("unet_scoring", t3 - t2),
+                            ("vote", t4 - t3)):
+            batch.charge(stage, secs, rows)
+        return batch
 
     def backbone_logits(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
         """Decode and run the backbone only: (N_ok, C) logits of the readable images, and one error
@@ -287,75 +243,10 @@ class DBMEFPipeline:
                 errors.append(str(exc))
         if not pixel:
             return np.empty((0, len(self.class_names)), np.float32), errors
-        logits = self._backbone(np.stack(pixel))
-        return logits, errors
+        return self._backbone(np.stack(pixel)), errors
 
     def _backbone(self, pixel: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) -> (N, C) logits, in calls of at most the engine's batch."""
         step = max_batch(self.engines.backbone, self.backbone_batch)
         return np.concatenate([self.engines.backbone({"pixel_values": pixel[s : s + step]})["logits"]
                                for s in range(0, len(pixel), step)])
-
-    def _backbone_and_protector(self, ok: list[ImageResult], pixel: np.ndarray, timer: StageTimer) -> None:
-        k = self.config.k
-        with timer("backbone"):
-            logits = self._backbone(pixel)  # (N, C)
-        if logits.shape[1] != len(self.class_names):
-            raise ConfigError(
-                f"the backbone outputs {logits.shape[1]} classes but {len(self.class_names)} class names "
-                "are configured; pass class names that match the backbone"
-            )
-        with timer("protector"):
-            g = self.protector.gate(logits, k)
-            top, top_p, rethink = g.top, g.top_p, g.rethink  # (N, k), (N, k), (N,)
-        for j, r in enumerate(ok):
-            r.backbone_label = int(top[j, 0])
-            r.max_prob = float(top_p[j, 0])
-            r.topk = [(int(c), float(p)) for c, p in zip(top[j], top_p[j])]
-            r.rethought = bool(rethink[j])
-            r.label = r.backbone_label
-            r.class_name = self.class_names[r.label]
-
-    def _slow_path(self, todo: list[ImageResult], pils: dict[int, Image.Image], timer: StageTimer,
-                   progress: Callable[[int], None] | None) -> None:
-        """VAE -> negatives -> scorer -> vote for the rethought results; candidates are their top-k."""
-        if not todo:
-            return
-        k = self.config.k
-        cands = np.array([[c for c, _ in r.topk[:k]] for r in todo], dtype=np.int64)  # (M,k)
-        if cands.shape[1] != k:
-            raise ConfigError(f"results carry a top-{cands.shape[1]} but the scoring config has k = {k}")
-        with timer("vae_encode"):
-            latents = self.encode_latents([pils[r.index] for r in todo])  # (M,4,h,w)
-        with timer("text_encoder"):
-            neg = self.negative_embeddings(cands)  # (M,k,L,D)
-        with timer("unet_scoring"):
-            sr = self.scorer.score(latents, cands, self.positive_embeddings, neg, progress)
-        # what the last slow path cost in engine terms (benchmarks read it; answers never depend on it)
-        self.last_scoring = {"images": len(todo), "rows": sr.rows, "engine_calls": sr.engine_calls,
-                             "stages": sr.stages, "padded_rows": sr.engine_calls * self.config.unet_batch - sr.rows}
-        with timer("vote"):
-            for q, r in enumerate(todo):
-                r.label = int(sr.labels[q])
-                r.class_name = self.class_names[r.label]
-                r.candidates = [int(c) for c in sr.candidates[q]]
-                opened = ~np.isnan(sr.errors[q]).all(axis=1)  # votes early exit never opened are left out
-                r.errors = [[None if np.isnan(e) else float(e) for e in row] for row in sr.errors[q][opened]]
-                r.votes = [int(v) for v in sr.votes[q]]
-                r.unet_evals = int(sr.unet_evals_per_image[q])
-
-    @staticmethod
-    def _share_timings(ok: list[ImageResult], timer: StageTimer) -> None:
-        """Attribute batch stage time to images: shared stages split over all readable images,
-        rethink stages over the rethought ones only."""
-        s = timer.seconds
-        n_ok = max(len(ok), 1)
-        n_re = max(sum(r.rethought for r in ok), 1)
-        for r in ok:
-            r.timings = {
-                st: s[st] / (n_re if st in SLOW_STAGES else n_ok)
-                for st in STAGES
-                if r.rethought or st not in SLOW_STAGES
-            }
-
-

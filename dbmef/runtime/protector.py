@@ -9,32 +9,7 @@ from typing import Any
 import numpy as np
 
 from dbmef.errors import ConfigError
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis, computed in float64 then cast to float32."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The candidates (DESIGN.md §1.3): (N, C) probabilities -> ((N, k) class ids in rank order,
-    (N, k) their probabilities). Ties keep the lower class id first (a stable sort)."""
-    top = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
-    return top, np.take_along_axis(probs, top, axis=-1)
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The fast path's decision for N images: softmax ``probs`` (N, C), candidates ``top`` (N, k) in
-    rank order with their probabilities ``top_p`` (N, k), and ``rethink`` (N,) bool."""
-
-    probs: np.ndarray
-    top: np.ndarray
-    top_p: np.ndarray
-    rethink: np.ndarray
+from dbmef.runtime.method import Gate, gate
 
 
 @dataclass(frozen=True)
@@ -92,9 +67,7 @@ class Protector:
     def gate(self, logits: np.ndarray, k: int) -> Gate:
         """DESIGN.md §1.1-1.3 in one place: softmax, S(x) = max p, rethink iff S <= threshold, and
         the top-k candidates. (N, C) logits -> Gate."""
-        probs = softmax(logits)
-        top, top_p = top_k(probs, k)
-        return Gate(probs, top, top_p, self.rethink(top_p[:, 0]))
+        return gate(logits, self.threshold, k)
 
     def to_dict(self) -> dict[str, Any]:
         # JSON has no infinities: encode them as strings that float() reads back.

@@ -8,6 +8,7 @@ by the seed and the negative-embedding cache only memoises a pure function.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,9 +24,10 @@ from dbmef.runtime.backends import open_engine
 from dbmef.runtime.bundle import BundleManifest, load_manifest, verify_files
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import Engine, LazyEngine
-from dbmef.runtime.pipeline import DBMEFPipeline, ImageResult, PipelineEngines
+from dbmef.runtime.pipeline import DBMEFPipeline, PipelineEngines
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput
 from dbmef.runtime.protector import Protector
+from dbmef.runtime.results import ImageResult
 from dbmef.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,14 @@ class DBMEFRuntime:
         and the protector. Results files record it so a resume never mixes two configurations."""
         return identity(self.manifest, self.config, self.protector)
 
+    def with_protector(self, protector: Protector) -> DBMEFRuntime:
+        """The same runtime (same engines, caches and scoring) behind another gate: what a sweep
+        over thresholds or a service with two operating points uses instead of reloading."""
+        other = copy.copy(self)
+        other.pipeline = copy.copy(self.pipeline)
+        other.pipeline.protector = protector
+        return other
+
     @property
     def class_names(self) -> list[str]:
         return self.pipeline.class_names
@@ -196,10 +206,6 @@ class DBMEFRuntime:
     @property
     def protector(self) -> Protector:
         return self.pipeline.protector
-
-    @property
-    def last_timings(self) -> dict[str, float]:
-        return getattr(self.pipeline, "last_timings", {})
 
     def classify(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
                  progress: Callable[[int], None] | None = None) -> list[ImageResult]:
@@ -223,7 +229,7 @@ class DBMEFRuntime:
     def backbone_scores(self, images: Iterable[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
         """Backbone softmax for calibration: (N, C) probabilities (rows of NaN where an image could
         not be read) and the per-image error message or None."""
-        from dbmef.runtime.protector import softmax
+        from dbmef.runtime.method import softmax
 
         imgs = list(images)
         probs = np.full((len(imgs), len(self.class_names)), np.nan, dtype=np.float32)

@@ -19,43 +19,19 @@ import numpy as np
 
 from dbmef.errors import EngineError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, RowPlanner, run_planner, vote
+from dbmef.runtime.early_exit import ExitPolicy, RowPlanner, run_planner
 from dbmef.runtime.engine import Engine, row_scorer
+from dbmef.runtime.method import add_noise, combine_and_error, error_terms
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.schedule import NoiseSchedule
 
-__all__ = ["DiffusionScorer", "ScoreResult", "combine_and_error", "error_from_terms", "error_terms", "vote"]
+__all__ = ["DiffusionScorer", "ScoreResult"]
 
 log = logging.getLogger(__name__)
 
 # A row kernel maps gathered rows to one error per row:
 # (x0 (B,4,h,w), eps (B,4,h,w), t (B,), emb_pos (B,L,D), emb_neg (B,L,D)) -> err (B,)
 RowKernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-def combine_and_error(eps: np.ndarray, pred_pos: np.ndarray, pred_neg: np.ndarray, lam: float) -> np.ndarray:
-    """``eps_hat = neg + lam (pos - neg)``; per-row ``mean((eps - eps_hat)^2)``. (B,4,h,w)x3 -> (B,)."""
-    eps_hat = pred_neg + np.float32(lam) * (pred_pos - pred_neg)
-    diff = eps.astype(np.float32) - eps_hat
-    return np.asarray(np.mean(diff * diff, axis=tuple(range(1, diff.ndim)), dtype=np.float64), dtype=np.float32)
-
-
-def error_terms(eps: np.ndarray, pred_pos: np.ndarray, pred_neg: np.ndarray) -> np.ndarray:
-    """Per-row ``(mean(a*a), mean(b*b), mean(a*b))`` with ``a = eps - pred_neg``, ``b = eps - pred_pos``.
-
-    Since ``eps - eps_hat = (1 - lam) a + lam b``, these three numbers give the error for every lam
-    (``error_from_terms``) and the negative-only error (``mean(a*a)``) from one pair of UNet
-    evaluations: ablations over lam cost no extra UNet work. (B,4,h,w)x3 -> (B,3) float64.
-    """
-    a = (eps.astype(np.float32) - pred_neg).reshape(eps.shape[0], -1).astype(np.float64)
-    b = (eps.astype(np.float32) - pred_pos).reshape(eps.shape[0], -1).astype(np.float64)
-    return np.stack([(a * a).mean(axis=1), (b * b).mean(axis=1), (a * b).mean(axis=1)], axis=1)
-
-
-def error_from_terms(terms: np.ndarray, lam: float) -> np.ndarray:
-    """``mean((eps - eps_hat)^2)`` from ``error_terms`` (last axis of size 3), for guidance ``lam``."""
-    aa, bb, ab = terms[..., 0], terms[..., 1], terms[..., 2]
-    return (1 - lam) ** 2 * aa + lam**2 * bb + 2 * lam * (1 - lam) * ab
 
 
 @dataclass
@@ -137,9 +113,7 @@ class DiffusionScorer:
         return error_terms(eps, pos, neg)
 
     def _unet_predictions(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
-        a = self.sqrt_abar[t][:, None, None, None]  # (B,1,1,1)
-        s = self.sqrt_one_minus_abar[t][:, None, None, None]
-        x_t = a * x0 + s * eps  # (B,4,h,w)
+        x_t = add_noise(x0, eps, self.sqrt_abar[t], self.sqrt_one_minus_abar[t])  # (B,4,h,w)
         # Both conditions in one call: rows [0, B) positive, [B, 2B) negative.
         out = self.engine(
             {

@@ -60,8 +60,8 @@ def _same(a: dict, b: dict) -> None:
     for f in ("label", "rethought", "backbone_label", "candidates", "votes", "label_true", "correct"):
         assert a[f] == b[f], (a["image"], f, a[f], b[f])
     assert (a["error"] is None) == (b["error"] is None)
-    if a["errors"]:
-        np.testing.assert_allclose(a["errors"], b["errors"], rtol=1e-6)
+    if a["noise_errors"]:
+        np.testing.assert_allclose(a["noise_errors"], b["noise_errors"], rtol=1e-6)
     np.testing.assert_allclose([p for _, p in a["topk"]], [p for _, p in b["topk"]], rtol=1e-6)
 
 
@@ -136,7 +136,7 @@ def test_serve_batches_concurrent_requests_and_rejects_bad_input(local_ray, digi
             assert got["label"] == want.label and got["rethought"] == want.rethought
             assert got["class_name"] == want.class_name
             if want.rethought:
-                np.testing.assert_allclose(got["errors"], want.errors, rtol=1e-6)
+                np.testing.assert_allclose(got["noise_errors"], want.noise_errors, rtol=1e-6)
         assert max(a["batch_size"] for _, a in answers) > 1  # concurrent requests shared a batch
 
         status, err = _request(base + "/classify", b"this is not an image")

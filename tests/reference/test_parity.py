@@ -93,7 +93,7 @@ def test_scorer_matches_naive_paper_loop(tiny_system, sample_images, fused):
     for g, r in zip(got, ref):
         assert g.rethought
         assert g.candidates == r["candidates"]
-        err = np.asarray(g.errors)
+        err = np.asarray(g.noise_errors)
         diff = np.abs(err - r["errors"])
         assert diff.max() <= 1e-5, f"max abs err diff {diff.max():.3g} at {np.unravel_index(diff.argmax(), diff.shape)}"
         assert g.label == r["label"]
@@ -130,4 +130,4 @@ def test_pipeline_gates_and_answers_alone_as_in_batch(tiny_system, sample_images
     for j, img in enumerate(sample_images):
         alone = everything.classify([img])[0]
         assert alone.label == all_r[j].label
-        np.testing.assert_allclose(alone.errors, all_r[j].errors, rtol=1e-5)
+        np.testing.assert_allclose(alone.noise_errors, all_r[j].noise_errors, rtol=1e-5)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from dbmef.errors import ConfigError
-from dbmef.runtime.config import PromptTemplates, ScoringConfig
+from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.method import PromptTemplates, negative_prompts, positive_prompt
 from dbmef.runtime.noise import NoiseBank
-from dbmef.runtime.prompts import negative_prompts, positive_prompt
 
 
 def test_config_json_roundtrip(tmp_path):

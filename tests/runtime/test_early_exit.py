@@ -6,8 +6,9 @@ import pytest
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, replay, van_der_corput_order, vote, vote_means
+from dbmef.runtime.early_exit import ExitPolicy, replay, van_der_corput_order
 from dbmef.runtime.engine import FunctionEngine
+from dbmef.runtime.method import vote, vote_means
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.scorer import DiffusionScorer
 from tests.runtime.test_scorer import LATENT

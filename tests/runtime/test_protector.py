@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from dbmef.errors import ConfigError
-from dbmef.runtime.protector import Protector, softmax
+from dbmef.runtime.method import softmax
+from dbmef.runtime.protector import Protector
 
 
 def test_quantile_by_hand():

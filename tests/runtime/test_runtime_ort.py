@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_parity_with_torch_reference_on_32_plus_images(tiny_bundle, tiny_system,
         assert a.label == b.label
         if a.rethought:
             assert a.candidates == b.candidates and a.votes == b.votes
-            ea, eb = np.asarray(a.errors), np.asarray(b.errors)
+            ea, eb = np.asarray(a.noise_errors), np.asarray(b.noise_errors)
             rel = np.abs(ea - eb) / np.abs(eb)
             where = np.unravel_index(rel.argmax(), rel.shape)
             assert rel.max() <= 1e-4, f"max rel error diff {rel.max():.3g} at {where}"
@@ -60,7 +61,7 @@ def test_same_answer_alone_or_in_a_batch(tiny_bundle, many_images, scorer):
     for j in (0, 3, 7):
         alone = rt.classify([many_images[j]])[0]
         assert alone.label == batch[j].label and alone.votes == batch[j].votes
-        np.testing.assert_allclose(alone.errors, batch[j].errors, rtol=1e-5)
+        np.testing.assert_allclose(alone.noise_errors, batch[j].noise_errors, rtol=1e-5)
 
 
 def test_fused_and_unet_scorers_agree(tiny_bundle, many_images):
@@ -73,7 +74,7 @@ def test_fused_and_unet_scorers_agree(tiny_bundle, many_images):
     b = rt.classify(many_images[:4])
     for x, y in zip(a, b):
         assert x.label == y.label
-        np.testing.assert_allclose(x.errors, y.errors, rtol=1e-4)
+        np.testing.assert_allclose(x.noise_errors, y.noise_errors, rtol=1e-4)
 
 
 def test_only_rethought_images_are_encoded_and_negatives_cached(tiny_bundle, many_images):
@@ -146,9 +147,10 @@ def test_bundle_errors(tiny_bundle, tmp_path):
 
 
 def test_fast_path_then_rethink_elsewhere_equals_classify(tiny_bundle, many_images):
-    """The split a distributed pipeline uses: fast path on one runtime, the rethought images
-    (results shipped as dicts) re-ranked by another, in another batching: classify's answers."""
-    from dbmef.runtime.pipeline import ImageResult
+    """The split a distributed pipeline uses: fast path on one runtime, the batch shipped as
+    columns (pickled, as Ray does), its rethought rows re-ranked by another runtime in two other
+    batches, which never sees an image: classify's answers and timings' shape."""
+    from dbmef.runtime.results import Batch
 
     images = [*many_images[:12], b"not an image"]
     prot = _half_threshold(tiny_bundle, many_images[:12])
@@ -156,18 +158,22 @@ def test_fast_path_then_rethink_elsewhere_equals_classify(tiny_bundle, many_imag
     # lazy engines: each side opens only the networks its half of the pipeline uses
     a = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot, lazy=True)
     b = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot, lazy=True)
-    fast, pils = a.pipeline.fast_path(images)
-    assert set(pils) == {r.index for r in fast if r.rethought} and fast[-1].error
-    shipped = [ImageResult.from_dict(json.loads(json.dumps(r.to_dict()))) for r in fast]
-    todo = [j for j, r in enumerate(shipped) if r.rethought]
+    fast = a.pipeline.fast_path(images)
+    assert fast.error[-1] and [v is not None for v in fast.vae_pixels] == list(fast.rethink)
+    cols = pickle.loads(pickle.dumps(fast.columns()))
+    shipped = fast.results(a.class_names)
+    todo = np.flatnonzero(fast.rethink)
     assert 0 < len(todo) < 12
     for part in (todo[::2], todo[1::2]):  # rethought in two other batches
-        b.pipeline.rethink([shipped[j] for j in part], [images[j] for j in part])
+        done = b.pipeline.rethink(Batch.from_columns({k: v[part] for k, v in cols.items()}))
+        for j, r in zip(part, done.results(b.class_names)):
+            shipped[j] = r
     for x, y in zip(shipped, whole):
-        assert (x.label, x.rethought, x.backbone_label, x.candidates, x.votes, x.error is None) == (
-            y.label, y.rethought, y.backbone_label, y.candidates, y.votes, y.error is None)
+        assert (x.name, x.label, x.rethought, x.backbone_label, x.candidates, x.votes, x.error is None) == (
+            y.name, y.label, y.rethought, y.backbone_label, y.candidates, y.votes, y.error is None)
+        assert set(x.timings) == set(y.timings)
         if x.rethought:
-            np.testing.assert_allclose(x.errors, y.errors, rtol=1e-6)
+            np.testing.assert_allclose(x.noise_errors, y.noise_errors, rtol=1e-6)
             assert set(x.timings) >= {"backbone", "unet_scoring"}
     ea, eb = a.pipeline.engines, b.pipeline.engines
     assert ea.backbone.opened and not (ea.vae_encoder.opened or ea.text_encoder.opened or ea.scorer.opened)

@@ -8,9 +8,10 @@ import pytest
 from dbmef.errors import EngineError
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import FunctionEngine
+from dbmef.runtime.method import combine_and_error, error_from_terms, vote
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.schedule import alphas_cumprod, timestep_grid
-from dbmef.runtime.scorer import DiffusionScorer, combine_and_error, error_from_terms, vote
+from dbmef.runtime.scorer import DiffusionScorer
 
 LATENT = (4, 4, 4)
 
