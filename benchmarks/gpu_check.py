@@ -70,12 +70,12 @@ def fitting_unet_batch(manifest: Any, total_memory: int, want: int = 32) -> int:
 
 
 def check_bundle(bundle: Path, n_images: int, scoring: dict[str, int], repeats: int) -> dict[str, Any]:
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime.backends.cuda import device_info
+    from dbmef.runtime.backends.onnxruntime import OrtOptions
     from dbmef.runtime.bundle import load_manifest
-    from dbmef.runtime.cuda import device_info
-    from dbmef.runtime.ort_backend import OrtOptions
     from dbmef.runtime.protector import Protector
-    from dbmef.runtime.runtime import DBMEFRuntime
-    from dbmef.runtime.trt_build import build_engines
+    from dbmef.runtime.system import DBMEFRuntime
 
     # one scorer batch for both backends: the TensorRT scorer engine is built static at it
     unet_batch = fitting_unet_batch(load_manifest(bundle), device_info()["total_memory"],
@@ -97,11 +97,11 @@ def check_bundle(bundle: Path, n_images: int, scoring: dict[str, int], repeats: 
     precision = trt_rt.manifest.precision
     tol = 3e-2 if precision == "fp16" else 1e-3
     same = [a.label == b.label for a, b in zip(trt_res, ort_res)]
-    rel = max(float(np.max(np.abs(np.asarray(a.noise_errors) - np.asarray(b.noise_errors)) / np.abs(np.asarray(b.noise_errors))))
-              for a, b in zip(trt_res, ort_res))
+    diffs = [(np.asarray(a.noise_errors, float), np.asarray(b.noise_errors, float)) for a, b in zip(trt_res, ort_res)]
+    rel = max(float(np.max(np.abs(x - y) / np.abs(y))) for x, y in diffs)
     # The exporter's rule: a different decision counts only when ONNX Runtime's margin between its
     # best and second-best candidate (mean error over votes) exceeds twice the measured difference.
-    max_abs = max(float(np.max(np.abs(np.asarray(a.noise_errors) - np.asarray(b.noise_errors)))) for a, b in zip(trt_res, ort_res))
+    max_abs = max(float(np.max(np.abs(x - y))) for x, y in diffs)
     margins = [np.diff(np.sort(np.asarray(b.noise_errors).mean(axis=0))[:2])[0] for b in ort_res]
     real = [i for i, (ok, mg) in enumerate(zip(same, margins)) if not ok and mg > 2 * max_abs]
     scorer = trt_rt.pipeline.engines.scorer
@@ -152,7 +152,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
 
-    from dbmef.runtime.cuda import device_info, require_gpu
+    from dbmef.runtime.backends.cuda import device_info, require_gpu
 
     require_gpu()
     work = Path(args.work)

@@ -112,7 +112,7 @@ def main() -> int:
     ap.add_argument("--work", default="engines/bench")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results/*.json")
     args = ap.parse_args()
-    from dbmef.bench import plot, run_bench
+    from dbmef.apps.bench import plot, run_bench
 
     results = HERE / "results"
     results.mkdir(exist_ok=True)

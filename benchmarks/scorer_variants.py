@@ -27,8 +27,8 @@ def main() -> int:
     ap.add_argument("--out", help="write the JSON result here")
     args = ap.parse_args()
 
+    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
     from dbmef.runtime.bundle import load_manifest
-    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
     from dbmef.runtime.scorer import DiffusionScorer
 
     b = Path(args.bundle)

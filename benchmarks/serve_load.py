@@ -56,7 +56,7 @@ def load(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict[str, A
 
 
 def in_process(bundle: str, bodies: list[bytes], n: int) -> dict[str, float]:
-    from dbmef.runtime.runtime import DBMEFRuntime
+    from dbmef.runtime.system import DBMEFRuntime
 
     with DBMEFRuntime(bundle) as rt:
         rt.classify(bodies[:4])  # warm-up
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
     from dbmef.cluster import RuntimeSpec
     from dbmef.cluster.serve import ServeConfig, start
-    from dbmef.digits import demo_bundle_dir, demo_test_split, render
 
     bundle = a.bundle or str(demo_bundle_dir())
     split = demo_test_split()

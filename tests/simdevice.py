@@ -1,7 +1,8 @@
 """A simulated NVIDIA device for CI (issue 14): fakes of the ``tensorrt`` builder and runtime objects
-and of the ``cuda.bindings.runtime`` calls that ``dbmef/runtime/{cuda,trt_build,trt_backend}.py``
-make, so the native TensorRT backend's code (engine building and keys, buffers, row gathering by
-device copies, CUDA graph capture and replay, host synchronisation) runs end to end in ``make test``.
+and of the ``cuda.bindings.runtime`` calls that ``dbmef/runtime/backends/{cuda,trt_engines,tensorrt}.py``
+and ``dbmef/export/trt_build.py`` make, so the native TensorRT backend's code (engine building and keys,
+buffers, row gathering by device copies, CUDA graph capture and replay, host synchronisation) runs end
+to end in ``make test``.
 
 This is a harness for dbmef's logic, not evidence about TensorRT or CUDA: "device memory" is host
 memory (every copy kind is a ``memmove``), a kernel launch is an ONNX Runtime run of the same ONNX
@@ -241,7 +242,7 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
 
     class Engine:
         def __init__(self, spec: dict[str, Any]):
-            from dbmef.runtime.ort_backend import import_onnxruntime
+            from dbmef.runtime.backends.onnxruntime import import_onnxruntime
 
             ort = import_onnxruntime()
             self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.digits import DigitsSplit, demo_bundle_dir, demo_test_split, render
+from dbmef.apps.digits import DigitsSplit, demo_bundle_dir, demo_test_split, render
 from dbmef.runtime.early_exit import ExitPolicy, replay
 
 HERE = Path(__file__).parent

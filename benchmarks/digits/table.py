@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.digits import DigitsSplit, render
+from dbmef.apps.digits import DigitsSplit, render
 
 COLUMNS = ["top1", "no_protector", "neg_only", "pos_only", "combined", "combined_votes"]
 TITLES = {

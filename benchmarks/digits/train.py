@@ -3,7 +3,7 @@
     python -m benchmarks.digits.train --seed 0 --out engines/digits/seed0
 
 Everything is trained here, seeded, on scikit-learn's ``load_digits`` (1 797 real 8x8 handwritten
-digits), rendered as 16x16 RGB images by ``dbmef.digits.render``:
+digits), rendered as 16x16 RGB images by ``dbmef.apps.digits.render``:
 
 * two timm classifiers (the backbones): ``weak`` (a 2-layer ``test_resnet`` trained briefly on a
   small part of the training split, 88-92 % test accuracy) and ``strong`` (``resnet10t`` with
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.digits import DIGIT_NAMES, IMAGE_SIZE, DigitsSplit, render
+from dbmef.apps.digits import DIGIT_NAMES, IMAGE_SIZE, DigitsSplit, render
 
 log = logging.getLogger("digits.train")
 
@@ -394,7 +394,7 @@ def export_and_calibrate(cfg: TrainConfig, system: Path, backbone: str, bundle: 
     from dbmef.export.exporter import ExportConfig, export_bundle
     from dbmef.runtime.config import ScoringConfig
     from dbmef.runtime.evaluate import calibrate, write_protector
-    from dbmef.runtime.runtime import DBMEFRuntime
+    from dbmef.runtime.system import DBMEFRuntime
 
     scoring = ScoringConfig(k=cfg.k, n_timesteps=cfg.n_timesteps, votes=cfg.votes, lam=cfg.lam, unet_batch=64)
     # scorer "both": the fused graph serves; the plain UNet graph lets the Table 1 ablations get

@@ -31,8 +31,8 @@ def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarra
     Runtime must pick the same candidate as the torch reference scorer."""
     from dbmef.reference.engines import TorchEngine
     from dbmef.reference.modules import FusedScorerModule, UNetModule
+    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
     from dbmef.runtime.engine import SCORER, UNET
-    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
     from dbmef.runtime.scorer import DiffusionScorer
 
     comp = manifest.scorer_component

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         out = export_bundle(cfg)
         if args.trt:
-            from dbmef.runtime.trt_build import build_engines
+            from dbmef.export.trt_build import build_engines
 
             build_engines(out, unet_batch=args.unet_batch)
     except DBMEFError as exc:

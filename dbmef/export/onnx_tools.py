@@ -108,7 +108,7 @@ def validate_component(module: nn.Module, onnx_path: Path, spec: ExportSpec, pre
                        batches: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     """Run the ONNX graph in ONNX Runtime (CPU) against the torch module at two batch sizes
     (proving the batch axis is dynamic). Raises ValidationError past tolerance."""
-    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
+    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
 
     atol, rtol = spec.tolerance(precision)
     eng = OrtEngine(onnx_path, spec.name, OrtOptions(device="cpu"))

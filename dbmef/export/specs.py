@@ -1,6 +1,6 @@
 """One spec per exported component: its I/O contract, sample inputs and dynamic axes (after
 TensorRT's demo/Diffusion models and optimum's per-model configs). Export and validation read
-these; TensorRT shape profiles come from the bundle's manifest (``dbmef.runtime.trt_build``)."""
+these; TensorRT shape profiles come from the bundle's manifest (``dbmef.runtime.backends.trt_engines``)."""
 
 from __future__ import annotations
 

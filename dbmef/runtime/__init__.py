@@ -27,9 +27,9 @@ from dbmef.runtime.pipeline import DBMEFPipeline, PipelineEngines
 from dbmef.runtime.preprocess import BackbonePreprocess, VaePreprocess, load_image
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import Batch, ImageResult
-from dbmef.runtime.runtime import DBMEFRuntime, RuntimeSpec
 from dbmef.runtime.schedule import NoiseSchedule, alphas_cumprod, scaled_linear_betas, timestep_grid
 from dbmef.runtime.scorer import DiffusionScorer, ScoreResult
+from dbmef.runtime.system import DBMEFRuntime, RuntimeSpec
 from dbmef.runtime.tokenizer import ClipTokenizer
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The one ``Engine`` interface every backend implements, and the component contracts.
 
 An engine maps named numpy inputs to named numpy outputs. Backends: ONNX Runtime
-(``dbmef.runtime.ort_backend``), native TensorRT, and the torch reference (``dbmef.reference``),
+(``dbmef.runtime.backends.onnxruntime``), native TensorRT, and the torch reference (``dbmef.reference``),
 which exists for parity tests and baselines.
 """
 

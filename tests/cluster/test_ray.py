@@ -17,8 +17,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from dbmef.apps.digits import DIGIT_NAMES, demo_bundle_dir, demo_test_split, render  # noqa: E402
 from dbmef.cluster import RuntimeSpec  # noqa: E402
-from dbmef.digits import DIGIT_NAMES, demo_bundle_dir, demo_test_split, render  # noqa: E402
 from dbmef.runtime.data import load_labelled  # noqa: E402
 from dbmef.runtime.evaluate import evaluate, read_results  # noqa: E402
 

@@ -49,7 +49,7 @@ def test_onnxruntime_matches_torch_at_two_batch_sizes(tiny_bundle, tiny_system, 
         UNetModule,
         VaeEncoderModule,
     )
-    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
+    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
     from dbmef.runtime.schedule import alphas_cumprod
 
     sd = load_sd(tiny_system / "sd")

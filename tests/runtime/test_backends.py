@@ -20,7 +20,7 @@ class RecordingEngine:
     """A toy backend's engine: ONNX Runtime with every graph optimisation off, recording its calls."""
 
     def __init__(self, path: Path, name: str, log: list[str]):
-        from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
+        from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
 
         self._inner = OrtEngine(path, name, OrtOptions(device="cpu", graph_optimization="disable"))
         self.name, self.input_names, self.output_names = name, self._inner.input_names, self._inner.output_names
@@ -37,7 +37,7 @@ class RecordingEngine:
 @needs_ort
 @needs_torch
 def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_images, tmp_path):
-    from dbmef.cli import main
+    from dbmef.apps.cli import main
     from dbmef.runtime import DBMEFRuntime, Protector, register_backend
 
     calls: list[str] = []
@@ -63,9 +63,9 @@ def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_ima
 
 @needs_ort
 def test_classify_never_imports_ray_or_the_cluster_package():
-    from dbmef.digits import demo_bundle_dir
+    from dbmef.apps.digits import demo_bundle_dir
 
-    code = ("import sys, numpy as np; from dbmef.cli import main; "
+    code = ("import sys, numpy as np; from dbmef.apps.cli import main; "
             f"from PIL import Image; Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save('/tmp/dbmef-z.png'); "
             f"rc = main(['-q', 'classify', '--json', '--bundle', {str(demo_bundle_dir())!r}, '/tmp/dbmef-z.png']); "
             "print('MODULES', [m for m in sys.modules if m.startswith(('dbmef.cluster', 'ray'))], rc)")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbmef.digits import demo_bundle_dir, demo_test_split, render
+from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
 from dbmef.errors import BundleError, ConfigError, DBMEFError, ImageError
 from dbmef.runtime.preprocess import MAX_IMAGE_PIXELS, load_image
 from tests.conftest import needs_ort
@@ -108,7 +108,7 @@ def test_fuzzed_files_decode_or_raise_a_dbmef_error():
 # getrusage will not do: RUSAGE_CHILDREN in the parent is the largest child the test process ever had,
 # and Linux keeps RUSAGE_SELF's ru_maxrss across execve, so a child of a large pytest process
 # reports the parent's size.
-_RUN_CLI = ("import re, sys; from dbmef.cli import main; rc = main(sys.argv[1:]); "
+_RUN_CLI = ("import re, sys; from dbmef.apps.cli import main; rc = main(sys.argv[1:]); "
             "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
             "print('PEAK_RSS', hwm, file=sys.stderr); sys.exit(rc)")
 

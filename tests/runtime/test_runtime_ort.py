@@ -13,7 +13,7 @@ from PIL import Image
 
 from dbmef.errors import BundleError, ConfigError
 from dbmef.runtime import Protector, ScoringConfig
-from dbmef.runtime.runtime import DBMEFRuntime
+from dbmef.runtime.system import DBMEFRuntime
 from tests.conftest import needs_ort, needs_torch
 
 pytestmark = [needs_torch, needs_ort]
@@ -53,7 +53,7 @@ def test_parity_with_torch_reference_on_32_plus_images(tiny_bundle, tiny_system,
 def test_same_answer_alone_or_in_a_batch(tiny_bundle, many_images, scorer):
     rt = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=Protector(np.inf, 0.0), batch_size=8)
     if scorer == "unet":  # the plain-UNet path of the same bundle
-        from dbmef.runtime.ort_backend import OrtEngine
+        from dbmef.runtime.backends.onnxruntime import OrtEngine
         from dbmef.runtime.scorer import DiffusionScorer
 
         rt.pipeline.scorer = DiffusionScorer(CFG, OrtEngine(tiny_bundle / "unet.onnx", "unet"), (4, 8, 8))
@@ -65,7 +65,7 @@ def test_same_answer_alone_or_in_a_batch(tiny_bundle, many_images, scorer):
 
 
 def test_fused_and_unet_scorers_agree(tiny_bundle, many_images):
-    from dbmef.runtime.ort_backend import OrtEngine
+    from dbmef.runtime.backends.onnxruntime import OrtEngine
     from dbmef.runtime.scorer import DiffusionScorer
 
     rt = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=Protector(np.inf, 0.0))

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from dbmef.errors import BackendUnavailableError, BundleError
+from dbmef.runtime.backends.cuda import device_count
+from dbmef.runtime.backends.row_gather import plan_chunk, simulate
+from dbmef.runtime.backends.tensorrt import buffer_bytes
+from dbmef.runtime.backends.trt_engines import ShapeProfile, engine_file_name, engine_key, shape_profile
 from dbmef.runtime.bundle import load_manifest
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.cuda import device_count
 from dbmef.runtime.engine import FunctionEngine
-from dbmef.runtime.row_gather import plan_chunk, simulate
 from dbmef.runtime.scorer import DiffusionScorer
-from dbmef.runtime.trt_backend import buffer_bytes
-from dbmef.runtime.trt_build import ShapeProfile, engine_file_name, engine_key, shape_profile
 from tests.conftest import needs_ort, needs_torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def test_engine_key_changes_with_every_input():
         assert engine_key(**{**base, field: value}) != k0, field
     assert engine_file_name("scorer", k0) == f"trt/scorer-{k0}.engine"
     # issue 14.7: builder settings are part of the key, so --opt-level 5 never reuses a level-3 engine
-    from dbmef.runtime.trt_build import BuildSettings
+    from dbmef.runtime.backends.trt_engines import BuildSettings
 
     assert engine_key(**base, settings=BuildSettings()) == k0
     for settings in (BuildSettings(optimization_level=5), BuildSettings(workspace_bytes=1 << 30),
@@ -93,7 +93,7 @@ class FakeTrtEngine:
 
 def test_cuda_graphs_are_used_for_a_static_profile_despite_a_symbolic_batch():
     """Issue 14.1: the scorer's min = opt = max profile is static although its network batch is -1."""
-    from dbmef.runtime.trt_backend import static_profile
+    from dbmef.runtime.backends.tensorrt import static_profile
 
     static = FakeTrtEngine({"x0": [(32, 4, 8, 8)] * 3, "timestep": [(32,)] * 3})
     assert static.get_tensor_shape("x0")[0] == -1
@@ -131,7 +131,7 @@ class FakeBuilderConfig:
 def test_a_foreign_timing_cache_falls_back_to_a_fresh_one(tmp_path, caplog):
     """Issue 14.2: the build must not crash after it succeeded because the saved cache came from
     another GPU; the cache file is keyed by TensorRT version and compute capability."""
-    from dbmef.runtime.trt_build import attach_timing_cache, save_timing_cache, timing_cache_name
+    from dbmef.export.trt_build import attach_timing_cache, save_timing_cache, timing_cache_name
 
     cfg = FakeBuilderConfig(foreign=b"h100 timings")
     attach_timing_cache(cfg, b"h100 timings")
@@ -149,10 +149,10 @@ def test_a_foreign_timing_cache_falls_back_to_a_fresh_one(tmp_path, caplog):
 def test_onnxruntime_tensorrt_provider_keeps_the_bundle_precision_and_profiles():
     """Issue 14.6: the TensorRT execution provider must not run an fp32 bundle in fp16 by default, and
     gets the bundle's shape profiles up front (else it builds an engine per new batch size)."""
-    from dbmef.digits import demo_bundle_dir
+    from dbmef.apps.digits import demo_bundle_dir
     from dbmef.runtime.backends import ort_trt_profile
+    from dbmef.runtime.backends.onnxruntime import OrtOptions
     from dbmef.runtime.bundle import load_manifest
-    from dbmef.runtime.ort_backend import OrtOptions
 
     assert OrtOptions().trt_fp16 is False
     m = load_manifest(demo_bundle_dir())
@@ -239,8 +239,8 @@ def test_device_row_path_of_the_scorer_matches_the_host_path():
 
 @pytest.mark.skipif(device_count() > 0, reason="checks the no-GPU error")
 def test_clear_error_without_gpu_or_tensorrt(tmp_path):
-    from dbmef.runtime.trt_backend import TrtEngine
-    from dbmef.runtime.trt_build import build_engines, import_tensorrt
+    from dbmef.export.trt_build import build_engines, import_tensorrt
+    from dbmef.runtime.backends.tensorrt import TrtEngine
 
     with pytest.raises(BackendUnavailableError, match=r"no NVIDIA GPU|cuda-python is not installed"):
         TrtEngine(tmp_path / "x.engine")
@@ -260,7 +260,7 @@ def test_backend_fallback_order(tiny_bundle, tmp_path, caplog):
     silent fallback."""
     from dbmef.runtime import DBMEFRuntime
     from dbmef.runtime.backends import open_engine
-    from dbmef.runtime.ort_backend import OrtEngine
+    from dbmef.runtime.backends.onnxruntime import OrtEngine
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
@@ -277,7 +277,7 @@ def test_backend_fallback_order(tiny_bundle, tmp_path, caplog):
             open_engine(b, m, "backbone", "tensorrt", None)
     rt = DBMEFRuntime(b, backend="auto")
     # issue 14.3: on a machine with a working onnxruntime-gpu, auto's fallback runs on CUDA
-    from dbmef.runtime.ort_backend import CUDA, available_providers
+    from dbmef.runtime.backends.onnxruntime import CUDA, available_providers
 
     want = "CUDAExecutionProvider" if CUDA in available_providers() else "CPUExecutionProvider"
     assert rt.describe()["providers"]["scorer"] == want
@@ -292,10 +292,10 @@ def test_check_trt_is_wired_into_make_test():
 @pytest.mark.skipif(not (ROOT / ".cache" / "check-trt" / "stubs-11.4.0.106").is_dir(),
                     reason="run `make check-trt` first (downloads the TensorRT bindings wheels)")
 def test_check_trt_catches_a_misspelt_method(tmp_path):
-    """The static check fails on a misspelt TensorRT method: a copy of trt_backend.py with
+    """The static check fails on a misspelt TensorRT method: a copy of backends/tensorrt.py with
     execute_async_v3 -> execute_async_v4 is type-checked against the 11.x stubs."""
-    src = (ROOT / "dbmef/runtime/trt_backend.py").read_text().replace("execute_async_v3(", "execute_async_v4(")
-    broken = tmp_path / "trt_backend.py"
+    src = (ROOT / "dbmef/runtime/backends/tensorrt.py").read_text().replace("execute_async_v3(", "execute_async_v4(")
+    broken = tmp_path / "broken_tensorrt.py"  # not tensorrt.py: it would shadow TensorRT
     broken.write_text(src)
     sys.path.insert(0, str(ROOT / "tools" / "check_trt"))
     try:
@@ -305,7 +305,7 @@ def test_check_trt_catches_a_misspelt_method(tmp_path):
     stubs = ROOT / ".cache" / "check-trt" / "stubs-11.4.0.106"
     ok, out = check_trt.mypy_against(stubs, [broken])
     assert not ok and "execute_async_v4" in out
-    ok, out = check_trt.mypy_against(stubs, [ROOT / "dbmef/runtime/trt_backend.py"])
+    ok, out = check_trt.mypy_against(stubs, [ROOT / "dbmef/runtime/backends/tensorrt.py"])
     assert ok, out
 
 
@@ -314,8 +314,8 @@ def test_check_trt_catches_a_misspelt_method(tmp_path):
 def test_trt_engine_matches_onnxruntime_on_gpu(tiny_bundle, tmp_path):
     """On a GPU: build engines for the tiny bundle and compare with ONNX Runtime (the full
     comparison with timings is benchmarks/gpu_check.py)."""
-    from dbmef.runtime.runtime import DBMEFRuntime
-    from dbmef.runtime.trt_build import build_engines
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime.system import DBMEFRuntime
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)

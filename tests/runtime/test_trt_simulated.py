@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dbmef.digits import demo_bundle_dir, demo_test_split, render
+from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
 from tests.conftest import needs_ort
 from tests.simdevice import install
 
@@ -33,8 +33,8 @@ def _stages(rt, images):
 
 @pytest.mark.parametrize("which", ["tiny", "digits"])
 def test_native_tensorrt_backend_on_a_simulated_device(which, tiny_bundle, sample_images, tmp_path, monkeypatch):
-    from dbmef.runtime.trt_backend import TrtEngine
-    from dbmef.runtime.trt_build import build_engines
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime.backends.tensorrt import TrtEngine
 
     src, images = ((tiny_bundle, sample_images[:6]) if which == "tiny" else
                    (demo_bundle_dir(), [np.asarray(render(a)) for a in demo_test_split().images[:12]]))
@@ -83,8 +83,8 @@ def test_native_tensorrt_backend_on_a_simulated_device(which, tiny_bundle, sampl
 
 def test_a_stale_or_foreign_engine_is_refused(tiny_bundle, tmp_path, monkeypatch):
     from dbmef.errors import BundleError
+    from dbmef.export.trt_build import build_engines
     from dbmef.runtime import DBMEFRuntime
-    from dbmef.runtime.trt_build import build_engines
     from tests.simdevice import SimDevice
 
     bundle = tmp_path / "b"
@@ -102,6 +102,6 @@ def test_a_stale_or_foreign_engine_is_refused(tiny_bundle, tmp_path, monkeypatch
 
 def test_bench_with_tensorrt_never_measures_onnxruntime_instead(tiny_bundle):
     """Issue 14.9: without TensorRT engines, --backend tensorrt is a clear error."""
-    from dbmef.cli import main
+    from dbmef.apps.cli import main
 
     assert main(["-q", "bench", "--bundle", str(tiny_bundle), "--backend", "tensorrt", "--images", "1"]) == 2

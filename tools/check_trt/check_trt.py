@@ -8,7 +8,7 @@ called), generate exact stubs with pybind11-stubgen, and type-check dbmef's Tens
 against each version's stubs with mypy. A misspelt method, a wrong argument count or a removed
 API (TensorRT 11 dropped BuilderFlag.FP16, EXPLICIT_BATCH, device_memory_size, ...) fails.
 
-cuda-python: every ``cuda*`` call in dbmef/runtime/cuda.py is bound against the real signature
+cuda-python: every ``cuda*`` call in dbmef/runtime/backends/cuda.py is bound against the real signature
 of ``cuda.bindings.runtime`` (Cython functions carry their signatures) and every enum it names
 must exist.
 
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TRT_VERSIONS = {"10": "10.16.1.11", "11": "11.4.0.106"}
 CUDA_BINDINGS = "cuda-bindings>=12.6"
-TRT_FILES = ["dbmef/runtime/trt_build.py", "dbmef/runtime/trt_backend.py"]
-CUDA_FILES = ["dbmef/runtime/cuda.py"]
+TRT_FILES = ["dbmef/export/trt_build.py", "dbmef/runtime/backends/trt_engines.py", "dbmef/runtime/backends/tensorrt.py"]
+CUDA_FILES = ["dbmef/runtime/backends/cuda.py"]
 # The C entry points the bindings link against; fake_trt.c defines them.
 FAKE_LIBS = ["libnvinfer.so.{major}", "libnvonnxparser.so.{major}", "libnvinfer_plugin.so.{major}"]
 
@@ -205,14 +205,14 @@ def self_test(cache: Path) -> bool:
     import tempfile
 
     cases = {
-        "misspelt TensorRT method": ("dbmef/runtime/trt_backend.py", "execute_async_v3(self.stream.ptr)",
+        "misspelt TensorRT method": ("dbmef/runtime/backends/tensorrt.py", "execute_async_v3(self.stream.ptr)",
                                      "execute_async_v4(self.stream.ptr)"),
-        "wrong TensorRT argument count": ("dbmef/runtime/trt_backend.py", "self.context.set_input_shape(n, shape)",
-                                          "self.context.set_input_shape(n)"),
+        "wrong TensorRT argument count": ("dbmef/runtime/backends/tensorrt.py",
+                                          "self.context.set_input_shape(n, shape)", "self.context.set_input_shape(n)"),
         "TensorRT 11 removed API": (
-            "dbmef/runtime/trt_build.py", "config.builder_optimization_level = ",
+            "dbmef/export/trt_build.py", "config.builder_optimization_level = ",
             "config.set_flag(trt.BuilderFlag.FP16)\n        config.builder_optimization_level = "),
-        "wrong cuda-python argument count": ("dbmef/runtime/cuda.py", "cudaStreamSynchronize(self.handle)",
+        "wrong cuda-python argument count": ("dbmef/runtime/backends/cuda.py", "cudaStreamSynchronize(self.handle)",
                                              "cudaStreamSynchronize(self.handle, 0)"),
     }
     all_caught = True
@@ -221,7 +221,8 @@ def self_test(cache: Path) -> bool:
         assert old in src, f"self-test anchor {old!r} not in {rel}"
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
             # keep the package path so imports resolve; shadow one module with the broken copy
-            broken = Path(tmp) / Path(rel).name
+            # (renamed: a copy of backends/tensorrt.py named tensorrt.py would shadow TensorRT itself)
+            broken = Path(tmp) / f"broken_{Path(rel).name}"
             broken.write_text(src.replace(old, new, 1))
             trt_files = [ROOT / f for f in TRT_FILES if f != rel] + ([broken] if rel in TRT_FILES else [])
             cuda_files = [broken] if rel in CUDA_FILES else [ROOT / f for f in CUDA_FILES]

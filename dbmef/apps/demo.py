@@ -49,7 +49,7 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
     """Classify the committed digits test split; write a PNG grid of the rethought digits to ``out``."""
     import time
 
-    from dbmef.digits import demo_bundle_dir, demo_test_split, render
+    from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
     from dbmef.runtime import DBMEFRuntime
 
     bundle = Path(bundle) if bundle else demo_bundle_dir()

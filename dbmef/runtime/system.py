@@ -1,7 +1,7 @@
 """``DBMEFRuntime``: load a bundle, check it, and classify batches of images.
 
 This is what a production service embeds. It needs numpy, Pillow, tokenizers and one engine
-backend (ONNX Runtime here; native TensorRT in ``trt_backend``). It is cheap to construct per
+backend (ONNX Runtime here; native TensorRT in ``backends/tensorrt.py``). It is cheap to construct per
 worker and holds no state that makes an answer depend on scheduling: the noise banks are fixed
 by the seed and the negative-embedding cache only memoises a pure function.
 """

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dbmef.cli import main
+from dbmef.apps.cli import main
 from dbmef.runtime.bundle import load_manifest
 from tests.conftest import needs_ort, needs_torch, write_images
 
@@ -66,7 +66,7 @@ def test_eval_resumes_after_interruption(bundle, labelled, tmp_path, capsys):
     from dbmef.runtime import ScoringConfig
     from dbmef.runtime.data import load_labelled
     from dbmef.runtime.evaluate import evaluate, read_results
-    from dbmef.runtime.runtime import DBMEFRuntime
+    from dbmef.runtime.system import DBMEFRuntime
 
     results = tmp_path / "res.jsonl"
     rt = DBMEFRuntime(bundle, scoring=ScoringConfig(n_timesteps=2, votes=2, unet_batch=16), batch_size=4)

@@ -1,7 +1,7 @@
 """The ``dbmef`` command: a thin argparse layer over library functions.
 
 Sub-commands: classify, calibrate, eval (``--ray``), serve, info, demo (and bench, build-engines where installed).
-Every feature is reachable from Python: see ``dbmef.runtime.runtime.DBMEFRuntime`` and
+Every feature is reachable from Python: see ``dbmef.runtime.system.DBMEFRuntime`` and
 ``dbmef.runtime.evaluate``.
 """
 
@@ -225,7 +225,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dbmef.bench import plot, run_bench
+    from dbmef.apps.bench import plot, run_bench
 
     bar = None if (args.quiet or args.json) else (lambda msg: print(f"[bench] {msg}", file=sys.stderr))
     report = run_bench(runtime_spec(args), source=args.source, n_images=args.images, repeats=args.repeats,
@@ -256,7 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engines(args: argparse.Namespace) -> int:
-    from dbmef.runtime.trt_build import build_engines
+    from dbmef.export.trt_build import build_engines
 
     recs = build_engines(args.bundle, components=args.components, force=args.force,
                          workspace_bytes=int(args.workspace_gb * 2**30), unet_batch=args.unet_batch,
@@ -268,7 +268,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dbmef.demo import run_demo
+    from dbmef.apps.demo import run_demo
 
     report = run_demo(args.out, bundle=args.bundle, limit=args.limit, progress=not args.quiet)
     if args.json:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dbmef.digits import DIGIT_NAMES, IMAGE_SIZE, DigitsSplit, demo_bundle_dir, demo_test_split, render
+from dbmef.apps.digits import DIGIT_NAMES, IMAGE_SIZE, DigitsSplit, demo_bundle_dir, demo_test_split, render
 from dbmef.errors import ConfigError
 
 
@@ -29,7 +29,7 @@ def test_render_and_split_round_trip(tmp_path):
 
 
 def test_committed_bundle_beats_its_backbone_on_the_test_split(tmp_path):
-    from dbmef.demo import run_demo
+    from dbmef.apps.demo import run_demo
 
     split = demo_test_split()
     assert len(split.labels) == 597 and set(split.labels.tolist()) == set(range(10))
@@ -69,7 +69,7 @@ def test_regenerated_report_keeps_the_hand_written_notes():
 def test_report_header_states_the_prot_each_backbone_ran_with():
     from benchmarks.digits.table import markdown
 
-    committed = json.loads((Path(__file__).parents[1] / "benchmarks/digits/results.json").read_text())
+    committed = json.loads((Path(__file__).parents[2] / "benchmarks/digits/results.json").read_text())
     rows = [{**r, "prot": 0.9 if r["backbone"] == "weak" else 0.995} for r in committed["results"]]
     md = markdown({**committed, "results": rows})
     assert "(Prot 0.9 for the weak backbone, Prot 0.995 for the strong backbone)" in md
@@ -80,7 +80,7 @@ def test_report_header_states_the_prot_each_backbone_ran_with():
 def test_training_script_runs_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
     from benchmarks.digits.train import TrainConfig, train_system
-    from dbmef.runtime.runtime import DBMEFRuntime
+    from dbmef.runtime.system import DBMEFRuntime
 
     cfg = TrainConfig(out=str(tmp_path / "run"), vae_steps=3, unet_steps=3, weak_epochs=1, strong_epochs=1,
                       augment_copies=0, n_timesteps=4)

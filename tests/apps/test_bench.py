@@ -12,7 +12,7 @@ pytestmark = [needs_torch, needs_ort]
 
 
 def test_run_bench_report_and_plot(tiny_bundle, tiny_system, tmp_path):
-    from dbmef.bench import plot, run_bench
+    from dbmef.apps.bench import plot, run_bench
     from dbmef.runtime import RuntimeSpec
 
     spec = RuntimeSpec(str(tiny_bundle), scoring={"n_timesteps": 2, "votes": 3, "unet_batch": 8})

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from dbmef.errors import EngineError
-from dbmef.runtime import cuda
+from dbmef.runtime.backends import cuda
+from dbmef.runtime.backends.row_gather import plan_chunk
+from dbmef.runtime.backends.trt_engines import import_tensorrt, trt_logger, usable_engine
 from dbmef.runtime.engine import check_feeds
-from dbmef.runtime.row_gather import plan_chunk
-from dbmef.runtime.trt_build import import_tensorrt, trt_logger, usable_engine
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def _open_auto(bundle_dir: Path, manifest: Any, component: str, options: Any) ->
 
 # -- built-in backends -------------------------------------------------------------------------------
 def _open_onnxruntime(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:
-    from dbmef.runtime.ort_backend import OrtEngine, OrtOptions
+    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
 
     if options is None or isinstance(options, dict):
         try:
@@ -93,7 +93,7 @@ def _open_onnxruntime(bundle_dir: Path, manifest: Any, component: str, options: 
 def ort_trt_profile(manifest: Any, component: str) -> dict[str, str]:
     """The component's TensorRT shape profile (``trt_build.shape_profile``) in the TensorRT
     execution provider's ``name:AxBxC,...`` form, keyed min / opt / max."""
-    from dbmef.runtime.trt_build import shape_profile
+    from dbmef.runtime.backends.trt_engines import shape_profile
 
     prof = shape_profile(manifest, component)
 
@@ -109,7 +109,7 @@ def _open_tensorrt(bundle_dir: Path, manifest: Any, component: str, options: Any
             f"bundle {bundle_dir} has no TensorRT engine for '{component}'; build them with "
             f"`dbmef build-engines --bundle {bundle_dir}` on the target GPU, or use --backend onnxruntime"
         )
-    from dbmef.runtime.trt_backend import TrtEngine
+    from dbmef.runtime.backends.tensorrt import TrtEngine
 
     return TrtEngine.from_bundle(bundle_dir, manifest, component)
 
