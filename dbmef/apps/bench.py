@@ -235,7 +235,7 @@ def run_bench(spec: RuntimeSpec, source: str | Path | None = None, n_images: int
     if flops is None and source is not None:
         from dbmef.reference.baselines import read_unet_config, unet_flops_per_evaluation
 
-        flops = unet_flops_per_evaluation(read_unet_config(source), tuple(rt.manifest.vae["latent_shape"][1:]))
+        flops = unet_flops_per_evaluation(read_unet_config(source), rt.manifest.vae_spec.latent_shape[1:])
     evals = stages["unet_evaluations"]
     roof: dict[str, Any] = {"flops_per_unet_evaluation": flops, "matmul_flops_per_s": rates}
     if flops:
@@ -331,8 +331,8 @@ def profile_scorer(rt: Any, threads: int = 0) -> dict[str, Any]:
     m = rt.manifest
     comp = m.scorer_component
     b = rt.config.unet_batch
-    c, h, w = m.vae["latent_shape"]
-    L, D = m.positive_embeddings["shape"][1:]
+    c, h, w = m.vae_spec.latent_shape
+    L, D = m.embeddings_spec.shape[1:]
     rng = np.random.default_rng(0)
     if comp == "scorer":
         feeds = {"x0": rng.standard_normal((b, c, h, w), dtype=np.float32),

@@ -31,13 +31,13 @@ def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarra
     Runtime must pick the same candidate as the torch reference scorer."""
     from dbmef.reference.engines import TorchEngine
     from dbmef.reference.modules import FusedScorerModule, UNetModule
-    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
+    from dbmef.runtime.backends.onnxruntime import OrtEngine
     from dbmef.runtime.engine import SCORER, UNET
     from dbmef.runtime.scorer import DiffusionScorer
 
     comp = manifest.scorer_component
     k = min(cfg.scoring.k, len(manifest.class_names))
-    latent_shape = tuple(manifest.vae["latent_shape"])
+    latent_shape = manifest.vae_spec.latent_shape
     # Each row costs two UNet evaluations on both sides. A real-size UNet (about 0.8 TFLOP per
     # evaluation at 64x64) gets a few cases on a coarse grid so the check takes minutes on a CPU;
     # the tiny system gets many.
@@ -50,9 +50,9 @@ def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarra
     m = min(cfg.decision_cases, 2) if big else cfg.decision_cases
     latents = rng.standard_normal((m, *latent_shape)).astype(np.float32)
     cands = np.stack([rng.permutation(len(manifest.class_names))[:k] for _ in range(m)])
-    pos_table = np.load(out / manifest.positive_embeddings["file"])
+    pos_table = np.load(out / manifest.embeddings_spec.file)
     neg = pos_table[rng.integers(0, len(pos_table), (m, k))]  # real text-encoder outputs as negatives
-    ort_engine = OrtEngine(out / manifest.components[comp].file, comp, OrtOptions(device="cpu"))
+    ort_engine = OrtEngine.on_cpu(out / manifest.components[comp].file, comp)
     torch_engine = (TorchEngine(SCORER, FusedScorerModule(sd.unet, abar)) if comp == "scorer"
                     else TorchEngine(UNET, UNetModule(sd.unet)))
     a = DiffusionScorer(small, ort_engine, latent_shape).score(latents, cands, pos_table, neg)

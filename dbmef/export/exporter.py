@@ -235,20 +235,9 @@ def _class_names(cfg: ExportConfig, num_classes: int, backbone_dir: Path | None)
 
 def reference_module(name: str, system: LoadedSystem, abar: np.ndarray) -> Any:
     """The float32 torch module a component is exported from and validated against."""
-    from dbmef.reference.modules import (
-        BackboneModule,
-        FusedScorerModule,
-        TextEncoderModule,
-        UNetModule,
-        VaeEncoderModule,
-    )
+    from dbmef.reference.modules import component_module
 
-    sd = system.sd
-    makers = {"backbone": lambda: BackboneModule(system.backbone),
-              "text_encoder": lambda: TextEncoderModule(sd.text_encoder),
-              "vae_encoder": lambda: VaeEncoderModule(sd.vae),
-              "scorer": lambda: FusedScorerModule(sd.unet, abar), "unet": lambda: UNetModule(sd.unet)}
-    return makers[name]()
+    return component_module(name, system.backbone, system.sd, abar)
 
 
 def exported_module(name: str, cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray, reference: Any) -> Any:

@@ -108,10 +108,10 @@ def validate_component(module: nn.Module, onnx_path: Path, spec: ExportSpec, pre
                        batches: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     """Run the ONNX graph in ONNX Runtime (CPU) against the torch module at two batch sizes
     (proving the batch axis is dynamic). Raises ValidationError past tolerance."""
-    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
+    from dbmef.runtime.backends.onnxruntime import OrtEngine
 
     atol, rtol = spec.tolerance(precision)
-    eng = OrtEngine(onnx_path, spec.name, OrtOptions(device="cpu"))
+    eng = OrtEngine.on_cpu(onnx_path, spec.name)
     reports = []
     for b in batches:
         args = spec.make_inputs(b)

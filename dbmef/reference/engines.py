@@ -65,30 +65,19 @@ def torch_engines(system: str | Path, config: ScoringConfig, fused: bool = True,
         read_class_names,
         save_tokenizer_json,
     )
-    from dbmef.reference.modules import (
-        BackboneModule,
-        FusedScorerModule,
-        TextEncoderModule,
-        UNetModule,
-        VaeEncoderModule,
-    )
+    from dbmef.reference.modules import component_module
     from dbmef.runtime.pipeline import PipelineEngines
 
     root = Path(system)
     sd = load_sd(root / "sd")
     backbone = load_backbone(root / "backbone")
     abar = NoiseSchedule().alphas_cumprod()  # the system's scheduler is SD's (checked at export)
-    scorer = (
-        TorchEngine(SCORER, FusedScorerModule(sd.unet, abar), device)
-        if fused
-        else TorchEngine(UNET, UNetModule(sd.unet), device)
-    )
-    engines = PipelineEngines(
-        backbone=TorchEngine(BACKBONE, BackboneModule(backbone), device),
-        text_encoder=TorchEngine(TEXT_ENCODER, TextEncoderModule(sd.text_encoder), device),
-        vae_encoder=TorchEngine(VAE_ENCODER, VaeEncoderModule(sd.vae), device),
-        scorer=scorer,
-    )
+
+    def engine(spec: ComponentSpec) -> TorchEngine:
+        return TorchEngine(spec, component_module(spec.name, backbone, sd, abar), device)
+
+    engines = PipelineEngines(backbone=engine(BACKBONE), text_encoder=engine(TEXT_ENCODER),
+                              vae_encoder=engine(VAE_ENCODER), scorer=engine(SCORER if fused else UNET))
     tok_dir = Path(tempfile.mkdtemp(prefix="dbmef-tok-"))
     save_tokenizer_json(sd.tokenizer, tok_dir / "tokenizer.json")
     image_size = int(sd.vae.config.sample_size)

@@ -105,3 +105,17 @@ class FusedScorerModule(nn.Module):
         pos, neg = pred.chunk(2)  # (B,4,h,w) each
         eps_hat = neg + lam.float() * (pos - neg)
         return ((eps.float() - eps_hat) ** 2).mean(dim=(1, 2, 3))  # (B,)
+
+
+def component_module(name: str, backbone: nn.Module, sd: Any, abar: np.ndarray) -> nn.Module:
+    """The float32 module of component ``name`` for a loaded system (``backbone``: the timm model,
+    ``sd``: the diffusers components, ``abar``: the schedule's cumulative alphas). The one place
+    modules are assembled: export traces these, validation and the torch reference run them."""
+    makers = {"backbone": lambda: BackboneModule(backbone),
+              "text_encoder": lambda: TextEncoderModule(sd.text_encoder),
+              "vae_encoder": lambda: VaeEncoderModule(sd.vae),
+              "scorer": lambda: FusedScorerModule(sd.unet, abar), "unet": lambda: UNetModule(sd.unet)}
+    if name not in makers:
+        raise KeyError(f"no module for component {name!r}; components: {list(makers)}")
+    return makers[name]()
+

@@ -114,6 +114,11 @@ def resolve_providers(opts: OrtOptions) -> list[Any]:
 class OrtEngine:
     """One ONNX model in an InferenceSession, behind the Engine interface."""
 
+    @classmethod
+    def on_cpu(cls, path: str | Path, name: str | None = None) -> OrtEngine:
+        """A CPU session whatever the machine has: what export-time validation compares against."""
+        return cls(path, name, OrtOptions(device="cpu"))
+
     def __init__(self, path: str | Path, name: str | None = None, options: OrtOptions | None = None):
         ort = import_onnxruntime()
         self.options = opts = options or OrtOptions()

@@ -66,14 +66,14 @@ class ShapeProfile:
 
 def symbol_values(manifest: BundleManifest, component: str) -> dict[str, int]:
     """Concrete sizes for the symbolic dims of a component's contract."""
-    emb = manifest.positive_embeddings["shape"]  # [C, L, D]
-    _, h, w = manifest.vae["latent_shape"]
+    emb = manifest.embeddings_spec.shape  # (C, L, D)
+    _, h, w = manifest.vae_spec.latent_shape
     sizes = {"L": int(emb[1]), "D": int(emb[2]), "C": len(manifest.class_names), "h": int(h), "w": int(w)}
     if component == "backbone":
         _, hh, ww = manifest.backbone_preprocess["input_size"]
         sizes.update(H=int(hh), W=int(ww))
     elif component == "vae_encoder":
-        sizes.update(H=int(manifest.vae["image_size"]), W=int(manifest.vae["image_size"]))
+        sizes.update(H=manifest.vae_spec.image_size, W=manifest.vae_spec.image_size)
     return sizes
 
 
