@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dbmef.apps.report import progress_bar, table
 from dbmef.errors import DBMEFError
 
 log = logging.getLogger("dbmef")
@@ -23,32 +24,6 @@ log = logging.getLogger("dbmef")
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A plain-text table; numbers right-aligned."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
-
-    def line(r: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _progress(total: int, desc: str, quiet: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, file=sys.stderr, dynamic_ncols=True)
 
 
 # -- runtime construction shared by the sub-commands -------------------------------------------
@@ -115,7 +90,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     rt = make_runtime(args)
     images = expand_inputs(args.images)
-    bar = _progress(len(images), "classify", args.quiet or args.json)
+    bar = progress_bar(len(images), "classify", args.quiet or args.json)
     results = rt.classify(images, progress=bar.update)
     bar.close()
     if args.json:
@@ -129,18 +104,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from dbmef.runtime.data import load_labelled
-    from dbmef.runtime.evaluate import calibrate, write_protector
+    from dbmef.apps.calibrate import run_from_args
 
-    rt = make_runtime(args, calibrated=False)
-    items = load_labelled(args.data, rt.class_names, rt.manifest.sources.get("class_wnids"))
-    bar = _progress(len(items), "calibrate", args.quiet)
-    protector, stats = calibrate(rt, items, args.prot, progress=bar.update)
-    bar.close()
-    write_protector(args.bundle, protector, stats, args.data)
-    out = {**protector.to_dict(), **stats}
-    print(json.dumps(out, indent=2) if args.json else table([[k, v] for k, v in out.items()], ["field", "value"]))
-    return 0
+    return run_from_args(args, runtime_spec(args, prot_override=False))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -154,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         m = load_manifest(args.bundle)
         items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))
-        bar = _progress(len(items), "eval (ray)", args.quiet or args.json)
+        bar = progress_bar(len(items), "eval (ray)", args.quiet or args.json)
         summary = ray_evaluate(runtime_spec(args), items, results, address=None if args.ray == "local" else args.ray,
                                resume=not args.no_resume, fast_actors=args.ray_fast_actors,
                                rethink_actors=args.ray_rethink_actors,
@@ -163,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         rt = make_runtime(args)
         items = load_labelled(args.data, rt.class_names, rt.manifest.sources.get("class_wnids"))
-        bar = _progress(len(items), "eval", args.quiet or args.json)
+        bar = progress_bar(len(items), "eval", args.quiet or args.json)
         summary = evaluate(rt, items, results, resume=not args.no_resume, progress=bar.update)
     bar.close()
     summary["results_file"] = results
@@ -215,9 +181,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"digest      {m.digest()}")
     print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
     print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
-    print(f"scorer      {m.scorer_component}; latent {m.vae['latent_shape']} from {m.vae['image_size']}px")
+    print(f"scorer      {m.scorer_component}; latent {m.vae_spec.latent_shape} from {m.vae_spec.image_size}px")
     print(f"scoring     {json.dumps({k: v for k, v in m.scoring.to_dict().items() if k != 'templates'})}")
     print(f"protector   {m.protector.to_dict() if m.protector else 'not calibrated (rethinks everything)'}")
+    cal = m.sources.get("calibration", {})
+    if "chosen" in cal:
+        c, p = cal["chosen"], cal["chosen"]["point"]
+        print(f"chosen by   {c['rule']} {c['value']:g} on {cal['n_images']} images ({cal['data']}): rethink rate "
+              f"{p['rethink_rate']:.1%}, accuracy {p['accuracy']:.2%} (backbone {p['backbone_accuracy']:.2%}), "
+              f"{p['mean_ms']:.2f} ms/image expected on {cal['device']}")
+        for w in c.get("warnings", []):
+            print(f"            note: {w}")
     print(f"tools       {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
     print()
     print(table(rows, ["component", "file", "precision", "MiB", "validation", "max_abs_err", "inputs"]))
@@ -293,10 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print a JSON list, one object per input")
     c.set_defaults(func=cmd_classify)
 
-    k = sub.add_parser("calibrate", help="fit the protector threshold on a labelled set; writes the manifest")
-    add_runtime_args(k, prot_help="Prot = 1 - alpha (paper: 0.95; 0.99 for strong backbones)")
+    k = sub.add_parser("calibrate", help="choose the operating point (protector threshold) on a labelled set from "
+                                          "one rethink-all pass; writes the threshold, the rule and the curve")
+    add_runtime_args(k, prot_help="rule: the paper's Prot = 1 - alpha (0.95; 0.99 for strong backbones)")
     k.add_argument("--data", required=True, help="ImageFolder root or a 'path label' file list")
-    k.add_argument("--json", action="store_true")
+    rule = k.add_argument_group("rule (one; default --prot 0.95)").add_mutually_exclusive_group()
+    rule.add_argument("--max-rethink-rate", type=float, metavar="R",
+                      help="the best accuracy whose calibration rethink rate is at most R (e.g. 0.10)")
+    rule.add_argument("--target-accuracy", type=float, metavar="A", help="the cheapest threshold reaching accuracy A")
+    rule.add_argument("--latency-budget-ms", type=float, metavar="L",
+                      help="the highest rethink rate whose expected mean latency per image fits L ms")
+    k.add_argument("--backbone-only", action="store_true",
+                   help="only the backbone pass (--prot only; no curve, no slow path): the quick calibration")
+    k.add_argument("--results", help="per-image JSONL of the pass (default: <bundle>/calibration/<data name>.jsonl)")
+    k.add_argument("--no-resume", action="store_true", help="start the pass over instead of resuming")
+    k.add_argument("--plot", metavar="PNG", help="write the curve (default: <bundle>/calibration/<data name>.png)")
+    k.add_argument("--dry-run", action="store_true", help="report the curve and the choice; leave the bundle as is")
+    k.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_ray_args(k)
     k.set_defaults(func=cmd_calibrate)
 
     _add_eval(sub)
@@ -312,7 +300,12 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--results", help="per-image JSONL (default: <bundle>/eval/<data name>.jsonl)")
     e.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
-    r = e.add_argument_group("Ray Data (pip install 'dbmef[ray]')")
+    _add_ray_args(e)
+    e.set_defaults(func=cmd_eval)
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("Ray Data (pip install 'dbmef[ray]')")
     r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run as a Ray Data pipeline: on a local Ray instance, or join ADDRESS (e.g. auto, "
                         "ray://head:10001); image paths must be readable from every node")
@@ -320,7 +313,6 @@ def _add_eval(sub: Any) -> None:
     r.add_argument("--ray-rethink-actors", type=int, default=1, help="rethink (VAE + text + UNet) actors")
     r.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
                    help="GPUs per rethink actor (1: one per GPU, 0.5: two per GPU)")
-    e.set_defaults(func=cmd_eval)
 
 
 def _add_serve(sub: Any) -> None:

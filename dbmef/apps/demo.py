@@ -28,6 +28,7 @@ class DemoReport:
     grid: Path | None
     bundle: Path
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per rethought image
+    operating_point: dict[str, Any] | None = None  # the bundle's Prot on the calibration curve vs the test split
 
     def lines(self) -> list[str]:
         return [
@@ -41,12 +42,15 @@ class DemoReport:
             f"time        {self.seconds:.1f} s ({self.seconds / max(self.n_images, 1) * 1e3:.1f} ms per image, "
             "ONNX Runtime on this CPU)",
             *([f"grid        {self.grid}"] if self.grid else []),
+            *(_operating_point_lines(self.operating_point) if self.operating_point else []),
         ]
 
 
 def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None, limit: int | None = None,
-             progress: bool = True) -> DemoReport:
-    """Classify the committed digits test split; write a PNG grid of the rethought digits to ``out``."""
+             progress: bool = True, curve: bool = True) -> DemoReport:
+    """Classify the committed digits test split; write a PNG grid of the rethought digits to ``out``.
+    ``curve``: also rethink the committed calibration split once and show where the bundle's
+    threshold sits on the operating-point curve, against what the test split measured."""
     import time
 
     from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
@@ -88,7 +92,58 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
         Path(out).mkdir(parents=True, exist_ok=True)
         report.grid = rethought_grid([pils[j] for j in np.flatnonzero(rethought)], rows,
                                      Path(out) / "digits_rethought.png")
+    if curve and limit is None:
+        report.operating_point = operating_point(bundle, Path(out), report, progress)
     return report
+
+
+def operating_point(bundle: Path, out: Path, test: DemoReport, progress: bool) -> dict[str, Any]:
+    """``dbmef calibrate``'s pass on the committed calibration split (results kept in ``out``, so
+    a second demo resumes it), the bundle's Prot located on its curve, and the calibration point
+    against the test split's numbers (two-proportion z: within sampling error when |z| < 2)."""
+    from dbmef.apps.calibrate import calibrate_operating_point, plot_curve
+    from dbmef.apps.digits import demo_calibration_split, write_image_folder
+    from dbmef.runtime import RuntimeSpec
+    from dbmef.runtime.bundle import load_manifest
+    from dbmef.runtime.data import load_labelled
+
+    m = load_manifest(bundle)
+    if m.protector is None or m.protector.prot is None:
+        raise DBMEFError(f"{bundle} has no Prot-calibrated protector to locate on the curve")
+    items = load_labelled(write_image_folder(demo_calibration_split(), out / "calibration"), m.class_names)
+    bar = _bar(len(items), progress, "calibration curve")
+    cal = calibrate_operating_point(RuntimeSpec(str(bundle)), items, "prot", float(m.protector.prot),
+                                    data="digits calibration split", results=out / "calibration.jsonl",
+                                    write=False, progress=bar)
+    p = cal["chosen"]["point"]
+    n_cal, n_test = cal["n_images"], test.n_images
+    pairs = {"rethink_rate": test.rethink_rate, "backbone_accuracy": test.backbone_accuracy,
+             "accuracy": test.dbmef_accuracy}
+    return {
+        "prot": m.protector.prot, "threshold_stored": m.protector.threshold, "threshold_curve": p["threshold"],
+        "n_calibration": n_cal, "calibration": {k: p[k] for k in pairs}, "accuracy_ci": p["accuracy_ci"],
+        "test": pairs, "z": {k: two_proportion_z(p[k], n_cal, v, n_test) for k, v in pairs.items()},
+        "unet_evaluations": cal["unet_evaluations"], "plot": str(plot_curve(cal, out / "operating_points.png")),
+    }
+
+
+def two_proportion_z(p1: float, n1: int, p2: float, n2: int) -> float:
+    """(p2 - p1) in standard errors of the difference of two independent proportions."""
+    se = np.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+    return float((p2 - p1) / se) if se > 0 else 0.0
+
+
+def _operating_point_lines(op: dict[str, Any]) -> list[str]:
+    c, t, z = op["calibration"], op["test"], op["z"]
+    lo, hi = op["accuracy_ci"]
+    return [
+        f"operating   Prot {op['prot']} on {op['n_calibration']} calibration digits: threshold "
+        f"{op['threshold_curve']:.4f} (stored {op['threshold_stored']:.4f})",
+        f"  cal/test  rethink {c['rethink_rate']:.1%} / {t['rethink_rate']:.1%} (z {z['rethink_rate']:+.1f}); "
+        f"backbone {c['backbone_accuracy']:.1%} / {t['backbone_accuracy']:.1%} (z {z['backbone_accuracy']:+.1f}); "
+        f"DBMEF {c['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] / {t['accuracy']:.1%} (z {z['accuracy']:+.1f})",
+        f"curve       {op['plot']} (one slow pass: {op['unet_evaluations']} UNet evaluations)",
+    ]
 
 
 def rethought_grid(images: list[Image.Image], rows: list[dict[str, Any]], path: Path, cols: int = 10,
@@ -112,10 +167,10 @@ def rethought_grid(images: list[Image.Image], rows: list[dict[str, Any]], path: 
     return path
 
 
-def _bar(total: int, enabled: bool) -> Any:
+def _bar(total: int, enabled: bool, desc: str = "classifying") -> Any:
     if not enabled:
         return lambda n: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="classifying", unit="img", mininterval=0.5, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="img", mininterval=0.5, leave=False)
     return bar.update

@@ -55,3 +55,19 @@ def demo_bundle_dir() -> Path:
 
 def demo_test_split() -> DigitsSplit:
     return DigitsSplit.load(Path(str(resources.files("dbmef") / "assets" / "digits" / "test_split.npz")))
+
+
+def demo_calibration_split() -> DigitsSplit:
+    """The 200 calibration digits the committed bundle's protector was calibrated on."""
+    return DigitsSplit.load(Path(str(resources.files("dbmef") / "assets" / "digits" / "calibration_split.npz")))
+
+
+def write_image_folder(split: DigitsSplit, root: str | Path) -> Path:
+    """The split as an ImageFolder (``root/<class name>/<row>.png``), what ``--data`` reads."""
+    root = Path(root)
+    for a, y, i in zip(split.images, split.labels, split.indices):
+        d = root / DIGIT_NAMES[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        render(a).save(d / f"{int(i):04d}.png")
+    return root
+

@@ -94,9 +94,31 @@ class ComponentRecord:
         )
 
 
+@dataclass(frozen=True)
+class VaeSpec:
+    """The manifest's ``vae`` record, typed: the VAE's input size and its latent's shape."""
+
+    image_size: int
+    latent_shape: tuple[int, int, int]
+    scaling_factor: float
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file of the bundle that is not an ONNX graph (tokenizer.json, positive_embeddings.npy)."""
+
+    file: str
+    sha256: str
+    shape: tuple[int, ...] = ()  # the array's shape (positive embeddings: C, L, D)
+    max_length: int = 77  # the tokenizer's context length
+    pad_id: int | None = None
+
+
 @dataclass
 class BundleManifest:
-    """Everything the runtime needs to know about a bundle, round-tripped through JSON."""
+    """Everything the runtime needs to know about a bundle, round-tripped through JSON. The JSON
+    records ``vae``, ``tokenizer`` and ``positive_embeddings`` are read through their typed views
+    (``vae_spec``, ``tokenizer_spec``, ``embeddings_spec``)."""
 
     components: dict[str, ComponentRecord]
     scorer_component: str  # "scorer" (fused graph) or "unet"
@@ -114,6 +136,22 @@ class BundleManifest:
     created: str = ""
     tensorrt: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+
+    # -- typed views of the JSON records --------------------------------------------------------
+    @property
+    def vae_spec(self) -> VaeSpec:
+        c, h, w = (int(x) for x in self.vae["latent_shape"])
+        return VaeSpec(int(self.vae["image_size"]), (c, h, w), float(self.vae.get("scaling_factor", 0.18215)))
+
+    @property
+    def tokenizer_spec(self) -> FileSpec:
+        t = self.tokenizer
+        return FileSpec(t["file"], t["sha256"], max_length=int(t.get("max_length", 77)), pad_id=t.get("pad_id"))
+
+    @property
+    def embeddings_spec(self) -> FileSpec:
+        e = self.positive_embeddings
+        return FileSpec(e["file"], e["sha256"], shape=tuple(int(x) for x in e.get("shape", ())))
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -185,13 +223,18 @@ class BundleManifest:
             )
         return m
 
-    def digest(self) -> str:
+    def digest(self, calibration: bool = True) -> str:
         """sha256 over the manifest's canonical JSON, which names every file with its sha256: one
         string that pins everything a bundle answers with (components, class names, templates,
         protector, configs). TensorRT engine records are left out: engines are rebuilt per GPU and
-        checked against their ONNX graphs, not part of what the bundle means."""
+        checked against their ONNX graphs, not part of what the bundle means. ``calibration=False``
+        also leaves out the protector and the calibration record (the digest of what answers with a
+        fixed Prot 0/1 override)."""
         d = self.to_dict()
         d.pop("tensorrt", None)
+        if not calibration:
+            d.pop("protector", None)
+            d["sources"] = {k: v for k, v in d["sources"].items() if k != "calibration"}
         return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @property
@@ -216,8 +259,7 @@ class BundleManifest:
         out: list[tuple[str, str]] = []
         for rec in self.components.values():
             out.extend(rec.files())
-        out.append((self.tokenizer["file"], self.tokenizer["sha256"]))
-        out.append((self.positive_embeddings["file"], self.positive_embeddings["sha256"]))
+        out.extend((f.file, f.sha256) for f in (self.tokenizer_spec, self.embeddings_spec))
         return out
 
 

@@ -64,6 +64,15 @@ def write_protector(bundle_dir: str | Path, protector: Protector, stats: dict[st
     m.save(bundle_dir)
 
 
+def write_operating_point(bundle_dir: str | Path, protector: Protector, report: dict[str, Any]) -> None:
+    """Record the threshold an operating-point rule chose, with the rule, the curve and the
+    calibration pass's cost, in the bundle's manifest (``dbmef info`` shows it)."""
+    m = load_manifest(bundle_dir)
+    m.protector = protector
+    m.sources["calibration"] = report
+    m.save(bundle_dir)
+
+
 def record(path: str, label: int, r: Any) -> dict[str, Any]:
     """One results-file line: the image's ``ImageResult`` plus its true label and correctness."""
     d = r.to_dict()

@@ -68,7 +68,8 @@ class RuntimeSpec:
         """``DBMEFRuntime.identity`` without opening any engine (what the driver of a distributed
         evaluation writes into its results file)."""
         m = load_manifest(self.bundle)
-        return identity(m, m.scoring.replace(**self.scoring), resolve_protector(m, self._protector()))
+        return identity(m, m.scoring.replace(**self.scoring), resolve_protector(m, self._protector()),
+                        overridden=self.prot is not None)
 
     def _protector(self) -> Protector | None:
         return None if self.prot is None else Protector.fixed(self.prot)
@@ -83,11 +84,14 @@ def resolve_protector(manifest: BundleManifest, override: Protector | None) -> P
     return override or manifest.protector or Protector.fixed(0.0)
 
 
-def identity(manifest: BundleManifest, scoring: ScoringConfig, protector: Protector | None) -> dict[str, Any]:
-    """The fields that decide answers. ``unet_batch`` is left out: answers do not depend on it."""
+def identity(manifest: BundleManifest, scoring: ScoringConfig, protector: Protector | None,
+             overridden: bool = False) -> dict[str, Any]:
+    """The fields that decide answers. ``unet_batch`` is left out: answers do not depend on it, and
+    so is the bundle's own calibration when ``overridden`` (a fixed Prot 0/1 replaces it): a
+    calibration pass at Prot 0 resumes after ``dbmef calibrate`` wrote a new threshold."""
     sc = scoring.to_dict()
     sc.pop("unet_batch", None)
-    return {"bundle_digest": manifest.digest(), "scoring": sc,
+    return {"bundle_digest": manifest.digest(calibration=not overridden), "scoring": sc,
             "protector": protector.to_dict() if protector is not None else None}
 
 
@@ -134,11 +138,12 @@ class DBMEFRuntime:
         if protector is None and m.protector is None:
             log.warning("bundle %s is not calibrated: every image is rethought (Prot = 0); run "
                         "`dbmef calibrate --bundle %s --data DIR --prot 0.95`", self.bundle_dir, self.bundle_dir)
+        self._overridden = protector is not None
         protector = resolve_protector(m, protector)
         self.batch_size = batch_size
-        pos = np.load(self.bundle_dir / m.positive_embeddings["file"])
+        pos = np.load(self.bundle_dir / m.embeddings_spec.file)
         if pos.shape[0] != len(m.class_names):
-            raise BundleError(f"{m.positive_embeddings['file']} has {pos.shape[0]} rows for {len(m.class_names)} "
+            raise BundleError(f"{m.embeddings_spec.file} has {pos.shape[0]} rows for {len(m.class_names)} "
                               "classes; re-export the bundle")
         def engine(component: str) -> Engine:
             if not lazy:
@@ -153,7 +158,8 @@ class DBMEFRuntime:
             vae_encoder=engine("vae_encoder"),
             scorer=engine(m.scorer_component),
         )
-        h, w = m.vae["latent_shape"][1:]
+        vae = m.vae_spec
+        h, w = vae.latent_shape[1:]
         on_cpu = not lazy and getattr(engines.scorer, "device", "cpu") == "cpu"
         if on_cpu and h * w >= 32 * 32 and self.config.unet_batch > 4:
             # CPU kernels materialise the attention matrices: (64x64)^2 x 8 heads x 4 B is 0.5 GB per
@@ -163,14 +169,14 @@ class DBMEFRuntime:
                         self.config.unet_batch, h, w)
         self.pipeline = DBMEFPipeline(
             engines=engines,
-            tokenizer=ClipTokenizer(self.bundle_dir / m.tokenizer["file"], int(m.tokenizer.get("max_length", 77)),
-                                    m.tokenizer.get("pad_id")),
+            tokenizer=ClipTokenizer(self.bundle_dir / m.tokenizer_spec.file, m.tokenizer_spec.max_length,
+                                    m.tokenizer_spec.pad_id),
             class_names=m.class_names,
             config=self.config,
             protector=protector,
             backbone_preprocess=BackbonePreprocess.from_data_config(m.backbone_preprocess),
-            vae_image_size=int(m.vae["image_size"]),
-            latent_shape=tuple(m.vae["latent_shape"]),  # type: ignore[arg-type]
+            vae_image_size=vae.image_size,
+            latent_shape=vae.latent_shape,
             schedule=m.schedule,
             positive_embeddings=pos,
             backbone_batch=max(batch_size, 1),
@@ -189,7 +195,7 @@ class DBMEFRuntime:
     def identity(self) -> dict[str, Any]:
         """What decides this runtime's answers, as plain data: the bundle digest, the scoring config
         and the protector. Results files record it so a resume never mixes two configurations."""
-        return identity(self.manifest, self.config, self.protector)
+        return identity(self.manifest, self.config, self.protector, overridden=self._overridden)
 
     def with_protector(self, protector: Protector) -> DBMEFRuntime:
         """The same runtime (same engines, caches and scoring) behind another gate: what a sweep

@@ -58,8 +58,10 @@ def test_calibrate_writes_manifest(bundle, labelled, capsys):
     out = json.loads(capsys.readouterr().out)
     m = load_manifest(bundle)
     assert m.protector is not None and m.protector.prot == 0.9
+    assert m.protector.threshold == out["chosen"]["point"]["threshold"]
     assert m.protector.n_samples == out["n_correct"]
     assert m.sources["calibration"]["n_unreadable"] == 1 and m.sources["calibration"]["n_images"] == 11
+    assert m.sources["calibration"]["chosen"]["rule"] == "prot"
 
 
 def test_eval_resumes_after_interruption(bundle, labelled, tmp_path, capsys):

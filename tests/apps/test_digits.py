@@ -33,7 +33,7 @@ def test_committed_bundle_beats_its_backbone_on_the_test_split(tmp_path):
 
     split = demo_test_split()
     assert len(split.labels) == 597 and set(split.labels.tolist()) == set(range(10))
-    r = run_demo(tmp_path, progress=False)
+    r = run_demo(tmp_path, progress=False, curve=False)  # the curve: tests/apps/test_calibrate.py
     assert r.n_images == 597
     assert r.dbmef_accuracy > r.backbone_accuracy, (r.backbone_accuracy, r.dbmef_accuracy)
     assert r.fixed > r.broken

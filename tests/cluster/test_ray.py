@@ -88,6 +88,22 @@ def test_ray_data_eval_equals_single_process_image_by_image_and_resumes(local_ra
         assert dist[k] == single[k], k
 
 
+def test_calibrate_on_ray_gives_the_single_process_curve(local_ray, digits_folder, tmp_path):
+    """``dbmef calibrate --ray``: the rethink-all pass as a Ray Data pipeline; the same curve."""
+    from dbmef.apps.calibrate import calibrate_operating_point
+
+    with SPEC.build() as rt:
+        items = load_labelled(digits_folder, rt.class_names)
+    kw = {"rule": "max_rethink_rate", "value": 0.5, "data": "digits", "write": False}
+    a = calibrate_operating_point(SPEC, items, results=tmp_path / "a.jsonl", **kw)
+    b = calibrate_operating_point(SPEC, items, results=tmp_path / "b.jsonl", ray="local", **kw)
+    assert a["n_images"] == b["n_images"] == N_IMAGES and a["n_unreadable"] == b["n_unreadable"] == 1
+    assert a["unet_evaluations"] == b["unet_evaluations"] and b["device"].startswith("Ray")
+    keys = ("threshold", "rethink_rate", "accuracy", "fixed", "broken", "unet_evals_per_image", "prot")
+    assert [[p[k] for k in keys] for p in a["curve"]] == [[p[k] for k in keys] for p in b["curve"]]
+    assert a["chosen"]["point"]["threshold"] == b["chosen"]["point"]["threshold"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

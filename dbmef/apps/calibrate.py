@@ -1,0 +1,219 @@
+"""``dbmef calibrate``: one rethink-all pass over a labelled set, the operating-point curve it
+gives, the threshold a rule picks from it, written into the bundle with the curve and the rule.
+
+Library function :func:`calibrate_operating_point`; the CLI and the digits demo wrap it. The pass
+is an evaluation at Prot = 0 (``dbmef.runtime.evaluate.evaluate``, or Ray Data with ``ray``), so
+it streams to a results file beside the bundle, resumes after an interruption, and shows progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dbmef.runtime import RuntimeSpec
+from dbmef.runtime.data import LabelledImage
+from dbmef.runtime.evaluate import evaluate, read_results, write_operating_point
+from dbmef.runtime.operating_point import Choice, Point, RethinkAllPass, choose, curve, sweep, wilson
+
+
+def default_results(bundle: str | Path, data: str | Path) -> Path:
+    return Path(bundle) / "calibration" / (Path(str(data)).name + ".jsonl")
+
+
+def calibrate_operating_point(
+    spec: RuntimeSpec, items: Sequence[LabelledImage], rule: str, value: float, data: str,
+    results: str | Path | None = None, resume: bool = True, ray: str | None = None, write: bool = True,
+    progress: Callable[[int], None] | None = None, ray_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rethink every item once, build the curve, choose by ``rule``/``value`` and (``write``) record
+    the protector, the rule and the curve in the bundle. Returns the JSON-ready report."""
+    path = Path(results) if results else default_results(spec.bundle, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    every = dataclasses.replace(spec, prot=0.0)  # the pass rethinks every image once
+    if ray is not None:
+        from dbmef.cluster.ray_eval import ray_evaluate
+
+        ray_evaluate(every, items, path, address=None if ray == "local" else ray, resume=resume, progress=progress,
+                     batch_size=spec.batch_size, **(ray_options or {}))
+        device = f"Ray ({ray})"
+    else:
+        with every.build() as rt:
+            evaluate(rt, items, path, resume=resume, progress=progress)
+            device = describe_device(rt)
+    recs = read_results(path)
+    records = [recs[it.path] for it in items if it.path in recs]
+    cp = RethinkAllPass.from_records(records)
+    choice = choose(cp, rule, value)
+    points = curve(cp)
+    n_correct = int((cp.backbone == cp.truth).sum())
+    report = {
+        "bundle": spec.bundle, "data": data, "results": str(path), "device": device,
+        "n_images": len(cp), "n_unreadable": len(records) - len(cp), "n_correct": n_correct,
+        "unet_evaluations": int(cp.unet_evals.sum()),  # the whole curve's cost: one slow path per image
+        "unet_evals_per_image": float(cp.unet_evals.mean()),
+        "chosen": choice.to_dict(), "curve": [p.to_dict() for p in points], "sweep": sweep_for_plot(cp),
+    }
+    if write:
+        write_operating_point(spec.bundle, choice.protector(n_correct),
+                              {k: v for k, v in report.items() if k not in ("bundle",)})
+    return report
+
+
+def rule_from_args(args: Any) -> tuple[str, float]:
+    for rule in ("max_rethink_rate", "target_accuracy", "latency_budget_ms"):
+        if getattr(args, rule, None) is not None:
+            return rule, float(getattr(args, rule))
+    return "prot", float(args.prot)
+
+
+def run_from_args(args: Any, spec: RuntimeSpec) -> int:
+    """``dbmef calibrate``: the pass (or ``--backbone-only``), the table or JSON, the plot."""
+    from dbmef.apps.report import progress_bar, table
+    from dbmef.runtime.bundle import load_manifest
+    from dbmef.runtime.data import load_labelled
+
+    m = load_manifest(spec.bundle)
+    spec.identity()  # the scoring overrides, checked before any data is read
+    rule, value = rule_from_args(args)
+    items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))
+    quiet = args.quiet or args.json
+    if args.backbone_only:
+        return _backbone_only(args, spec, items, rule, value)
+    bar = progress_bar(len(items), "calibrate: rethink every image once", quiet)
+    ray_options = {"fast_actors": args.ray_fast_actors, "rethink_actors": args.ray_rethink_actors,
+                   "gpus_per_rethink_actor": args.ray_gpus_per_actor}
+    report = calibrate_operating_point(spec, items, rule, value, data=str(args.data), results=args.results,
+                                       resume=not args.no_resume, ray=args.ray, write=not args.dry_run,
+                                       progress=bar.update, ray_options=ray_options)
+    bar.close()
+    png = Path(args.plot) if args.plot else default_results(spec.bundle, args.data).with_suffix(".png")
+    report["plot"] = str(plot_curve(report, png))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    c = report["chosen"]
+    print(f"{report['n_images']} calibration images, one slow pass: {report['unet_evaluations']} UNet evaluations "
+          f"({report['unet_evals_per_image']:.0f} per image), latencies measured on {report['device']}")
+    print(table(point_rows(report), HEADERS))
+    p = c["point"]
+    print(f"\nchosen by {c['rule']} {c['value']:g}: threshold {_thr(p['threshold'])}, rethink rate "
+          f"{p['rethink_rate']:.1%}, accuracy {p['accuracy']:.2%} (backbone {p['backbone_accuracy']:.2%})"
+          f"{'' if args.dry_run else '; written to ' + str(spec.bundle)}")
+    for w in c["warnings"]:
+        print(f"note: {w}")
+    print(f"curve: {report['plot']}")
+    return 0
+
+
+def _backbone_only(args: Any, spec: RuntimeSpec, items: Sequence[LabelledImage], rule: str, value: float) -> int:
+    from dbmef.apps.report import progress_bar, table
+    from dbmef.errors import ConfigError
+    from dbmef.runtime.evaluate import calibrate, write_protector
+
+    if rule != "prot":
+        raise ConfigError(f"--backbone-only calibrates by --prot only: --{rule.replace('_', '-')} needs the slow "
+                          "pass's answers (drop --backbone-only)")
+    with spec.build() as rt:
+        bar = progress_bar(len(items), "calibrate (backbone only)", args.quiet or args.json)
+        protector, stats = calibrate(rt, items, value, progress=bar.update)
+        bar.close()
+    if not args.dry_run:
+        write_protector(spec.bundle, protector, stats, str(args.data))
+    out = {**protector.to_dict(), **stats}
+    print(json.dumps(out, indent=2) if args.json else table([[k, v] for k, v in out.items()], ["field", "value"]))
+    return 0
+
+
+def sweep_for_plot(cp: RethinkAllPass, max_points: int = 400) -> dict[str, list[float]]:
+    """Every threshold's rethink rate, accuracy (with its Wilson interval) and mean latency,
+    thinned to at most ``max_points`` (the table's points are exact; this is for the picture)."""
+    sw = sweep(cp)
+    keep = np.unique(np.linspace(0, len(sw["threshold"]) - 1, min(max_points, len(sw["threshold"]))).astype(int))
+    n = len(cp)
+    ci = [wilson(round(a * n), n) for a in sw["accuracy"][keep]]
+    return {"rethink_rate": sw["rethink_rate"][keep].tolist(), "accuracy": sw["accuracy"][keep].tolist(),
+            "ci_low": [c[0] for c in ci], "ci_high": [c[1] for c in ci], "mean_ms": sw["mean_ms"][keep].tolist()}
+
+
+def describe_device(rt: Any) -> str:
+    """Where the slow path ran: the scorer's provider and the machine."""
+    provider = rt.describe()["providers"]["scorer"]
+    return f"{provider} on {platform.processor() or platform.machine()} ({platform.node() or 'host'})"
+
+
+def point_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """The curve as table rows, the chosen point marked."""
+    chosen = report["chosen"]["point"]
+    rows = []
+    for p in report["curve"] + [chosen]:
+        mark = "<- chosen" if p is chosen else ""
+        if p is not chosen and p["threshold"] == chosen["threshold"]:
+            continue  # shown once, as the chosen row
+        lo, hi = p["accuracy_ci"]
+        rows.append([f"{p['prot']:.2f}" if p.get("prot") is not None else "", _thr(p["threshold"]),
+                     f"{p['rethink_rate']:.1%}", f"{p['backbone_accuracy']:.2%}",
+                     f"{p['accuracy']:.2%} [{lo:.1%}, {hi:.1%}]", p["fixed"], p["broken"],
+                     f"{p['unet_evals_per_image']:.0f}", f"{p['mean_ms']:.2f}", f"{p['p50_ms']:.2f}",
+                     f"{p['p95_ms']:.2f}", f"{p['images_per_s']:.1f}", mark])
+    rows.sort(key=lambda r: float(r[2].rstrip("%")))
+    return rows
+
+
+HEADERS = ["Prot", "threshold", "rethink", "backbone acc", "DBMEF acc [95% CI]", "fixed", "broken",
+           "UNet evals/img", "mean ms", "p50 ms", "p95 ms", "img/s", ""]
+
+
+def _thr(t: Any) -> str:
+    return str(t) if isinstance(t, str) else f"{t:.4g}"
+
+
+def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy (with its 95 % band) and images/s against rethink rate; Prot points and the
+    chosen point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(report["curve"], key=lambda p: p["rethink_rate"])
+    sw = report["sweep"]
+    x = np.array(sw["rethink_rate"]) * 100
+    acc, lo, hi = (np.array(sw[k]) * 100 for k in ("accuracy", "ci_low", "ci_high"))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.fill_between(x, lo, hi, alpha=0.2, color="C0", step="post", label="DBMEF accuracy, 95 % interval")
+    ax.step(x, acc, where="post", color="C0", label="DBMEF accuracy")
+    ax.axhline(pts[0]["backbone_accuracy"] * 100, color="gray", ls=":", label="backbone alone")
+    for j, p in enumerate(q for q in pts if q.get("prot") is not None):
+        ax.plot(p["rethink_rate"] * 100, p["accuracy"] * 100, "o", color="C0", ms=4)
+        ax.annotate(f"Prot {p['prot']:.2f}", (p["rethink_rate"] * 100, p["accuracy"] * 100), fontsize=7,
+                    xytext=(4, -11 if j % 2 else 5), textcoords="offset points")
+    c = report["chosen"]["point"]
+    ax.plot(c["rethink_rate"] * 100, c["accuracy"] * 100, "*", color="C3", ms=14,
+            label=f"chosen ({report['chosen']['rule']} {report['chosen']['value']:g})")
+    ax.set_xlabel("rethink rate on the calibration set (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax2 = ax.twinx()
+    ax2.plot(x, 1e3 / np.array(sw["mean_ms"]), "--", color="C2", label="images/s (expected)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("images/s at that rethink rate (expected, log)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
+    ax.set_title(f"operating points: {report['n_images']} calibration images, one slow pass "
+                 f"({report['unet_evaluations']} UNet evaluations)\n{report['device']}", fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["Choice", "Point", "calibrate_operating_point", "plot_curve", "point_rows"]
