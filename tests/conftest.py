@@ -81,3 +81,12 @@ def many_images() -> list:
         a = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
         out.append(a)
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_folder(tiny_system: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny system's SD written as ONNX in optimum's layout (``dbmef.reference.optimum_layout``)."""
+    from dbmef.reference.optimum_layout import write_onnx_sd_folder
+
+    return write_onnx_sd_folder(tiny_system / "sd", tmp_path_factory.mktemp("optimum") / "sd", image_size=64)
+

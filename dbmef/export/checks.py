@@ -10,6 +10,7 @@ import numpy as np
 
 from dbmef.errors import ExportError, ValidationError
 from dbmef.runtime.bundle import BundleManifest
+from dbmef.runtime.config import ScoringConfig
 
 if TYPE_CHECKING:
     from dbmef.export.exporter import ExportConfig
@@ -31,32 +32,41 @@ def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarra
     Runtime must pick the same candidate as the torch reference scorer."""
     from dbmef.reference.engines import TorchEngine
     from dbmef.reference.modules import FusedScorerModule, UNetModule
-    from dbmef.runtime.backends.onnxruntime import OrtEngine
     from dbmef.runtime.engine import SCORER, UNET
+
+    comp = manifest.scorer_component
+    reference = (TorchEngine(SCORER, FusedScorerModule(sd.unet, abar)) if comp == "scorer"
+                 else TorchEngine(UNET, UNetModule(sd.unet)))
+    return compare_scorers(out, manifest, reference, cfg.scoring, cfg.seed, cfg.decision_cases, "torch")
+
+
+def compare_scorers(out: Path, manifest: BundleManifest, reference: Any, scoring: ScoringConfig, seed: int,
+                    cases: int, what: str) -> dict[str, Any]:
+    """The bundle's scorer (ONNX Runtime, CPU) against ``reference`` (any engine with a scorer or
+    UNet contract) on random cases: the same candidate wherever the reference's margin is clear."""
+    from dbmef.runtime.backends.onnxruntime import OrtEngine
     from dbmef.runtime.scorer import DiffusionScorer
 
     comp = manifest.scorer_component
-    k = min(cfg.scoring.k, len(manifest.class_names))
+    k = min(scoring.k, len(manifest.class_names))
     latent_shape = manifest.vae_spec.latent_shape
     # Each row costs two UNet evaluations on both sides. A real-size UNet (about 0.8 TFLOP per
     # evaluation at 64x64) gets a few cases on a coarse grid so the check takes minutes on a CPU;
     # the tiny system gets many.
     big = latent_shape[1] >= 32
-    small = cfg.scoring.replace(k=k, n_timesteps=min(cfg.scoring.n_timesteps, 2 if big else 4),
-                                votes=min(cfg.scoring.votes, 1 if big else 2),
-                                # a CPU materialises attention: 64x64 latents take 0.5 GB per UNet sample
-                                unet_batch=1 if big else min(cfg.scoring.unet_batch, 8))
-    rng = np.random.default_rng(cfg.seed + 1)
-    m = min(cfg.decision_cases, 2) if big else cfg.decision_cases
+    small = scoring.replace(k=k, n_timesteps=min(scoring.n_timesteps, 2 if big else 4),
+                            votes=min(scoring.votes, 1 if big else 2),
+                            # a CPU materialises attention: 64x64 latents take 0.5 GB per UNet sample
+                            unet_batch=1 if big else min(scoring.unet_batch, 8))
+    rng = np.random.default_rng(seed + 1)
+    m = min(cases, 2) if big else cases
     latents = rng.standard_normal((m, *latent_shape)).astype(np.float32)
     cands = np.stack([rng.permutation(len(manifest.class_names))[:k] for _ in range(m)])
     pos_table = np.load(out / manifest.embeddings_spec.file)
     neg = pos_table[rng.integers(0, len(pos_table), (m, k))]  # real text-encoder outputs as negatives
     ort_engine = OrtEngine.on_cpu(out / manifest.components[comp].file, comp)
-    torch_engine = (TorchEngine(SCORER, FusedScorerModule(sd.unet, abar)) if comp == "scorer"
-                    else TorchEngine(UNET, UNetModule(sd.unet)))
     a = DiffusionScorer(small, ort_engine, latent_shape).score(latents, cands, pos_table, neg)
-    b = DiffusionScorer(small, torch_engine, latent_shape).score(latents, cands, pos_table, neg)
+    b = DiffusionScorer(small, reference, latent_shape).score(latents, cands, pos_table, neg)
     agree = int((a.labels == b.labels).sum())
     rel = float(np.max(np.abs(a.errors - b.errors) / np.maximum(np.abs(b.errors), 1e-12)))
     # A random case can be a near tie; a disagreement only counts when the reference's margin
@@ -66,11 +76,11 @@ def decision_check(out: Path, manifest: BundleManifest, sd: Any, abar: np.ndarra
     max_abs = float(np.max(np.abs(a.errors - b.errors)))
     real = [i for i in range(m) if a.labels[i] != b.labels[i] and margin[i] > 2 * max_abs]
     report = {"cases": m, "agree": agree, "max_rel_error_diff": rel, "max_abs_error_diff": max_abs,
-              "near_ties": int(m - agree - len(real)), "config": small.to_dict()}
+              "near_ties": int(m - agree - len(real)), "reference": what, "config": small.to_dict()}
     if real:
         raise ValidationError(
-            f"decision check failed: the exported {comp} picks a different candidate than torch in {len(real)} "
-            f"of {m} random cases with clear margins (max error diff {max_abs:.3g}); the export is refused"
+            f"decision check failed: the exported {comp} picks a different candidate than the {what} reference in "
+            f"{len(real)} of {m} random cases with clear margins (max error diff {max_abs:.3g}); the export is refused"
         )
     ort_engine.close()
     return report

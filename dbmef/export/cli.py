@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from dbmef.errors import DBMEFError
 
@@ -23,10 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--weights", help="backbone weights file (.safetensors or .pth state dict)")
     w.add_argument("--random-init", action="store_true", help="backbone architecture only, random weights")
     p.add_argument("--sd", default="auto",
-                   help="'auto' (SD v1.5 from the local Hugging Face cache), a local diffusers folder, "
-                        "'sd15' (SD v1.5 architecture, random weights) or 'tiny' (the test system)")
+                   help="'auto' (SD v1.5 from the local Hugging Face cache), a local diffusers folder, an ONNX folder "
+                        "in optimum's layout (no torch needed; with --backbone-onnx), 'sd15' (SD v1.5 architecture, "
+                        "random weights) or 'tiny' (the test system)")
+    o = p.add_argument_group("a classifier already in ONNX (with an ONNX --sd folder)")
+    o.add_argument("--backbone-onnx", metavar="FILE", help="the classifier graph: one image input, logits first")
+    o.add_argument("--backbone-data-config", metavar="JSON",
+                   help="its preprocessing as timm's data config: a JSON file or inline JSON (input_size, "
+                        "interpolation, mean, std, crop_pct, crop_mode)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--image-size", type=int, choices=[512, 256], default=512,
+    p.add_argument("--image-size", type=int, choices=[512, 256, 64], default=512,
                    help="VAE input size: latent 64x64 (512) or 32x32 (256, the paper's low-resolution setting)")
     p.add_argument("--class-names", help="class names for a non-ImageNet backbone: JSON list or one per line")
     p.add_argument("--out", help="bundle folder (default: engines/<backbone>-<sd>-<size>-<precision>)")
@@ -52,17 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     offline_env()
     try:
-        from dbmef.export.exporter import ExportConfig, export_bundle
-        from dbmef.runtime.config import ScoringConfig
-
-        cfg = ExportConfig(
-            backbone=args.backbone, weights=args.weights, random_init=args.random_init, sd=args.sd,
-            precision=args.precision, image_size=args.image_size, class_names=args.class_names, out=args.out,
-            scorer=args.scorer, opset=args.opset, validate=not args.no_validate, seed=args.seed,
-            scoring=ScoringConfig(unet_batch=args.unet_batch),
-        )
         t0 = time.perf_counter()
-        out = export_bundle(cfg)
+        out = _export_onnx_folder(args) if _onnx_folder(args) else _export_torch(args)
         if args.trt:
             from dbmef.export.trt_build import build_engines
 
@@ -72,6 +71,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _onnx_folder(args: argparse.Namespace) -> bool:
+    from dbmef.export.onnx_folder import is_onnx_sd_folder
+
+    if is_onnx_sd_folder(args.sd):
+        return True
+    if args.backbone_onnx or args.backbone_data_config:
+        raise DBMEFError("--backbone-onnx and --backbone-data-config go with an ONNX Stable Diffusion folder as --sd "
+                         f"(optimum's layout: unet/model.onnx, ...); {args.sd} is not one")
+    return False
+
+
+def _export_onnx_folder(args: argparse.Namespace) -> Any:
+    """The torch-free path: graphs already in ONNX."""
+    from dbmef.export.onnx_bundle import OnnxExportConfig, export_from_onnx_folder
+    from dbmef.runtime.config import ScoringConfig
+
+    missing = [f for f, v in (("--backbone-onnx", args.backbone_onnx), ("--class-names", args.class_names),
+                              ("--backbone-data-config", args.backbone_data_config)) if not v]
+    if missing:
+        raise DBMEFError(f"--sd {args.sd} is an ONNX folder: the classifier must be ONNX too; pass {', '.join(missing)}"
+                         " (a timm backbone through torch goes with a diffusers --sd folder)")
+    cfg = OnnxExportConfig(sd=args.sd, backbone_onnx=args.backbone_onnx, class_names=args.class_names,
+                           data_config=args.backbone_data_config, out=args.out or f"engines/{Path(args.sd).name}-onnx",
+                           scorer=args.scorer, image_size=None if args.image_size == 512 else args.image_size,
+                           validate=not args.no_validate, seed=args.seed,
+                           scoring=ScoringConfig(unet_batch=args.unet_batch))
+    return export_from_onnx_folder(cfg)
+
+
+def _export_torch(args: argparse.Namespace) -> Any:
+    from dbmef.export.exporter import ExportConfig, export_bundle
+    from dbmef.runtime.config import ScoringConfig
+
+    cfg = ExportConfig(
+        backbone=args.backbone, weights=args.weights, random_init=args.random_init, sd=args.sd,
+        precision=args.precision, image_size=args.image_size, class_names=args.class_names, out=args.out,
+        scorer=args.scorer, opset=args.opset, validate=not args.no_validate, seed=args.seed,
+        scoring=ScoringConfig(unet_batch=args.unet_batch),
+    )
+    return export_bundle(cfg)
 
 
 if __name__ == "__main__":
