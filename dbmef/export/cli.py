@@ -89,17 +89,32 @@ def _export_onnx_folder(args: argparse.Namespace) -> Any:
     from dbmef.export.onnx_bundle import OnnxExportConfig, export_from_onnx_folder
     from dbmef.runtime.config import ScoringConfig
 
-    missing = [f for f, v in (("--backbone-onnx", args.backbone_onnx), ("--class-names", args.class_names),
-                              ("--backbone-data-config", args.backbone_data_config)) if not v]
-    if missing:
-        raise DBMEFError(f"--sd {args.sd} is an ONNX folder: the classifier must be ONNX too; pass {', '.join(missing)}"
-                         " (a timm backbone through torch goes with a diffusers --sd folder)")
-    cfg = OnnxExportConfig(sd=args.sd, backbone_onnx=args.backbone_onnx, class_names=args.class_names,
-                           data_config=args.backbone_data_config, out=args.out or f"engines/{Path(args.sd).name}-onnx",
+    out = Path(args.out or f"engines/{Path(args.sd).name}-onnx")
+    if args.backbone_onnx:
+        missing = [f for f, v in (("--class-names", args.class_names),
+                                  ("--backbone-data-config", args.backbone_data_config)) if not v]
+        if missing:
+            raise DBMEFError(f"--backbone-onnx needs {' and '.join(missing)}: the graph carries neither its class "
+                             "names nor its preprocessing")
+        backbone, data_config, names = args.backbone_onnx, args.backbone_data_config, args.class_names
+    else:  # a timm backbone: only it goes through torch
+        import json
+
+        from dbmef.export.exporter import export_backbone_only
+
+        path, data_cfg, names_file = export_backbone_only(args.backbone, args.weights, args.random_init,
+                                                          args.class_names, out / "_backbone", args.opset)
+        backbone, data_config, names = str(path), json.dumps(data_cfg), str(names_file)
+    cfg = OnnxExportConfig(sd=args.sd, backbone_onnx=backbone, class_names=names, data_config=data_config, out=str(out),
                            scorer=args.scorer, image_size=None if args.image_size == 512 else args.image_size,
                            validate=not args.no_validate, seed=args.seed,
                            scoring=ScoringConfig(unet_batch=args.unet_batch))
-    return export_from_onnx_folder(cfg)
+    bundle = export_from_onnx_folder(cfg)
+    if not args.backbone_onnx:
+        import shutil
+
+        shutil.rmtree(out / "_backbone", ignore_errors=True)  # the bundle holds its own copy
+    return bundle
 
 
 def _export_torch(args: argparse.Namespace) -> Any:

@@ -104,3 +104,47 @@ def test_onnx_flags_without_an_onnx_folder_are_refused(tiny_system, capsys):
 
     assert main(["-q", "--sd", str(tiny_system / "sd"), "--backbone-onnx", "x.onnx"]) == 2
     assert "go with an ONNX Stable Diffusion folder" in capsys.readouterr().err
+
+
+def test_external_data_in_and_out(onnx_folder, tiny_bundle, sample_images, tmp_path, monkeypatch):
+    """A folder whose UNet keeps its weights as external data is read, and a scorer over the 2 GB
+    limit is written with external data the manifest records (the limit lowered to the tiny UNet's
+    size so the rule runs here), and the bundle classifies as the self-contained one."""
+    import onnx
+
+    import dbmef.export.onnx_io as onnx_io
+    from dbmef.export.cli import main
+
+    folder = tmp_path / "sd"
+    shutil.copytree(onnx_folder, folder)
+    unet = onnx.load(str(folder / "unet" / "model.onnx"))
+    onnx.save_model(unet, str(folder / "unet" / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    assert (folder / "unet" / "model.onnx_data").stat().st_size > 0
+    monkeypatch.setattr(onnx_io, "TWO_GB", 1 << 20)  # 1 MiB: the tiny UNet's weights exceed it
+    out = tmp_path / "b"
+    assert main(export_args(folder, tiny_bundle, out)) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["components"]["scorer"]["external_data"] == "scorer.onnx.data"
+    assert (out / "scorer.onnx.data").stat().st_size > (out / "scorer.onnx").stat().st_size
+    prot = Protector.fixed(0.0)
+    ours = DBMEFRuntime(out, scoring=CFG, protector=prot).classify(sample_images[:3])
+    ref = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot).classify(sample_images[:3])
+    assert [r.label for r in ours] == [r.label for r in ref]
+
+
+def test_timm_backbone_with_an_onnx_folder(onnx_folder, tiny_system, tiny_bundle, sample_images, tmp_path):
+    """--backbone (timm, through torch) with an ONNX --sd folder: the classifier is exported and
+    validated alone, the rest comes from the folder."""
+    from dbmef.export.cli import main
+
+    out = tmp_path / "b"
+    assert main(["-q", "--sd", str(onnx_folder), "--backbone", str(tiny_system / "backbone"),
+                 "--class-names", str(tiny_system / "class_names.json"), "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["components"]["backbone"]["validation"]["status"] == "passed"
+    assert m["backbone_preprocess"] == json.loads((tiny_bundle / "manifest.json").read_text())["backbone_preprocess"]
+    prot = Protector.fixed(0.0)
+    ours = DBMEFRuntime(out, scoring=CFG, protector=prot).classify(sample_images[:3])
+    ref = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=prot).classify(sample_images[:3])
+    assert [(r.backbone_label, r.label) for r in ours] == [(r.backbone_label, r.label) for r in ref]
