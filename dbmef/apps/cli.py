@@ -42,6 +42,8 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
     p.add_argument("--no-verify", action="store_true", help="skip the bundle's file-hash check")
+    p.add_argument("--scorer-graph", choices=["scorer", "unet"],
+                   help="with a bundle exported --scorer both: the fused graph (default) or the plain UNet")
     p.add_argument("--expect-digest", metavar="SHA256",
                    help="refuse any bundle whose digest (printed by `dbmef info`) is not this one")
     g = p.add_argument_group("scoring overrides (default: the bundle's)")
@@ -75,7 +77,7 @@ def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
     return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, options=options, verify=not args.no_verify,
                        batch_size=args.batch_size, scoring=overrides,
                        prot=getattr(args, "prot", None) if prot_override else None,
-                       expect_digest=args.expect_digest)
+                       expect_digest=args.expect_digest, scorer=args.scorer_graph)
 
 
 def make_runtime(args: argparse.Namespace, calibrated: bool = True) -> Any:

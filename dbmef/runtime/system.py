@@ -52,6 +52,7 @@ class RuntimeSpec:
     prot: float | None = None
     lazy: bool = False
     expect_digest: str | None = None
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -105,7 +106,9 @@ class DBMEFRuntime:
     scoring: override the bundle's default scoring config (k, n, lam, V, seed, unet_batch).
     protector: override the bundle's calibrated protector. Without either, an uncalibrated
     bundle rethinks every image (Prot = 0) and says so once. lazy: open each engine on its first
-    use (distributed workers that run one half of the pipeline load only what they use).
+    use (distributed workers that run one half of the pipeline load only what they use). scorer:
+    ``"scorer"`` (the fused graph) or ``"unet"`` (the plain UNet, noising and error on the host)
+    where the bundle holds both; default the manifest's.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class DBMEFRuntime:
         cache_size: int = 4096,
         lazy: bool = False,
         expect_digest: str | None = None,
+        scorer: str | None = None,
     ):
         if backend not in backend_names():
             raise ConfigError(f"backend {backend!r} is not one of {list(backend_names())}")
@@ -133,6 +137,12 @@ class DBMEFRuntime:
             raise BundleError(f"bundle {self.bundle_dir} has digest {self.manifest.digest()}, not the expected "
                               f"{expect_digest} (--expect-digest): it is another bundle, or it was changed (re-"
                               "exported, recalibrated); `dbmef info` prints a bundle's digest")
+        # which scorer graph runs: the fused one or the plain UNet (errors on the host); answers agree
+        self.scorer_component = scorer or self.manifest.scorer_component
+        if self.scorer_component not in ("scorer", "unet") or self.scorer_component not in self.manifest.components:
+            raise BundleError(f"scorer {self.scorer_component!r} is not in bundle {self.bundle_dir} (it has "
+                              f"{[c for c in ('scorer', 'unet') if c in self.manifest.components]}; export with "
+                              "--scorer both for both)")
         m = self.manifest
         self.config = scoring or m.scoring
         if protector is None and m.protector is None:
@@ -145,19 +155,7 @@ class DBMEFRuntime:
         if pos.shape[0] != len(m.class_names):
             raise BundleError(f"{m.embeddings_spec.file} has {pos.shape[0]} rows for {len(m.class_names)} "
                               "classes; re-export the bundle")
-        def engine(component: str) -> Engine:
-            if not lazy:
-                return open_engine(self.bundle_dir, m, component, backend, options)
-            rec = m.components[component]
-            return LazyEngine(component, [t.name for t in rec.inputs], [t.name for t in rec.outputs],
-                              lambda: open_engine(self.bundle_dir, m, component, backend, options))
-
-        engines = PipelineEngines(
-            backbone=engine("backbone"),
-            text_encoder=engine("text_encoder"),
-            vae_encoder=engine("vae_encoder"),
-            scorer=engine(m.scorer_component),
-        )
+        engines = self._engines(lazy)
         vae = m.vae_spec
         h, w = vae.latent_shape[1:]
         on_cpu = not lazy and getattr(engines.scorer, "device", "cpu") == "cpu"
@@ -183,6 +181,20 @@ class DBMEFRuntime:
             cache_size=cache_size,
         )
 
+    def _engines(self, lazy: bool) -> PipelineEngines:
+        """The four networks through the backend; ``lazy``: each opened on its first call."""
+        m, backend, options = self.manifest, self.backend, self.options
+
+        def engine(component: str) -> Engine:
+            if not lazy:
+                return open_engine(self.bundle_dir, m, component, backend, options)
+            rec = m.components[component]
+            return LazyEngine(component, [t.name for t in rec.inputs], [t.name for t in rec.outputs],
+                              lambda: open_engine(self.bundle_dir, m, component, backend, options))
+
+        return PipelineEngines(backbone=engine("backbone"), text_encoder=engine("text_encoder"),
+                               vae_encoder=engine("vae_encoder"), scorer=engine(self.scorer_component))
+
     @classmethod
     def from_spec(cls, spec: RuntimeSpec) -> DBMEFRuntime:
         """The runtime a ``RuntimeSpec`` describes: scoring overrides applied to the bundle's config,
@@ -190,7 +202,7 @@ class DBMEFRuntime:
         scoring = load_manifest(spec.bundle).scoring.replace(**spec.scoring) if spec.scoring else None
         return cls(spec.bundle, backend=spec.backend, options=dict(spec.options), verify=spec.verify,
                    scoring=scoring, protector=spec._protector(), batch_size=spec.batch_size, lazy=spec.lazy,
-                   expect_digest=spec.expect_digest)
+                   expect_digest=spec.expect_digest, scorer=spec.scorer)
 
     def identity(self) -> dict[str, Any]:
         """What decides this runtime's answers, as plain data: the bundle digest, the scoring config
@@ -265,7 +277,7 @@ class DBMEFRuntime:
             "bundle": str(self.bundle_dir),
             "precision": m.precision,
             "classes": len(m.class_names),
-            "scorer": m.scorer_component,
+            "scorer": self.scorer_component,
             "providers": {n: getattr(getattr(engines, n), "providers", ["?"])[0]
                           for n in ("backbone", "text_encoder", "vae_encoder", "scorer")},
             "protector": self.protector.to_dict(),

@@ -51,12 +51,10 @@ def test_parity_with_torch_reference_on_32_plus_images(tiny_bundle, tiny_system,
 
 @pytest.mark.parametrize("scorer", ["fused", "unet"])
 def test_same_answer_alone_or_in_a_batch(tiny_bundle, many_images, scorer):
-    rt = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=Protector(np.inf, 0.0), batch_size=8)
-    if scorer == "unet":  # the plain-UNet path of the same bundle
-        from dbmef.runtime.backends.onnxruntime import OrtEngine
-        from dbmef.runtime.scorer import DiffusionScorer
-
-        rt.pipeline.scorer = DiffusionScorer(CFG, OrtEngine(tiny_bundle / "unet.onnx", "unet"), (4, 8, 8))
+    # scorer: the fused graph, or the plain-UNet path of the same bundle
+    rt = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=Protector(np.inf, 0.0), batch_size=8,
+                      scorer="scorer" if scorer == "fused" else "unet")
+    assert rt.describe()["scorer"] == ("scorer" if scorer == "fused" else "unet")
     batch = rt.classify(many_images[:8])
     for j in (0, 3, 7):
         alone = rt.classify([many_images[j]])[0]
@@ -65,16 +63,14 @@ def test_same_answer_alone_or_in_a_batch(tiny_bundle, many_images, scorer):
 
 
 def test_fused_and_unet_scorers_agree(tiny_bundle, many_images):
-    from dbmef.runtime.backends.onnxruntime import OrtEngine
-    from dbmef.runtime.scorer import DiffusionScorer
-
-    rt = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=Protector(np.inf, 0.0))
-    a = rt.classify(many_images[:4])
-    rt.pipeline.scorer = DiffusionScorer(CFG, OrtEngine(tiny_bundle / "unet.onnx", "unet"), (4, 8, 8))
-    b = rt.classify(many_images[:4])
+    every = Protector(np.inf, 0.0)
+    a = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=every).classify(many_images[:4])
+    b = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=every, scorer="unet").classify(many_images[:4])
     for x, y in zip(a, b):
         assert x.label == y.label
         np.testing.assert_allclose(x.noise_errors, y.noise_errors, rtol=1e-4)
+    with pytest.raises(BundleError, match="not in bundle"):
+        DBMEFRuntime(tiny_bundle, scorer="vae_encoder")
 
 
 def test_only_rethought_images_are_encoded_and_negatives_cached(tiny_bundle, many_images):
