@@ -67,7 +67,8 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
         for s in range(0, len(pils), 64):
             batch = rt.classify(pils[s : s + 64], names=[f"digits[{i}]" for i in split.indices[s : s + 64]])
             results.extend(batch)
-            bar(len(batch))
+            bar.update(len(batch))
+        bar.close()
         names = rt.class_names
         early_exit = rt.config.early_exit
     seconds = time.perf_counter() - t0
@@ -114,7 +115,8 @@ def operating_point(bundle: Path, out: Path, test: DemoReport, progress: bool) -
     bar = _bar(len(items), progress, "calibration curve")
     cal = calibrate_operating_point(RuntimeSpec(str(bundle)), items, "prot", float(m.protector.prot),
                                     data="digits calibration split", results=out / "calibration.jsonl",
-                                    write=False, progress=bar)
+                                    write=False, progress=bar.update)
+    bar.close()
     p = cal["chosen"]["point"]
     n_cal, n_test = cal["n_images"], test.n_images
     pairs = {"rethink_rate": test.rethink_rate, "backbone_accuracy": test.backbone_accuracy,
@@ -168,9 +170,6 @@ def rethought_grid(images: list[Image.Image], rows: list[dict[str, Any]], path: 
 
 
 def _bar(total: int, enabled: bool, desc: str = "classifying") -> Any:
-    if not enabled:
-        return lambda n: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="img", mininterval=0.5, leave=False)
-    return bar.update
+    return tqdm(total=total, desc=desc, unit="img", mininterval=0.5, leave=False, disable=not enabled)
