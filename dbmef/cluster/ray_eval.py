@@ -26,6 +26,7 @@ import numpy as np
 from dbmef.cluster import RuntimeSpec, init_ray, require_ray
 from dbmef.runtime.data import LabelledImage
 from dbmef.runtime.evaluate import open_results, record, summarize
+from dbmef.runtime.results import ragged
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,7 @@ def read_images(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         except DBMEFError as exc:
             pixels.append(np.zeros((1, 1, 3), np.uint8))
             errors.append(str(exc))
-    return {"path": batch["path"], "label": batch["label"], "pixels": _ragged(pixels), "read_error": np.array(errors)}
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
+    return {"path": batch["path"], "label": batch["label"], "pixels": ragged(pixels), "read_error": np.array(errors)}
 
 
 class FastPathStage:

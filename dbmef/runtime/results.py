@@ -20,6 +20,14 @@ STAGES = ("decode_preprocess", "backbone", "protector", "vae_encode", "text_enco
 SLOW_STAGES = ("vae_encode", "text_encoder", "unet_scoring", "vote")
 
 
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array holding arrays of different shapes: one column of a Ray Data batch."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
 @dataclass
 class ImageResult:
     """The answer for one input. ``label`` is None only when ``error`` says why.
@@ -144,9 +152,7 @@ class Batch:
     # -- rows as columns (Ray Data batches) --------------------------------------------------
     def columns(self) -> dict[str, Any]:
         """Row-aligned columns of numpy arrays (ragged ``vae_pixels`` as an object array)."""
-        vae = np.empty(len(self), dtype=object)
-        for i, v in enumerate(self.vae_pixels):
-            vae[i] = np.zeros(0, np.float32) if v is None else v
+        vae = ragged([np.zeros(0, np.float32) if v is None else v for v in self.vae_pixels])
         cols = {"name": np.array(self.names, dtype=object), "error": np.array([e or "" for e in self.error]),
                 "top": self.top, "top_p": self.top_p, "rethink": self.rethink, "pred": self.label, "vae": vae,
                 "noise_errors": self.noise_errors, "votes": self.votes, "unet_evals": self.unet_evals}
