@@ -26,9 +26,20 @@ import numpy as np
 from dbmef.errors import ConfigError
 
 __all__ = [
-    "Gate", "PromptTemplates", "add_noise", "combine_and_error", "error_from_terms", "error_terms", "gate",
+    "Gate",
+    "PromptTemplates",
+    "add_noise",
+    "combine_and_error",
+    "error_from_terms",
+    "error_terms",
+    "gate",
     "negative_prompts",
-    "positive_prompt", "softmax", "top_k", "vote", "vote_means",
+    "positive_prompt",
+    "rethinks",
+    "softmax",
+    "top_k",
+    "vote",
+    "vote_means",
 ]
 
 
@@ -59,11 +70,16 @@ class Gate:
     rethink: np.ndarray
 
 
+def rethinks(max_probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The gate rule: rethink iff ``S(x) <= threshold`` (``S`` the top probability). (N,) -> (N,) bool."""
+    return np.asarray(max_probs) <= threshold
+
+
 def gate(logits: np.ndarray, threshold: float, k: int) -> Gate:
-    """(N, C) logits -> Gate: softmax, S(x) = max p, rethink iff ``S <= threshold``, top-k."""
+    """(N, C) logits -> Gate: softmax, S(x) = max p, ``rethinks``, top-k."""
     probs = softmax(logits)
     top, top_p = top_k(probs, k)
-    return Gate(probs, top, top_p, top_p[:, 0] <= threshold)
+    return Gate(probs, top, top_p, rethinks(top_p[:, 0], threshold))
 
 
 # -- 3: text conditions ----------------------------------------------------------------------

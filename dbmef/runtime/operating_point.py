@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dbmef.errors import ConfigError
+from dbmef.runtime.method import rethinks
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import SLOW_STAGES
 
@@ -82,7 +83,7 @@ class RethinkAllPass:
         return len(self.s)
 
     def rethink(self, threshold: float) -> np.ndarray:
-        return self.s <= threshold
+        return rethinks(self.s, threshold)
 
     def answers(self, threshold: float) -> np.ndarray:
         """What DBMEF at ``threshold`` answers for each image (the rule a runtime applies)."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from dbmef.errors import ConfigError
-from dbmef.runtime.method import Gate, gate
+from dbmef.runtime.method import Gate, gate, rethinks
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Protector:
 
     def rethink(self, max_probs: np.ndarray) -> np.ndarray:
         """(B,) bool: True where the image is rethought (``S <= threshold``)."""
-        return np.asarray(max_probs) <= self.threshold
+        return rethinks(max_probs, self.threshold)
 
     def gate(self, logits: np.ndarray, k: int) -> Gate:
         """DESIGN.md §1.1-1.3 in one place: softmax, S(x) = max p, rethink iff S <= threshold, and
