@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,24 @@ class RethinkAllPass:
         """The paper's rule on this pass: ``Protector.calibrate`` over the backbone's answers."""
         return Protector.calibrate(self.s, self.backbone == self.truth, prot)
 
+    @cached_property
+    def _sweep(self) -> dict[str, np.ndarray]:
+        """``sweep``'s table, computed once per pass (the curve, the choice, its notes and the plot
+        all read it)."""
+        ts = thresholds(self)
+        order = np.argsort(self.s, kind="stable")
+        n_re = np.searchsorted(self.s[order], ts, side="right")  # images with S <= t
+        right_d, right_b = (self.dbmef == self.truth)[order], (self.backbone == self.truth)[order]
+        # cumulative over images in increasing S: rethinking these helps (fixes) or hurts (breaks)
+        fixes = np.concatenate([[0], np.cumsum(right_d & ~right_b)])
+        breaks = np.concatenate([[0], np.cumsum(~right_d & right_b)])
+        slow = np.concatenate([[0.0], np.cumsum(self.slow_s[order])])
+        n = len(self)
+        acc = (int(right_b.sum()) + fixes[n_re] - breaks[n_re]) / n
+        mean_ms = (self.fast_s.sum() + slow[n_re]) / n * 1e3
+        return {"threshold": ts, "rethink_rate": n_re / n, "accuracy": acc, "mean_ms": mean_ms,
+                "n_rethought": n_re, "fixes": fixes, "breaks": breaks}
+
 
 @dataclass(frozen=True)
 class Point:
@@ -142,18 +161,10 @@ def thresholds(cp: RethinkAllPass) -> np.ndarray:
 
 def sweep(cp: RethinkAllPass) -> dict[str, np.ndarray]:
     """Rethink rate, accuracy and mean latency (ms) at every threshold of ``thresholds``, in one
-    sorted pass (cumulative sums), so a 50 000-image validation set costs no more than a sort."""
-    ts = thresholds(cp)
-    order = np.argsort(cp.s, kind="stable")
-    s_sorted = cp.s[order]
-    n_re = np.searchsorted(s_sorted, ts, side="right")  # images with S <= t
-    right_d = np.concatenate([[0], np.cumsum((cp.dbmef == cp.truth)[order])])
-    right_b = np.concatenate([[0], np.cumsum((cp.backbone == cp.truth)[order])])
-    slow = np.concatenate([[0.0], np.cumsum(cp.slow_s[order])])
-    n = len(cp)
-    acc = (right_d[n_re] + right_b[n] - right_b[n_re]) / n
-    mean_ms = (cp.fast_s.sum() + slow[n_re]) / n * 1e3
-    return {"threshold": ts, "rethink_rate": n_re / n, "accuracy": acc, "mean_ms": mean_ms}
+    sorted pass (cumulative sums), so a 50 000-image validation set costs no more than a sort.
+    Also ``n_rethought`` per threshold and the cumulative ``fixes``/``breaks`` (indexed by the
+    number of images rethought, in increasing S) the paired tests read."""
+    return cp._sweep
 
 
 def curve(cp: RethinkAllPass) -> list[Point]:
@@ -235,10 +246,7 @@ def _warnings(cp: RethinkAllPass, c: Point, rule: str, value: float, sw: dict[st
     two accuracies' intervals would."""
     n = len(cp)
     out = []
-    order = np.argsort(cp.s, kind="stable")
-    right_d, right_b = (cp.dbmef == cp.truth)[order], (cp.backbone == cp.truth)[order]
-    fixes = np.concatenate([[0], np.cumsum(right_d & ~right_b)])  # rethinking these helps
-    breaks = np.concatenate([[0], np.cumsum(~right_d & right_b)])  # and these hurt
+    fixes, breaks, n_re = sw["fixes"], sw["breaks"], sw["n_rethought"]
     n_c = round(c.rethink_rate * n)
     if n_c and mcnemar_p(c.fixed, c.broken) >= 0.05:
         gain = c.accuracy - c.backbone_accuracy
@@ -246,7 +254,6 @@ def _warnings(cp: RethinkAllPass, c: Point, rule: str, value: float, sw: dict[st
                    f"{c.broken} broken) is not significant (paired test p >= 0.05)")
     # the cheapest point that rethinks something and is not significantly worse than the chosen one
     # (rethinking nothing is the backbone alone, covered above)
-    n_re = np.round(sw["rethink_rate"] * n).astype(int)
     for j in np.flatnonzero((n_re > 0) & (n_re < n_c)):
         b, w = int(fixes[n_c] - fixes[n_re[j]]), int(breaks[n_c] - breaks[n_re[j]])
         if mcnemar_p(b, w) >= 0.05:
