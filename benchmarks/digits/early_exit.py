@@ -126,12 +126,9 @@ def runtime_modes(bundle: Path, split: DigitsSplit, k: int, votes: int, all_imag
 
 
 def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+    from dbmef.apps.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = pyplot().subplots(1, 2, figsize=(11, 4))
     for interval, marker in zip(INTERVALS, "os^"):
         for min_rows, color in zip(MIN_ROWS, ("C0", "C1", "C2")):
             pts = [p for p in points if p["mode"] == "adaptive" and p["interval"] == interval
@@ -162,9 +159,7 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
         a.set_xscale("log")
     ax[0].legend(fontsize=7)
     fig.suptitle(title + " (one point per z; z = inf is exact)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -349,12 +349,9 @@ def profile_scorer(rt: Any, threads: int = 0) -> dict[str, Any]:
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
     """Stage latency, throughput vs rethink rate and slow-path wall time per method, one PNG."""
-    import matplotlib
+    from dbmef.apps.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
     st = report["dbmef"]["stages"]["stages_s_per_image"]
     names = [k for k in st if st[k]["p50"] > 0]
     axes[0].barh(names, [st[k]["p50"] * 1e3 for k in names], xerr=[(st[k]["p95"] - st[k]["p50"]) * 1e3 for k in names])
@@ -372,9 +369,4 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     axes[2].set_title("slow path, equal work")
     fig.suptitle(f"{Path(report['bundle']).name}: k={report['scoring']['k']} n={report['scoring']['n_timesteps']} "
                  f"V={report['scoring']['votes']}")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -151,18 +151,16 @@ def describe_device(rt: Any) -> str:
 def point_rows(report: dict[str, Any]) -> list[list[Any]]:
     """The curve as table rows, the chosen point marked."""
     chosen = report["chosen"]["point"]
+    points = [p for p in report["curve"] if p["threshold"] != chosen["threshold"]] + [chosen]  # chosen shown once
     rows = []
-    for p in report["curve"] + [chosen]:
+    for p in sorted(points, key=lambda p: p["rethink_rate"]):
         mark = "<- chosen" if p is chosen else ""
-        if p is not chosen and p["threshold"] == chosen["threshold"]:
-            continue  # shown once, as the chosen row
         lo, hi = p["accuracy_ci"]
         rows.append([f"{p['prot']:.2f}" if p.get("prot") is not None else "", _thr(p["threshold"]),
                      f"{p['rethink_rate']:.1%}", f"{p['backbone_accuracy']:.2%}",
                      f"{p['accuracy']:.2%} [{lo:.1%}, {hi:.1%}]", p["fixed"], p["broken"],
                      f"{p['unet_evals_per_image']:.0f}", f"{p['mean_ms']:.2f}", f"{p['p50_ms']:.2f}",
                      f"{p['p95_ms']:.2f}", f"{p['images_per_s']:.1f}", mark])
-    rows.sort(key=lambda r: float(r[2].rstrip("%")))
     return rows
 
 
@@ -177,16 +175,13 @@ def _thr(t: Any) -> str:
 def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     """Accuracy (with its 95 % band) and images/s against rethink rate; Prot points and the
     chosen point marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dbmef.apps.report import pyplot, save_figure
 
     pts = sorted(report["curve"], key=lambda p: p["rethink_rate"])
     sw = report["sweep"]
     x = np.array(sw["rethink_rate"]) * 100
     acc, lo, hi = (np.array(sw[k]) * 100 for k in ("accuracy", "ci_low", "ci_high"))
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
     ax.fill_between(x, lo, hi, alpha=0.2, color="C0", step="post", label="DBMEF accuracy, 95 % interval")
     ax.step(x, acc, where="post", color="C0", label="DBMEF accuracy")
     ax.axhline(pts[0]["backbone_accuracy"] * 100, color="gray", ls=":", label="backbone alone")
@@ -208,12 +203,7 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
     ax.set_title(f"operating points: {report['n_images']} calibration images, one slow pass "
                  f"({report['unet_evaluations']} UNet evaluations)\n{report['device']}", fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 __all__ = ["Choice", "Point", "calibrate_operating_point", "plot_curve", "point_rows"]

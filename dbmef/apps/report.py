@@ -1,9 +1,10 @@
-"""Plain-text tables and progress bars for the command line (shared by the sub-commands)."""
+"""Plain-text tables, progress bars and PNG figures for the command line (shared by the sub-commands)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -31,3 +32,24 @@ def progress_bar(total: int, desc: str, quiet: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, file=sys.stderr, dynamic_ncols=True)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend (reports are written to files, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG (creating the folder) and free it."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    pyplot().close(fig)
+    return out
+
