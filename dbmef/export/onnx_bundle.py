@@ -76,6 +76,7 @@ def export_from_onnx_folder(cfg: OnnxExportConfig, progress: Any = None) -> Path
     """Build and validate a bundle from ONNX graphs; returns its folder."""
     from dbmef.export.checks import check_scheduler
     from dbmef.export.onnx_folder import OnnxSdFolder
+    from dbmef.reference.loading import read_class_names
     from dbmef.runtime.schedule import NoiseSchedule
 
     def step(msg: str) -> None:
@@ -95,10 +96,12 @@ def export_from_onnx_folder(cfg: OnnxExportConfig, progress: Any = None) -> Path
     schedule = NoiseSchedule()
     step("adapting the graphs")
     graphs, sources = adapt_all(cfg, folder, schedule.alphas_cumprod())
-    records, latent_shape = write_and_validate(cfg, folder, graphs, sources, out, step)
+    image_size = cfg.image_size or folder.image_size(512)
+    records, latent_shape = write_and_validate(cfg, folder, graphs, sources, out, image_size, step)
     step("tokenizer and positive embeddings")
-    pad_id, pos = _text_side(cfg, folder, out)
-    manifest = _manifest(cfg, folder, records, schedule, pad_id, pos, latent_shape, out)
+    names = read_class_names(cfg.class_names)
+    pad_id, pos = _text_side(cfg, folder, names, out)
+    manifest = _manifest(cfg, folder, records, schedule, names, pad_id, pos, (image_size, latent_shape), out)
     if cfg.validate and cfg.decision_cases > 0 and "scorer" in graphs:
         step("decision check: fused scorer vs the host-side UNet path")
         manifest.components["scorer"].validation["decision_check"] = _decision_check(cfg, manifest, graphs, out)
@@ -138,7 +141,7 @@ def adapt_all(cfg: OnnxExportConfig, folder: Any, abar: np.ndarray) -> tuple[dic
 
 
 def write_and_validate(cfg: OnnxExportConfig, folder: Any, graphs: dict[str, Any], sources: dict[str, Path],
-                       out: Path, step: Any) -> tuple[dict[str, Any], tuple[int, int, int]]:
+                       out: Path, image_size: int, step: Any) -> tuple[dict[str, Any], tuple[int, int, int]]:
     """Save the components the bundle keeps (the plain UNet only with ``--scorer unet|both``; it
     always goes to a temporary file for the decision check) and validate each against its source."""
     from dbmef.export.exporter import _records
@@ -148,7 +151,6 @@ def write_and_validate(cfg: OnnxExportConfig, folder: Any, graphs: dict[str, Any
     keep = ["backbone", "text_encoder", "vae_encoder"] + {"fused": ["scorer"], "unet": ["unet"],
                                                            "both": ["scorer", "unet"]}[cfg.scorer]
     records: dict[str, Any] = {}
-    image_size = cfg.image_size or folder.image_size(512)
     latent_shape: tuple[int, int, int] = (4, image_size // 8, image_size // 8)
     for name in keep:
         step(f"writing {name}")
@@ -235,17 +237,15 @@ def _sample_feeds(name: str, src: Any, b: int, image_size: int, rng: np.random.G
              "encoder_hidden_states": e.astype(_NP[ins["encoder_hidden_states"].type])})
 
 
-def _text_side(cfg: OnnxExportConfig, folder: Any, out: Path) -> tuple[int, np.ndarray]:
+def _text_side(cfg: OnnxExportConfig, folder: Any, names: list[str], out: Path) -> tuple[int, np.ndarray]:
     """tokenizer.json and the positive embedding of every class, with the adapted text encoder."""
     from dbmef.export.onnx_folder import write_tokenizer_json
-    from dbmef.reference.loading import read_class_names
     from dbmef.runtime.backends.onnxruntime import OrtEngine
     from dbmef.runtime.method import positive_prompt
     from dbmef.runtime.tokenizer import ClipTokenizer
 
     pad_id = write_tokenizer_json(folder.root / "tokenizer", out / "tokenizer.json")
     tok = ClipTokenizer(out / "tokenizer.json", pad_id=pad_id)
-    names = read_class_names(cfg.class_names)
     te = OrtEngine.on_cpu(out / "text_encoder.onnx", "text_encoder")
     prompts = [positive_prompt(n, cfg.scoring.templates) for n in names]
     pos = np.concatenate([te({"input_ids": tok(prompts[s : s + 64])})["last_hidden_state"]
@@ -255,15 +255,13 @@ def _text_side(cfg: OnnxExportConfig, folder: Any, out: Path) -> tuple[int, np.n
     return pad_id, pos
 
 
-def _manifest(cfg: OnnxExportConfig, folder: Any, records: dict[str, Any], schedule: Any, pad_id: int,
-              pos: np.ndarray, latent_shape: tuple[int, int, int], out: Path) -> Any:
+def _manifest(cfg: OnnxExportConfig, folder: Any, records: dict[str, Any], schedule: Any, names: list[str],
+              pad_id: int, pos: np.ndarray, sizes: tuple[int, tuple[int, int, int]], out: Path) -> Any:
     from dbmef.export.exporter import tool_versions
-    from dbmef.reference.loading import read_class_names
     from dbmef.runtime.bundle import BundleManifest, sha256_file
 
-    names = read_class_names(cfg.class_names)
     logits = records["backbone"].outputs[0]
-    image_size = cfg.image_size or folder.image_size(512)
+    image_size, latent_shape = sizes
     return BundleManifest(
         components=records, scorer_component="scorer" if "scorer" in records else "unet", class_names=names,
         backbone_preprocess=read_data_config(cfg.data_config),
