@@ -3,6 +3,7 @@ environment (no torch, diffusers, transformers, timm) classifies with a bundle f
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -17,20 +18,26 @@ from tests.conftest import needs_ort, needs_torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def fresh_venv(venv: Path, extras: str, heavy: tuple[str, ...]) -> list[str]:
+    """A new virtual environment with ``dbmef[extras]`` installed from this checkout; returns which
+    of the ``heavy`` modules it can import (the callers require none)."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extras}]"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = f"import importlib.util as u; print([m for m in {heavy!r} if u.find_spec(m)])"
+    found = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, check=True)
+    return ast.literal_eval(found.stdout.strip())
+
+
 @needs_torch
 @needs_ort
 @pytest.mark.skipif(os.environ.get("DBMEF_SKIP_INSTALL_TEST") == "1", reason="DBMEF_SKIP_INSTALL_TEST=1")
 def test_cpu_extra_in_fresh_venv_classifies(tiny_bundle, tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[cpu]"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    heavy = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in "
-                            "('torch','diffusers','transformers','timm','onnx') if u.find_spec(m)])"],
-                           capture_output=True, text=True, check=True)
-    assert heavy.stdout.strip() == "[]", f"the cpu extra pulled in {heavy.stdout}"
+    heavy = fresh_venv(venv, "cpu", ("torch", "diffusers", "transformers", "timm", "onnx"))
+    assert heavy == [], f"the cpu extra pulled in {heavy}"
     sample = ROOT / "dbmef" / "assets" / "sample.png"
     r = subprocess.run([str(venv / "bin" / "dbmef"), "-q", "classify", "--bundle", str(tiny_bundle), "--json",
                         "--timesteps", "2", "--votes", "1", "--prot", "0", str(sample)],
@@ -51,15 +58,8 @@ def test_onnx_folder_export_without_torch(onnx_folder, tiny_bundle, sample_image
     from dbmef.runtime import DBMEFRuntime, Protector, ScoringConfig
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[cpu,onnx]"],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    heavy = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in "
-                            "('torch','diffusers','transformers','timm') if u.find_spec(m)])"],
-                           capture_output=True, text=True, check=True)
-    assert heavy.stdout.strip() == "[]", f"the onnx extra pulled in {heavy.stdout}"
+    heavy = fresh_venv(venv, "cpu,onnx", ("torch", "diffusers", "transformers", "timm"))
+    assert heavy == [], f"the onnx extra pulled in {heavy}"
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     (tmp_path / "names.json").write_text(json.dumps(m["class_names"]))
     out = tmp_path / "bundle"
