@@ -102,6 +102,21 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
         dev.syncs[int(stream)] += 1
         return (SUCCESS,)
 
+    events: dict[int, int] = {}  # event -> the stream it was last recorded on
+
+    def event_record(event: int, stream: int) -> tuple[int]:
+        events[int(event)] = int(stream)
+        return (SUCCESS,)
+
+    def event_sync(event: int) -> tuple[int]:
+        dev.syncs[events[int(event)]] += 1  # waits for that stream's work up to the record
+        return (SUCCESS,)
+
+    def memcpy_blocking(dst: int, src: int, n: int, kind: int) -> tuple[int]:
+        dev.calls[f"memcpy_{kinds[kind]}"] += 1
+        ctypes.memmove(int(dst), int(src), int(n))
+        return (SUCCESS,)
+
     props = types.SimpleNamespace(name=dev.name.encode(), major=dev.cc[0], minor=dev.cc[1], totalGlobalMem=80 << 30)
     rt.__dict__.update(
         cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind, cudaStreamCaptureMode=cudaStreamCaptureMode,
@@ -117,6 +132,12 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
         cudaStreamDestroy=lambda s: (SUCCESS,),
         cudaStreamSynchronize=sync,
         cudaMemcpyAsync=memcpy,
+        cudaMemcpy=memcpy_blocking,
+        cudaEventDisableTiming=2,
+        cudaEventCreateWithFlags=lambda flags: (SUCCESS, dev.new_id()),
+        cudaEventRecord=event_record,
+        cudaEventSynchronize=event_sync,
+        cudaEventDestroy=lambda e: (SUCCESS,),
         cudaStreamBeginCapture=lambda s, mode: (dev.capturing.__setitem__(int(s), []), (SUCCESS,))[1],
         cudaStreamEndCapture=end_capture,
         cudaGraphInstantiate=lambda graph, flags: (SUCCESS, graph),

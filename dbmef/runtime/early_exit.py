@@ -61,94 +61,116 @@ class ExitPolicy:
             raise ConfigError(f"early_exit = {self.mode!r} is not one of {POLICIES}")
 
 
-class RowPlanner:
-    """Per-image state of a stage-wise rethink of M images (V votes, n timesteps, k candidates).
+class ImagePlan:
+    """One image's stage-wise rethink (V votes, n timesteps, k candidates): which rows it needs next
+    and when its answer is settled.
 
-    Rows are (m, v, i, c) with i the position on the timestep grid. ``errors`` (M,V,n,k) holds
-    every evaluated row's error, NaN elsewhere.
+    A row is (v, i, c): vote v, position i on the timestep grid, candidate c. ``errors`` (V, n, k)
+    holds every evaluated row's error, NaN elsewhere. The plan sees nothing but its own errors, so
+    the rows it asks for and its answer never depend on other images, the engine batch or the
+    order in which a scheduler serves it.
     """
 
-    def __init__(self, m_count: int, votes: int, n_timesteps: int, k: int, policy: ExitPolicy):
-        self.M, self.V, self.n, self.k = m_count, votes, n_timesteps, k
+    def __init__(self, votes: int, n_timesteps: int, k: int, policy: ExitPolicy):
+        self.V, self.n, self.k = votes, n_timesteps, k
         self.policy = policy
-        self.errors = np.full((m_count, votes, n_timesteps, k), np.nan, dtype=np.float32)
-        self.alive = np.ones((m_count, k), dtype=bool)
-        self.done = np.zeros(m_count, dtype=bool)
-        self.winner = np.full(m_count, -1, dtype=np.int64)  # candidate position once settled
-        self.rows = np.zeros(m_count, dtype=np.int64)  # rows evaluated per image (2 UNet evals each)
-        self.stage_rows: list[int] = []  # rows of each stage, all images together
-        first = votes if policy.mode == "off" else votes // 2 + 1
-        self.opened = np.full(m_count, first, dtype=np.int64)  # votes opened so far
-        self.cursor = np.zeros((m_count, votes), dtype=np.int64)  # timesteps visited per vote
+        self.errors = np.full((votes, n_timesteps, k), np.nan, dtype=np.float32)
+        self.alive = np.ones(k, dtype=bool)
+        self.done = False
+        self.winner = -1  # candidate position once settled
+        self.rows = 0  # rows evaluated (each 2 UNet evaluations)
+        self.stages = 0  # stages fed
+        self.opened = votes if policy.mode == "off" else votes // 2 + 1  # votes opened so far
+        self.cursor = np.zeros(votes, dtype=np.int64)  # timesteps visited per vote
         adaptive = policy.mode == "adaptive"
         self.order = van_der_corput_order(n_timesteps) if adaptive else np.arange(n_timesteps)
         self.step = max(1, policy.interval) if adaptive else n_timesteps
-        if m_count == 0:
-            self.done[:] = True
 
     # -- what to evaluate --------------------------------------------------------------------------
-    def next_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The next stage's rows (m, v, i, c), each (R,) int64, in (m, v, i, c) order; empty when
-        every image is settled."""
-        parts: list[np.ndarray] = []
-        for m in np.flatnonzero(~self.done):
-            cand = np.flatnonzero(self.alive[m])
-            for v in range(int(self.opened[m])):
-                a = int(self.cursor[m, v])
-                if a >= self.n:
-                    continue
-                pos = np.sort(self.order[a : a + self.step])
-                grid = np.stack(np.meshgrid(pos, cand, indexing="ij"), -1).reshape(-1, 2)  # (steps*|cand|, 2)
-                parts.append(np.column_stack([np.full(len(grid), m), np.full(len(grid), v), grid]))
-        if not parts:
-            e = np.empty(0, dtype=np.int64)
-            return e, e, e, e
-        rows = np.concatenate(parts).astype(np.int64)
-        return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    def _stage(self, cursor: np.ndarray, opened: int, alive: np.ndarray) -> np.ndarray:
+        """(R, 3) rows (v, i, c) of the stage that follows state (cursor, opened), in (v, i, c) order."""
+        cand = np.flatnonzero(alive)
+        parts = []
+        for v in range(opened):
+            a = int(cursor[v])
+            if a >= self.n:
+                continue
+            pos = np.sort(self.order[a : a + self.step])
+            grid = np.stack(np.meshgrid(pos, cand, indexing="ij"), -1).reshape(-1, 2)  # (steps*|cand|, 2)
+            parts.append(np.column_stack([np.full(len(grid), v), grid]))
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty((0, 3), np.int64)
 
-    def feed(self, index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], errors: np.ndarray) -> None:
-        """Record a stage's errors (R,) for rows ``index`` (as from ``next_rows``), then settle
-        what can be settled and open what must be opened."""
-        m, v, i, c = index
-        self.errors[m, v, i, c] = errors
-        np.add.at(self.rows, m, 1)
-        touched = np.unique(np.stack([m, v], 1), axis=0) if len(m) else np.empty((0, 2), np.int64)
-        for mm, vv in touched:
-            self.cursor[mm, vv] = min(self.n, self.cursor[mm, vv] + self.step)
-        self.stage_rows.append(len(m))
-        for mm in np.unique(m):
-            self._update(int(mm))
+    def next_rows(self) -> np.ndarray:
+        """The next stage's rows (R, 3) int64 (v, i, c); empty once settled."""
+        if self.done:
+            return np.empty((0, 3), np.int64)
+        return self._stage(self.cursor, int(self.opened), self.alive)
+
+    def upcoming(self, limit: int) -> np.ndarray:
+        """Up to ``limit`` rows (v, i, c) the stages after ``next_rows`` will ask for if no candidate
+        is dropped and the answer is not settled before: what a scheduler may evaluate ahead, in
+        the order they would be asked for. Asking changes nothing."""
+        if self.done or limit <= 0:
+            return np.empty((0, 3), np.int64)
+        cursor, opened = self.cursor.copy(), int(self.opened)
+        out: list[np.ndarray] = []
+        count = 0
+        while count < limit:
+            live = np.flatnonzero(cursor[:opened] < self.n)
+            cursor[live] = np.minimum(self.n, cursor[live] + self.step)  # the stage before is done
+            if (cursor[:opened] >= self.n).all():
+                if opened >= self.V:
+                    break
+                opened += 1  # the round is over and undecided: one more vote
+            rows = self._stage(cursor, opened, self.alive)
+            if not len(rows):
+                break
+            out.append(rows)
+            count += len(rows)
+        return np.concatenate(out)[:limit] if out else np.empty((0, 3), np.int64)
+
+    def feed(self, rows: np.ndarray, errors: np.ndarray) -> None:
+        """Record a whole stage: errors (R,) of rows (R, 3) as from ``next_rows``; then settle what
+        can be settled and open what must be opened."""
+        v, i, c = rows[:, 0], rows[:, 1], rows[:, 2]
+        self.errors[v, i, c] = errors
+        self.rows += len(rows)
+        self.stages += 1
+        for vv in np.unique(v):
+            self.cursor[vv] = min(self.n, self.cursor[vv] + self.step)
+        if len(rows):
+            self._update()
 
     # -- decisions ---------------------------------------------------------------------------------
-    def _update(self, m: int) -> None:
+    def _update(self) -> None:
         if self.policy.mode == "adaptive":
-            self._eliminate(m)
-        alive = np.flatnonzero(self.alive[m])
+            self._eliminate()
+        alive = np.flatnonzero(self.alive)
         if len(alive) == 1:
-            self._settle(m, int(alive[0]))
+            self._settle(int(alive[0]))
             return
-        complete = [v for v in range(int(self.opened[m])) if self.cursor[m, v] >= self.n]
+        complete = [v for v in range(int(self.opened)) if self.cursor[v] >= self.n]
         if self.policy.mode != "off" and complete:
-            means = vote_means(self.errors[m, complete][:, :, alive])  # (votes done, |alive|)
+            means = vote_means(self.errors[complete][:, :, alive])  # (votes done, |alive|)
             counts = np.bincount(means.argmin(axis=1), minlength=len(alive))
             order = np.sort(counts)[::-1]
             left = self.V - len(complete)
             if order[0] > order[1] + left:
-                self._settle(m, int(alive[int(np.argmax(counts))]))
+                self._settle(int(alive[int(np.argmax(counts))]))
                 return
         if len(complete) == self.V:
-            means = vote_means(self.errors[m][:, :, alive])  # (V, |alive|)
-            self._settle(m, int(alive[vote(means)[0]]))
+            means = vote_means(self.errors[:, :, alive])  # (V, |alive|)
+            self._settle(int(alive[vote(means)[0]]))
             return
-        if len(complete) == int(self.opened[m]):  # the round is over and undecided: one more vote
-            self.opened[m] += 1
+        if len(complete) == int(self.opened):  # the round is over and undecided: one more vote
+            self.opened += 1
 
-    def _eliminate(self, m: int) -> None:
+    def _eliminate(self) -> None:
         """Drop candidates significantly worse than the leader (paired rows of this image)."""
-        z, alive = self.policy.z, np.flatnonzero(self.alive[m])
+        z, alive = self.policy.z, np.flatnonzero(self.alive)
         if not math.isfinite(z) or len(alive) < 2:
             return
-        e = self.errors[m][:, :, alive].reshape(-1, len(alive)).astype(np.float64)
+        e = self.errors[:, :, alive].reshape(-1, len(alive)).astype(np.float64)
         e = e[~np.isnan(e).any(axis=1)]  # rows every survivor has: all rows since they were dropped
         r = len(e)
         if r < max(2, self.policy.min_rows):
@@ -158,38 +180,88 @@ class RowPlanner:
         mean = d.mean(axis=0)
         se = d.std(axis=0, ddof=1) / math.sqrt(r)
         drop = (mean > z * se) & (np.arange(len(alive)) != lead)
-        self.alive[m, alive[drop]] = False
+        self.alive[alive[drop]] = False
 
-    def _settle(self, m: int, winner: int) -> None:
-        self.done[m] = True
-        self.winner[m] = winner
+    def _settle(self, winner: int) -> None:
+        self.done = True
+        self.winner = winner
 
     # -- outputs -----------------------------------------------------------------------------------
-    @property
-    def stages(self) -> int:
-        return len(self.stage_rows)
-
     def per_vote_errors(self) -> np.ndarray:
-        """(M, V, k) mean error of each candidate in each vote over the timesteps evaluated for it;
+        """(V, k) mean error of each candidate in each vote over the timesteps evaluated for it;
         NaN where nothing was evaluated (a vote never opened, a candidate dropped before it)."""
         with np.errstate(invalid="ignore"):
-            filled = np.where(np.isnan(self.errors), 0.0, self.errors).sum(axis=2, dtype=np.float64)
-            count = (~np.isnan(self.errors)).sum(axis=2)
+            filled = np.where(np.isnan(self.errors), 0.0, self.errors).sum(axis=1, dtype=np.float64)
+            count = (~np.isnan(self.errors)).sum(axis=1)
             out = np.where(count > 0, filled / np.maximum(count, 1), np.nan)
         full = count == self.n
         out[full] = vote_means(self.errors)[full]  # completed votes: exactly the voting numbers
         return out.astype(np.float32)
 
     def vote_counts(self) -> np.ndarray:
-        """(M, k) votes each candidate won among completed votes (over the candidates still alive)."""
-        counts = np.zeros((self.M, self.k), dtype=np.int64)
-        for m in range(self.M):
-            alive = np.flatnonzero(self.alive[m])
-            complete = [v for v in range(self.V) if self.cursor[m, v] >= self.n]
-            if complete and len(alive):
-                means = vote_means(self.errors[m, complete][:, :, alive])
-                counts[m, alive] = np.bincount(means.argmin(axis=1), minlength=len(alive))
+        """(k,) votes each candidate won among completed votes (over the candidates still alive)."""
+        counts = np.zeros(self.k, dtype=np.int64)
+        alive = np.flatnonzero(self.alive)
+        complete = [v for v in range(self.V) if self.cursor[v] >= self.n]
+        if complete and len(alive):
+            means = vote_means(self.errors[complete][:, :, alive])
+            counts[alive] = np.bincount(means.argmin(axis=1), minlength=len(alive))
         return counts
+
+
+class RowPlanner:
+    """M images' plans driven in lockstep stages (``replay``, ablations): stage s holds every open
+    image's s-th stage. Per image exactly ``ImagePlan``; the arrays below gather them."""
+
+    def __init__(self, m_count: int, votes: int, n_timesteps: int, k: int, policy: ExitPolicy):
+        self.M, self.V, self.n, self.k = m_count, votes, n_timesteps, k
+        self.policy = policy
+        self.plans = [ImagePlan(votes, n_timesteps, k, policy) for _ in range(m_count)]
+        self.stage_rows: list[int] = []  # rows of each stage, all images together
+
+    @property
+    def done(self) -> np.ndarray:
+        return np.array([p.done for p in self.plans], dtype=bool)
+
+    @property
+    def winner(self) -> np.ndarray:
+        return np.array([p.winner for p in self.plans], dtype=np.int64)
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.array([p.rows for p in self.plans], dtype=np.int64)
+
+    @property
+    def alive(self) -> np.ndarray:
+        return np.array([p.alive for p in self.plans], dtype=bool).reshape(self.M, self.k)
+
+    @property
+    def stages(self) -> int:
+        return len(self.stage_rows)
+
+    def next_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The next stage's rows (m, v, i, c), each (R,) int64, in (m, v, i, c) order."""
+        parts = [np.column_stack([np.full(len(r), m), r]) for m, p in enumerate(self.plans)
+                 if len(r := p.next_rows())]
+        rows = np.concatenate(parts) if parts else np.empty((0, 4), np.int64)
+        return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+
+    def feed(self, index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], errors: np.ndarray) -> None:
+        """Record a stage's errors (R,) for rows ``index`` (as from ``next_rows``)."""
+        m = index[0]
+        rows = np.column_stack(index[1:]) if len(m) else np.empty((0, 3), np.int64)
+        for mm in np.unique(m):
+            sel = m == mm
+            self.plans[int(mm)].feed(rows[sel], np.asarray(errors)[sel])
+        self.stage_rows.append(len(m))
+
+    def per_vote_errors(self) -> np.ndarray:
+        """(M, V, k): ``ImagePlan.per_vote_errors`` of every image."""
+        return np.array([p.per_vote_errors() for p in self.plans], np.float32).reshape(self.M, self.V, self.k)
+
+    def vote_counts(self) -> np.ndarray:
+        """(M, k): ``ImagePlan.vote_counts`` of every image."""
+        return np.array([p.vote_counts() for p in self.plans], np.int64).reshape(self.M, self.k)
 
 
 def run_planner(planner: RowPlanner, evaluate) -> RowPlanner:  # type: ignore[no-untyped-def]
@@ -204,7 +276,8 @@ def run_planner(planner: RowPlanner, evaluate) -> RowPlanner:  # type: ignore[no
 
 def replay(errors: np.ndarray, policy: ExitPolicy) -> RowPlanner:
     """Run the planner over a full error tensor (M, V, n, k), as if each requested row had been
-    evaluated then: the decisions and row counts the stage-wise scorer makes on the same errors."""
+    evaluated then: the decisions and row counts the scorer makes on the same errors, whatever
+    the scheduling."""
     M, V, n, k = errors.shape
     p = RowPlanner(M, V, n, k, policy)
     return run_planner(p, lambda idx: errors[idx])

@@ -36,13 +36,24 @@ class Engine(Protocol):
 
 @runtime_checkable
 class RowScorer(Protocol):
-    """Optional: a fused-scorer engine that gathers scorer rows on its device and synchronises once
-    per call (the native TensorRT backend). ``index`` = (m, v, i, c), each (R_padded,), R_padded a
-    multiple of ``batch``; returns the errors (R_padded,) float32."""
+    """Optional: a fused-scorer engine that gathers scorer rows on its device (the native TensorRT
+    backend). ``open_rows`` puts the tables every row reads on the device (noise bank (V,n,4,h,w),
+    timestep grid (n,), positive embeddings (C,L,D), lam (1,)) and sizes ``capacity`` image slots;
+    ``load_rows`` fills one slot (latent (4,h,w), candidates (k,), negatives (k,L,D)) without
+    waiting; ``launch_rows`` starts one call of exactly ``batch`` rows (B, 4) = (slot, v, i, c)
+    without waiting and returns a ticket; ``collect_rows`` waits for that call (one host sync) and
+    returns its (B,) errors. At most two calls are in flight."""
 
-    def score_rows(self, latents: np.ndarray, noise: np.ndarray, timesteps: np.ndarray, positive: np.ndarray,
-                   negative: np.ndarray, candidates: np.ndarray, lam: np.ndarray,
-                   index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], batch: int) -> np.ndarray: ...
+    def open_rows(self, noise: np.ndarray, timesteps: np.ndarray, positive: np.ndarray, lam: np.ndarray,
+                  batch: int, capacity: int, k: int) -> None: ...
+
+    def load_rows(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None: ...
+
+    def launch_rows(self, rows: np.ndarray) -> int: ...
+
+    def collect_rows(self, ticket: int) -> np.ndarray: ...
+
+    def close_rows(self) -> None: ...
 
 
 def max_batch(engine: Engine, default: int) -> int:

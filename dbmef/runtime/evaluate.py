@@ -160,27 +160,33 @@ def read_results(path: Path) -> Records:
 
 def evaluate(runtime: Any, items: Sequence[LabelledImage], results_path: str | Path, resume: bool = True,
              progress: Callable[[int], None] | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Classify every item, appending per-image records to ``results_path`` (JSONL), and return
-    the summary. ``stop_after``: stop after that many new images (for tests of resuming)."""
+    """Classify every item, appending per-image records to ``results_path`` (JSONL) in the order
+    they are answered (``runtime.stream``: a kept answer does not wait for the rethinks of its
+    batch), and return the summary. The file is flushed to disk every ``batch_size`` records, so
+    a crash loses at most those. ``stop_after``: stop after that many new images (tests of resuming)."""
     path = Path(results_path)
     done, todo = open_results(path, items, resume, runtime.identity(), progress)
     new = 0
     with open(path, "a") as f:
-        for s in range(0, len(todo), runtime.batch_size):
-            batch = todo[s : s + runtime.batch_size]
-            results = runtime.classify([it.path for it in batch])
-            for it, r in zip(batch, results):
-                rec = record(it.path, it.label, r)
-                done[it.path] = rec
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            new += len(batch)
+        for r in runtime.stream([it.path for it in todo]):
+            it = todo[r.index]
+            rec = record(it.path, it.label, r)
+            done[it.path] = rec
+            f.write(json.dumps(rec) + "\n")
+            new += 1
+            if new % runtime.batch_size == 0:
+                _sync(f)
             if progress:
-                progress(len(batch))
+                progress(1)
             if stop_after is not None and new >= stop_after:
                 break
+        _sync(f)
     return summarize([done[it.path] for it in items if it.path in done], total=len(items))
+
+
+def _sync(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def summarize(records: Sequence[dict[str, Any]], total: int | None = None) -> dict[str, Any]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 from PIL import Image
@@ -20,6 +22,7 @@ from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreproce
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import Batch, ImageResult
 from dbmef.runtime.schedule import NoiseSchedule
+from dbmef.runtime.scheduler import RowScheduler, SchedulerStats
 from dbmef.runtime.scorer import DiffusionScorer
 from dbmef.runtime.tokenizer import ClipTokenizer
 
@@ -89,6 +92,7 @@ class DBMEFPipeline:
         schedule: NoiseSchedule | None = None,
         backbone_batch: int = 32,
         cache_size: int = 4096,
+        speculate: bool = True,
     ):
         if config.k > len(class_names):
             raise ConfigError(f"k = {config.k} exceeds the number of classes ({len(class_names)})")
@@ -100,6 +104,7 @@ class DBMEFPipeline:
         self.backbone_preprocess = backbone_preprocess
         self.vae_preprocess = VaePreprocess(vae_image_size)
         self.backbone_batch = backbone_batch
+        self.speculate = speculate  # fill a call that would be padded with rows the plans will ask for next
         self.scorer = DiffusionScorer(config, engines.scorer, latent_shape, schedule)
         self.negative_cache = EmbeddingCache(cache_size)
         if positive_embeddings is None:
@@ -161,6 +166,7 @@ class DBMEFPipeline:
         pils: dict[int, Image.Image] = {}
         pixel: list[np.ndarray] = []
         t0 = time.perf_counter()
+        batch.submitted[:] = t0
         for i, src in enumerate(images):
             try:
                 if errors is not None and errors[i]:
@@ -175,6 +181,8 @@ class DBMEFPipeline:
         batch.charge("decode_preprocess", time.perf_counter() - t0, ok)
         if ok.any():
             self._gate(batch, np.stack(pixel), pils)
+        done = ~batch.rethink
+        batch.latency[done] = time.perf_counter() - t0  # kept answers (and unreadable inputs) are final now
         return batch
 
     def _gate(self, batch: Batch, pixel: np.ndarray, pils: dict[int, Image.Image]) -> None:
@@ -197,38 +205,101 @@ class DBMEFPipeline:
             batch.vae_pixels[i] = self.vae_preprocess(pils[int(i)])
         batch.charge("vae_encode", time.perf_counter() - t0, batch.rethink)  # its preprocessing, done once here
 
-    def rethink(self, batch: Batch, progress: Callable[[int], None] | None = None) -> Batch:
-        """The second half of ``classify``: VAE -> negatives -> scorer -> vote for the batch's
-        rethought rows, in place. The answer is the one ``classify`` gives: it depends on the
-        image and its top-k only, whichever process or batch runs it."""
-        rows = batch.rethink & batch.ok & (batch.unet_evals == 0)
-        if not rows.any():
-            return batch
-        idx = np.flatnonzero(rows)
-        cands = batch.top[idx]  # (M, k)
-        if cands.shape[1] != self.config.k:
-            raise ConfigError(f"the batch carries a top-{cands.shape[1]} but the scoring config has k = "
+    def to_rethink(self, batch: Batch) -> np.ndarray:
+        """Rows of ``batch`` the slow path still has to answer: (M,) int64."""
+        idx = np.flatnonzero(batch.rethink & batch.ok & (batch.unet_evals == 0))
+        if len(idx) and batch.top.shape[1] != self.config.k:
+            raise ConfigError(f"the batch carries a top-{batch.top.shape[1]} but the scoring config has k = "
                               f"{self.config.k}")
-        t0 = time.perf_counter()
+        return idx
+
+    def slow_inputs(self, batch: Batch, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """VAE latents (M, 4, h, w) and negative embeddings (M, k, L, D) of rows ``idx``, their stage
+        times charged to those rows; the rows' VAE inputs are released."""
+        rows = np.zeros(len(batch), bool)
+        rows[idx] = True
         pixels = [batch.vae_pixels[i] for i in idx]
         if any(p is None for p in pixels):
             raise ConfigError("a rethought row of the batch has no VAE input: build batches with fast_path")
-        latents = self._vae(np.stack(pixels))  # type: ignore[arg-type]  # (M, 4, h, w)
+        t0 = time.perf_counter()
+        latents = self._vae(np.stack(pixels))  # type: ignore[arg-type]
         t1 = time.perf_counter()
-        neg = self.negative_embeddings(cands)  # (M, k, L, D)
-        t2 = time.perf_counter()
-        sr = self.scorer.score(latents, cands, self.positive_embeddings, neg, progress)
-        t3 = time.perf_counter()
-        batch.label[idx] = sr.labels  # "vote": recording the tallied answers (the tally runs in the scorer)
-        batch.noise_errors[idx], batch.votes[idx], batch.unet_evals[idx] = sr.errors, sr.votes, sr.unet_evals_per_image
-        t4 = time.perf_counter()
-        # what the slow path cost in engine terms (benchmarks read it; answers never depend on it)
-        batch.scoring = {"images": len(idx), "rows": sr.rows, "engine_calls": sr.engine_calls, "stages": sr.stages,
-                         "padded_rows": sr.engine_calls * self.config.unet_batch - sr.rows}
-        for stage, secs in (("vae_encode", t1 - t0), ("text_encoder", t2 - t1), ("unet_scoring", t3 - t2),
-                            ("vote", t4 - t3)):
-            batch.charge(stage, secs, rows)
+        neg = self.negative_embeddings(batch.top[idx])
+        batch.charge("vae_encode", t1 - t0, rows)
+        batch.charge("text_encoder", time.perf_counter() - t1, rows)
+        for i in idx:
+            batch.vae_pixels[i] = None
+        return latents, neg
+
+    def scheduler(self, capacity: int, lockstep: bool = False,
+                  progress: Callable[[int], None] | None = None) -> RowScheduler:
+        """A row scheduler over this pipeline's scorer with ``capacity`` image slots."""
+        ex = self.scorer.executor(self.positive_embeddings, capacity)
+        return RowScheduler(ex, self.config, speculate=self.speculate, lockstep=lockstep, progress=progress)
+
+    def rethink(self, batch: Batch, progress: Callable[[int], None] | None = None, lockstep: bool = False) -> Batch:
+        """The second half of ``classify``: VAE -> negatives -> scorer -> vote for the batch's
+        rethought rows, in place, all of them through one row scheduler. The answer is the one
+        ``classify`` gives: it depends on the image and its top-k only, whichever process or batch
+        runs it. ``lockstep``: the earlier batch-synchronous schedule (benchmarks compare it)."""
+        idx = self.to_rethink(batch)
+        if not len(idx):
+            return batch
+        latents, neg = self.slow_inputs(batch, idx)
+        with closing(self.scheduler(len(idx), lockstep, progress)) as sched:
+            for j, i in enumerate(idx):
+                sched.submit(int(i), latents[j], batch.top[i], neg[j], submitted=float(batch.submitted[i]))
+            for s in sched.drain():
+                batch.settle(s.key, s)
+            batch.scoring = sched.stats.to_dict()
         return batch
+
+    def stream(self, images: Iterable[ImageInput], names: Iterable[str] | None = None, batch_size: int = 16,
+               window: int = 64, progress: Callable[[int], None] | None = None,
+               stats: SchedulerStats | None = None) -> Iterator[ImageResult]:
+        """Classify a stream, yielding each input's result as soon as it is answered (``index``: its
+        position in the stream): kept answers after their fast-path batch, rethought ones when
+        their plan settles. Inputs are read ``batch_size`` at a time, only while the slow path
+        cannot fill its next engine call and fewer than ``window`` images are rethinking, so
+        memory stays flat however long the stream. ``progress`` receives UNet rows done; ``stats``
+        (if given) is updated with the scheduler's counts as the stream runs."""
+        source = enumerate(zip(images, names) if names is not None else ((src, None) for src in images))
+        held: dict[int, tuple[Batch, int]] = {}  # stream position -> (its batch, its row)
+        exhausted = False
+        with closing(self.scheduler(window, progress=progress)) as sched:
+            if stats is not None:
+                sched.stats = stats
+            while True:
+                while not exhausted and sched.waiting_rows < sched.B and sched.has_room:
+                    chunk = list(islice(source, batch_size))
+                    exhausted = not chunk
+                    yield from self._admit(chunk, sched, held)
+                if not sched.busy:
+                    if exhausted:
+                        return
+                    continue
+                for s in sched.step(flush=exhausted or not sched.has_room):
+                    batch, row = held.pop(s.key)
+                    batch.settle(row, s)
+                    yield batch.result(row, self.class_names)
+
+    def _admit(self, chunk: list[tuple[int, tuple[ImageInput, str | None]]], sched: RowScheduler,
+               held: dict[int, tuple[Batch, int]]) -> Iterator[ImageResult]:
+        """Fast path of one chunk of the stream: its kept answers now, its rethought rows to ``sched``."""
+        if not chunk:
+            return
+        srcs = [src for _, (src, _) in chunk]
+        given = [name for _, (_, name) in chunk]
+        batch = self.fast_path(srcs, given if all(n is not None for n in given) else None)  # type: ignore[arg-type]
+        batch.index[:] = [pos for pos, _ in chunk]
+        idx = self.to_rethink(batch)
+        for i in np.flatnonzero(~np.isin(np.arange(len(batch)), idx)):
+            yield batch.result(int(i), self.class_names)
+        if len(idx):
+            latents, neg = self.slow_inputs(batch, idx)
+            for j, i in enumerate(idx):
+                held[int(batch.index[i])] = (batch, int(i))
+                sched.submit(int(batch.index[i]), latents[j], batch.top[i], neg[j], submitted=float(batch.submitted[i]))
 
     def backbone_logits(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
         """Decode and run the backbone only: (N_ok, C) logits of the readable images, and one error

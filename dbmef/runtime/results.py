@@ -12,9 +12,12 @@ rethink half never decodes an image again: it reads ``vae_pixels``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from dbmef.runtime.scheduler import Settled
 
 STAGES = ("decode_preprocess", "backbone", "protector", "vae_encode", "text_encoder", "unet_scoring", "vote")
 SLOW_STAGES = ("vae_encode", "text_encoder", "unet_scoring", "vote")
@@ -51,6 +54,7 @@ class ImageResult:
     unet_evals: int = 0  # UNet evaluations this image's rethink cost (0 when not rethought)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    latency_s: float | None = None  # from the input's submission to its answer (slow path included)
 
     def to_dict(self) -> dict[str, Any]:
         # The name is written as "image": the key results files have always used, so resuming a
@@ -60,7 +64,7 @@ class ImageResult:
             "rethought": self.rethought, "backbone_label": self.backbone_label, "max_prob": self.max_prob,
             "topk": [[c, p] for c, p in self.topk], "candidates": self.candidates,
             "noise_errors": self.noise_errors, "votes": self.votes, "unet_evals": self.unet_evals,
-            "timings": self.timings, "error": self.error,
+            "timings": self.timings, "error": self.error, "latency_s": self.latency_s,
         }
 
     @classmethod
@@ -74,7 +78,7 @@ class ImageResult:
             max_prob=d.get("max_prob"), topk=[(int(c), float(p)) for c, p in d.get("topk", [])],
             candidates=list(d.get("candidates", [])), noise_errors=[list(e) for e in noise],
             votes=list(d.get("votes", [])), unet_evals=int(d.get("unet_evals", 0)),
-            timings=dict(d.get("timings", {})), error=d.get("error"),
+            timings=dict(d.get("timings", {})), error=d.get("error"), latency_s=d.get("latency_s"),
         )
 
 
@@ -87,6 +91,8 @@ class Batch:
     the (3, S, S) VAE input of a rethought image, None otherwise. noise_errors (N, V, k) float32,
     votes (N, k), unet_evals (N,): the slow path's record (NaN / 0 where not scored).
     seconds: (N,) per stage, each row's share of the stage's batch time (NaN: not charged).
+    index: (N,) each row's position in the caller's input stream. submitted / latency: (N,) clock
+    reading when the row entered the fast path, and seconds from then to its answer (NaN: none yet).
     """
 
     names: list[str]
@@ -100,7 +106,19 @@ class Batch:
     votes: np.ndarray
     unet_evals: np.ndarray
     seconds: dict[str, np.ndarray]
-    scoring: dict[str, int] = field(default_factory=dict)  # engine-level cost of the last slow path
+    scoring: dict[str, Any] = field(default_factory=dict)  # engine-level cost of the last slow path
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    submitted: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    latency: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if len(self.index) != n:
+            self.index = np.arange(n, dtype=np.int64)
+        if len(self.submitted) != n:
+            self.submitted = np.full(n, np.nan)
+        if len(self.latency) != n:
+            self.latency = np.full(n, np.nan)
 
     @classmethod
     def empty(cls, names: list[str], k: int, votes: int) -> Batch:
@@ -128,26 +146,38 @@ class Batch:
             t = self.seconds[stage]
             t[rows] = np.nan_to_num(t[rows]) + seconds / int(rows.sum())
 
+    def settle(self, i: int, s: Settled, clock: float | None = None) -> None:
+        """Record the slow path's answer ``s`` for row i (its latency up to ``clock``, default the
+        moment it settled)."""
+        self.label[i], self.noise_errors[i], self.votes[i] = s.label, s.errors, s.votes
+        self.unet_evals[i] = 2 * s.rows  # positive and negative per row
+        for stage, secs in (("unet_scoring", s.unet_seconds), ("vote", s.vote_seconds)):
+            self.seconds[stage][i] = np.nan_to_num(self.seconds[stage][i]) + secs
+        self.latency[i] = (s.settled if clock is None else clock) - self.submitted[i]
+
+    def result(self, i: int, class_names: list[str]) -> ImageResult:
+        """Row i as an ``ImageResult`` (its ``index`` the row's position in the input stream)."""
+        r = ImageResult(int(self.index[i]), self.names[i], error=self.error[i])
+        if not np.isnan(self.latency[i]):
+            r.latency_s = float(self.latency[i])
+        if r.error is None:
+            r.backbone_label, r.max_prob = int(self.top[i, 0]), float(self.top_p[i, 0])
+            r.topk = [(int(c), float(p)) for c, p in zip(self.top[i], self.top_p[i])]
+            r.rethought, r.label = bool(self.rethink[i]), int(self.label[i])
+            r.class_name = class_names[r.label]
+            r.timings = {s: float(v[i]) for s, v in self.seconds.items() if not np.isnan(v[i])}
+        if r.rethought and self.unet_evals[i] > 0:
+            r.candidates = [int(c) for c in self.top[i]]
+            opened = ~np.isnan(self.noise_errors[i]).all(axis=1)  # votes early exit never opened are left out
+            r.noise_errors = [[None if np.isnan(e) else float(e) for e in row]
+                              for row in self.noise_errors[i][opened]]
+            r.votes = [int(v) for v in self.votes[i]]
+            r.unet_evals = int(self.unet_evals[i])
+        return r
+
     def results(self, class_names: list[str]) -> list[ImageResult]:
         """One ``ImageResult`` per row, in row order."""
-        out = []
-        for i in range(len(self)):
-            r = ImageResult(i, self.names[i], error=self.error[i])
-            if r.error is None:
-                r.backbone_label, r.max_prob = int(self.top[i, 0]), float(self.top_p[i, 0])
-                r.topk = [(int(c), float(p)) for c, p in zip(self.top[i], self.top_p[i])]
-                r.rethought, r.label = bool(self.rethink[i]), int(self.label[i])
-                r.class_name = class_names[r.label]
-                r.timings = {s: float(v[i]) for s, v in self.seconds.items() if not np.isnan(v[i])}
-            if r.rethought and self.unet_evals[i] > 0:
-                r.candidates = [int(c) for c in self.top[i]]
-                opened = ~np.isnan(self.noise_errors[i]).all(axis=1)  # votes early exit never opened are left out
-                r.noise_errors = [[None if np.isnan(e) else float(e) for e in row]
-                                  for row in self.noise_errors[i][opened]]
-                r.votes = [int(v) for v in self.votes[i]]
-                r.unet_evals = int(self.unet_evals[i])
-            out.append(r)
-        return out
+        return [self.result(i, class_names) for i in range(len(self))]
 
     # -- rows as columns (Ray Data batches) --------------------------------------------------
     def columns(self) -> dict[str, Any]:

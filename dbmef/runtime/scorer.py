@@ -1,12 +1,17 @@
-"""The DBMEF diffusion scorer (DESIGN.md §1.4-1.8): rows, fixed-size UNet batches, lam, votes.
+"""The DBMEF diffusion scorer (docs/design.md, "The method"): rows onto fixed-size engine calls.
 
-One *row* is one (image m, vote v, timestep i, candidate c) with both of its conditions (two UNet
-evaluations). For a batch of M rethought images the full method has R = M*V*n*k rows. The scorer
-runs them in *stages* chosen by ``early_exit.RowPlanner`` (one stage of all R rows when
-``early_exit = off``; vote rounds and paired elimination otherwise). Each stage's rows, across
-all images, are gathered in fixed-size chunks of ``unet_batch`` rows (the tail padded by
-repeating the last row) so every engine call has the same shape: the shape a TensorRT engine or
-a CUDA graph was built for. On the device path there is one host synchronisation per stage.
+One *row* is one (image, vote v, timestep i, candidate c) with both of its conditions (two UNet
+evaluations). Which rows run, and when an image is settled, is the planner's business
+(``early_exit.ImagePlan``); which rows share an engine call is the row scheduler's
+(``scheduler.RowScheduler``). This module executes: a ``RowExecutor`` holds the images in flight
+in *slots* (latent, candidates, negative embeddings) and runs calls of exactly ``unet_batch``
+rows (slot, v, i, c), the shape a TensorRT engine or a CUDA graph was built for.
+
+* ``HostRows``: rows gathered on the host by fancy indexing, one blocking engine call each (ONNX
+  Runtime, the torch reference, any Engine). Depth 1: a call's errors are known when it returns.
+* ``DeviceRows``: an engine with the device row path (``engine.RowScorer``, native TensorRT): the
+  tables live on the GPU, a call is launched without waiting and collected later, so the next
+  call's rows can be chosen and launched before the last call's errors are read (depth 2).
 """
 
 from __future__ import annotations
@@ -14,18 +19,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dbmef.errors import EngineError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, RowPlanner, run_planner
-from dbmef.runtime.engine import Engine, row_scorer
+from dbmef.runtime.early_exit import ExitPolicy, RowPlanner
+from dbmef.runtime.engine import Engine, RowScorer, row_scorer
 from dbmef.runtime.method import add_noise, combine_and_error, error_terms
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.schedule import NoiseSchedule
 
-__all__ = ["DiffusionScorer", "ScoreResult"]
+__all__ = ["DeviceRows", "DiffusionScorer", "HostRows", "RowExecutor", "ScoreResult"]
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +42,17 @@ RowKernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 @dataclass
 class ScoreResult:
-    """Scorer output for M images. candidates (M,k) class ids in rank order; errors (M,V,k) mean
-    error per vote and candidate over the timesteps evaluated (NaN where early exit evaluated none);
-    votes (M,k) votes won among completed votes; labels (M,) winning class ids; rows_per_image (M,)
-    rows evaluated for each image (padding excluded; 2 UNet evaluations each); engine_calls: engine
-    invocations made; stages: planner stages (host syncs on the device path)."""
+    """Scorer output for M images scored together (``DiffusionScorer.score``). errors (M,V,k)
+    mean error per vote and candidate over the timesteps evaluated (NaN where early exit evaluated
+    none); votes (M,k) votes won among completed votes; labels (M,) winning class ids;
+    rows_per_image (M,) rows evaluated for each image (2 UNet evaluations each); stats: the
+    scheduler's engine-level counts (calls, rows sent, padding, ...)."""
 
-    candidates: np.ndarray
     errors: np.ndarray
     votes: np.ndarray
     labels: np.ndarray
-    engine_calls: int
     rows_per_image: np.ndarray
-    stages: int = 1
+    stats: Any
 
     @property
     def rows(self) -> int:
@@ -56,9 +60,95 @@ class ScoreResult:
         return int(self.rows_per_image.sum())
 
     @property
+    def engine_calls(self) -> int:
+        return int(self.stats.engine_calls)
+
+    @property
     def unet_evals_per_image(self) -> np.ndarray:
         """(M,) UNet evaluations each image cost: positive and negative per row."""
         return 2 * self.rows_per_image
+
+
+class RowExecutor:
+    """Fixed-size engine calls over rows (slot, v, i, c) of the images held in ``capacity`` slots.
+
+    ``load`` puts an image in a slot; ``launch`` starts one call of exactly ``batch`` rows and
+    returns a ticket; ``collect`` returns that call's (batch,) errors, oldest ticket first. At most
+    ``depth`` calls are in flight. Subclasses implement the four; the base holds what both share.
+    """
+
+    depth = 1
+
+    def __init__(self, scorer: DiffusionScorer, positive_table: np.ndarray, capacity: int):
+        self.scorer = scorer
+        self.batch = scorer.config.unet_batch
+        self.capacity = int(capacity)
+        self.positive = np.ascontiguousarray(positive_table, dtype=np.float32)  # (C, L, D)
+        self.syncs = 0  # host synchronisations with the device (0 on the host path)
+
+    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def launch(self, rows: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def collect(self, ticket: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the executor holds (device tables); the engine stays open."""
+
+
+class HostRows(RowExecutor):
+    """Rows gathered on the host; the engine call blocks, so ``launch`` computes and ``collect``
+    hands the result over."""
+
+    def __init__(self, scorer: DiffusionScorer, positive_table: np.ndarray, capacity: int,
+                 kernel: RowKernel | None = None):
+        super().__init__(scorer, positive_table, capacity)
+        self.kernel = kernel or scorer.kernel
+        k = scorer.config.k
+        self.latents = np.zeros((self.capacity, *scorer.latent_shape), np.float32)  # (S, 4, h, w)
+        self.candidates = np.zeros((self.capacity, k), np.int64)  # (S, k)
+        self.negatives = np.zeros((self.capacity, k, *self.positive.shape[1:]), np.float32)  # (S, k, L, D)
+
+    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None:
+        self.latents[slot], self.candidates[slot], self.negatives[slot] = latent, candidates, negatives
+
+    def launch(self, rows: np.ndarray) -> np.ndarray:
+        s, v, i, c = rows.T  # rows (B, 4): slot, vote, grid position, candidate position
+        sc = self.scorer
+        return sc.kernel_on(self.kernel, self.latents[s], sc.noise.eps[v, i], sc.timesteps[i],
+                            self.positive[self.candidates[s, c]], self.negatives[s, c])
+
+    def collect(self, ticket: np.ndarray) -> np.ndarray:
+        return ticket
+
+
+class DeviceRows(RowExecutor):
+    """Rows gathered on the device by an engine's ``RowScorer`` path (native TensorRT)."""
+
+    depth = 2
+
+    def __init__(self, scorer: DiffusionScorer, device: RowScorer, positive_table: np.ndarray, capacity: int):
+        super().__init__(scorer, positive_table, capacity)
+        self.device = device
+        device.open_rows(scorer.noise.eps, scorer.timesteps, self.positive, scorer.lam, self.batch,
+                         self.capacity, scorer.config.k)
+
+    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None:
+        self.device.load_rows(slot, latent, candidates, negatives)
+
+    def launch(self, rows: np.ndarray) -> int:
+        return self.device.launch_rows(rows)
+
+    def collect(self, ticket: int) -> np.ndarray:
+        out = self.device.collect_rows(ticket)
+        self.syncs += 1
+        return out
+
+    def close(self) -> None:
+        self.device.close_rows()
 
 
 class DiffusionScorer:
@@ -85,22 +175,32 @@ class DiffusionScorer:
         names = set(engine.input_names)
         if {"x0", "eps", "emb_pos", "emb_neg"} <= names:
             self.mode = "fused"
-            self._kernel: RowKernel = self._fused_kernel
+            self.kernel: RowKernel = self._fused_kernel
         elif {"sample", "timestep", "encoder_hidden_states"} <= names:
             self.mode = "unet"
-            self._kernel = self._unet_kernel
+            self.kernel = self._unet_kernel
         else:
             raise EngineError(
                 f"engine '{engine.name}' has inputs {list(engine.input_names)}: neither a fused "
                 "scorer (x0, eps, timestep, emb_pos, emb_neg, lam) nor a UNet "
                 "(sample, timestep, encoder_hidden_states)"
             )
-        self._lam = np.array([config.lam], dtype=np.float32)
+        self.lam = np.array([config.lam], dtype=np.float32)
+
+    def executor(self, positive_table: np.ndarray, capacity: int) -> RowExecutor:
+        """The executor for this scorer's engine: on the device when it gathers rows there."""
+        device = row_scorer(self.engine) if self.mode == "fused" else None
+        if device is not None:
+            return DeviceRows(self, device, positive_table, capacity)
+        return HostRows(self, positive_table, capacity)
 
     # -- row kernels -------------------------------------------------------------------------
+    def kernel_on(self, kernel: RowKernel, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+        return kernel(np.ascontiguousarray(x0), np.ascontiguousarray(eps), t, emb_pos, emb_neg)
+
     def _fused_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
         out = self.engine(
-            {"x0": x0, "eps": eps, "timestep": t, "emb_pos": emb_pos, "emb_neg": emb_neg, "lam": self._lam}
+            {"x0": x0, "eps": eps, "timestep": t, "emb_pos": emb_pos, "emb_neg": emb_neg, "lam": self.lam}
         )
         return np.asarray(out["error"], dtype=np.float32).reshape(-1)
 
@@ -108,7 +208,8 @@ class DiffusionScorer:
         pos, neg = self._unet_predictions(x0, eps, t, emb_pos, emb_neg)
         return combine_and_error(eps, pos, neg, self.config.lam)
 
-    def _terms_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+    def terms_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+        """Per-row ``error_terms`` (B, 3) float64 instead of one error (plain UNet engines only)."""
         pos, neg = self._unet_predictions(x0, eps, t, emb_pos, emb_neg)
         return error_terms(eps, pos, neg)
 
@@ -125,71 +226,9 @@ class DiffusionScorer:
         b = x0.shape[0]
         return out[:b], out[b:]
 
-    def _score_on_host(self, latents, candidates, positive_table, negative_embeddings, index, progress,  # type: ignore[no-untyped-def]
-                       kernel=None, width=None):
-        """Gather rows ``index`` = (m, v, i, c) on the host, one fixed-size engine call per chunk.
-        Returns (errors (R,), calls); with ``kernel``/``width`` (the terms kernel), (R, width) float64."""
-        kernel = kernel or self._kernel
-        B = self.config.unet_batch
-        m_all, v_all, i_all, c_all = index
-        total = len(m_all)
-        errors = np.empty(total, dtype=np.float32) if width is None else np.empty((total, width), np.float64)
-        calls = 0
-        for start in range(0, total, B):
-            stop = min(start + B, total)
-            sel = np.minimum(np.arange(start, start + B), stop - 1)  # pad the tail by repeating the last row
-            m, v, i, c = m_all[sel], v_all[sel], i_all[sel], c_all[sel]
-            err = kernel(
-                latents[m],  # (B,4,h,w)
-                self.noise.eps[v, i],  # (B,4,h,w)
-                self.timesteps[i],  # (B,)
-                positive_table[candidates[m, c]],  # (B,L,D)
-                negative_embeddings[m, c],  # (B,L,D)
-            )
-            errors[start:stop] = err[: stop - start]
-            calls += 1
-            if progress is not None:
-                progress(stop - start)
-        return errors, calls
-
-    def _score_on_device(self, device, latents, candidates, positive_table, negative_embeddings, index,  # type: ignore[no-untyped-def]
-                         progress):
-        """One stage on an engine that gathers rows on the device (native TensorRT): one host sync."""
-        B = self.config.unet_batch
-        total = len(index[0])
-        padded = -(-total // B) * B
-        sel = np.minimum(np.arange(padded), total - 1)
-        mvic = tuple(a[sel] for a in index)
-        errors = device.score_rows(latents, self.noise.eps, self.timesteps, positive_table, negative_embeddings,
-                                   candidates, self._lam, mvic, B)[:total]
-        if progress is not None:
-            progress(total)
-        return np.asarray(errors, dtype=np.float32), padded // B
-
     # -- scoring -----------------------------------------------------------------------------
-    def score_terms(
-        self,
-        latents: np.ndarray,
-        candidates: np.ndarray,
-        positive_table: np.ndarray,
-        negative_embeddings: np.ndarray,
-        progress: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """Per-row ``error_terms`` for ablations: (M, V, n, k, 3) float64 (needs a plain UNet
-        engine; the fused graph returns one lam's error only). Same rows, noise and batching as
-        ``score``: ``error_from_terms(terms, cfg.lam).mean(axis=2)`` equals ``score(...).errors``."""
-        if self.mode != "unet":
-            raise EngineError("score_terms needs the plain UNet engine (export with --scorer unet or both)")
-        cfg = self.config
-        latents = np.ascontiguousarray(latents, dtype=np.float32)
-        candidates = np.asarray(candidates, dtype=np.int64)
-        self._check(latents, candidates, negative_embeddings)
-        full = RowPlanner(latents.shape[0], cfg.votes, cfg.n_timesteps, cfg.k, ExitPolicy("off")).next_rows()
-        terms, _ = self._score_on_host(latents, candidates, positive_table, negative_embeddings, full, progress,
-                                       kernel=self._terms_kernel, width=3)
-        return terms.reshape(latents.shape[0], cfg.votes, cfg.n_timesteps, cfg.k, 3)
-
-    def _check(self, latents: np.ndarray, candidates: np.ndarray, negative_embeddings: np.ndarray) -> None:
+    def check(self, latents: np.ndarray, candidates: np.ndarray, negative_embeddings: np.ndarray) -> None:
+        """Raise EngineError unless latents (M,4,h,w), candidates (M,k), negatives (M,k,L,D) fit."""
         m_count = latents.shape[0]
         if latents.shape[1:] != self.latent_shape:
             raise EngineError(f"latents have shape {latents.shape[1:]}, scorer expects {self.latent_shape}")
@@ -201,6 +240,39 @@ class DiffusionScorer:
                 f"expected ({m_count}, {self.config.k}, L, D)"
             )
 
+    def score_terms(
+        self,
+        latents: np.ndarray,
+        candidates: np.ndarray,
+        positive_table: np.ndarray,
+        negative_embeddings: np.ndarray,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Per-row ``error_terms`` for ablations: (M, V, n, k, 3) float64 (needs a plain UNet
+        engine; the fused graph returns one lam's error only). Every row of the full method, in
+        fixed-size calls: ``error_from_terms(terms, cfg.lam).mean(axis=2)`` equals the ``off``
+        mode's errors."""
+        if self.mode != "unet":
+            raise EngineError("score_terms needs the plain UNet engine (export with --scorer unet or both)")
+        cfg = self.config
+        latents = np.ascontiguousarray(latents, dtype=np.float32)
+        candidates = np.asarray(candidates, dtype=np.int64)
+        self.check(latents, candidates, negative_embeddings)
+        m_count = latents.shape[0]
+        ex = HostRows(self, positive_table, m_count, kernel=self.terms_kernel)
+        for s in range(m_count):
+            ex.load(s, latents[s], candidates[s], negative_embeddings[s])
+        full = np.column_stack(RowPlanner(m_count, cfg.votes, cfg.n_timesteps, cfg.k, ExitPolicy("off")).next_rows())
+        B = cfg.unet_batch
+        terms = np.empty((len(full), 3), np.float64)
+        for start in range(0, len(full), B):
+            stop = min(start + B, len(full))
+            sel = np.minimum(np.arange(start, start + B), stop - 1)  # pad the tail by repeating the last row
+            terms[start:stop] = ex.collect(ex.launch(full[sel]))[: stop - start]
+            if progress is not None:
+                progress(stop - start)
+        return terms.reshape(m_count, cfg.votes, cfg.n_timesteps, cfg.k, 3)
+
     def score(
         self,
         latents: np.ndarray,
@@ -208,34 +280,34 @@ class DiffusionScorer:
         positive_table: np.ndarray,
         negative_embeddings: np.ndarray,
         progress: Callable[[int], None] | None = None,
+        lockstep: bool = False,
     ) -> ScoreResult:
-        """Score M images.
+        """Score M images together through one row scheduler (every engine call full but the last).
 
         latents: (M,4,h,w) float32 VAE latents x0. candidates: (M,k) class ids in rank order.
         positive_table: (C,L,D) positive embedding of every class. negative_embeddings: (M,k,L,D)
         the negative condition of each image's candidates. progress: called with rows done.
+        lockstep: the earlier batch-synchronous schedule (each stage of every image, then the next,
+        every stage's last call padded), kept for comparison; the answers are the same.
         """
-        cfg = self.config
+        from dbmef.runtime.scheduler import RowScheduler
+
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         candidates = np.asarray(candidates, dtype=np.int64)
+        self.check(latents, candidates, negative_embeddings)
         m_count = latents.shape[0]
-        self._check(latents, candidates, negative_embeddings)
-        device = row_scorer(self.engine) if self.mode == "fused" else None
-        calls = 0
-
-        def evaluate(index: tuple[np.ndarray, ...]) -> np.ndarray:
-            nonlocal calls
-            if device is not None:
-                err, n_calls = self._score_on_device(device, latents, candidates, positive_table,
-                                                     negative_embeddings, index, progress)
-            else:
-                err, n_calls = self._score_on_host(latents, candidates, positive_table, negative_embeddings,
-                                                   index, progress)
-            calls += n_calls
-            return err
-
-        plan = run_planner(RowPlanner(m_count, cfg.votes, cfg.n_timesteps, cfg.k, cfg.exit_policy), evaluate)
-        labels = candidates[np.arange(m_count), plan.winner] if m_count else np.empty(0, np.int64)
-        return ScoreResult(candidates, plan.per_vote_errors(), plan.vote_counts(), labels.astype(np.int64),
-                           engine_calls=calls, rows_per_image=plan.rows.copy(),
-                           stages=plan.stages)
+        cfg = self.config
+        errors = np.full((m_count, cfg.votes, cfg.k), np.nan, np.float32)
+        votes = np.zeros((m_count, cfg.k), np.int64)
+        labels = np.full(m_count, -1, np.int64)
+        rows = np.zeros(m_count, np.int64)
+        ex = self.executor(positive_table, max(m_count, 1))
+        try:
+            sched = RowScheduler(ex, cfg, lockstep=lockstep, progress=progress)
+            for m in range(m_count):
+                sched.submit(m, latents[m], candidates[m], negative_embeddings[m])
+            for s in sched.drain():
+                errors[s.key], votes[s.key], labels[s.key], rows[s.key] = s.errors, s.votes, s.label, s.rows
+        finally:
+            ex.close()
+        return ScoreResult(errors, votes, labels, rows, sched.stats)

@@ -28,6 +28,7 @@ from dbmef.runtime.pipeline import DBMEFPipeline, PipelineEngines
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import ImageResult
+from dbmef.runtime.scheduler import SchedulerStats
 from dbmef.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class DBMEFRuntime:
         lazy: bool = False,
         expect_digest: str | None = None,
         scorer: str | None = None,
+        window: int = 64,
     ):
         if backend not in backend_names():
             raise ConfigError(f"backend {backend!r} is not one of {list(backend_names())}")
@@ -151,6 +153,9 @@ class DBMEFRuntime:
         self._overridden = protector is not None
         protector = resolve_protector(m, protector)
         self.batch_size = batch_size
+        if window < 1:
+            raise ConfigError(f"window = {window} is invalid: need at least 1 image rethinking at a time")
+        self.window = window
         pos = np.load(self.bundle_dir / m.embeddings_spec.file)
         if pos.shape[0] != len(m.class_names):
             raise BundleError(f"{m.embeddings_spec.file} has {pos.shape[0]} rows for {len(m.class_names)} "
@@ -227,22 +232,26 @@ class DBMEFRuntime:
 
     def classify(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
                  progress: Callable[[int], None] | None = None) -> list[ImageResult]:
-        """Classify images (paths, bytes, PIL images or arrays), ``batch_size`` at a time. One result
-        per input in input order; unreadable inputs carry ``error`` and do not stop the rest."""
-        out: list[ImageResult] = []
-        for batch_names, batch in self.iter_batches(images, names):
-            res = self.pipeline.classify(batch, batch_names)
-            for r in res:
-                r.index += len(out)
-            out.extend(res)
+        """Classify images (paths, bytes, PIL images or arrays). One result per input in input order;
+        unreadable inputs carry ``error`` and do not stop the rest. ``progress`` receives images
+        answered. Runs ``stream`` underneath: the same answers, whatever the batching."""
+        out: list[ImageResult | None] = [None] * len(images)
+        for r in self.stream(images, names):
+            out[r.index] = r
             if progress is not None:
-                progress(len(res))
-        return out
+                progress(1)
+        return out  # type: ignore[return-value]
 
-    def iter_batches(self, images: Sequence[ImageInput], names: Sequence[str] | None
-                     ) -> Iterator[tuple[list[str] | None, list[ImageInput]]]:
-        for s in range(0, len(images), self.batch_size):
-            yield (list(names[s : s + self.batch_size]) if names else None), list(images[s : s + self.batch_size])
+    def stream(self, images: Iterable[ImageInput], names: Iterable[str] | None = None, window: int | None = None,
+               progress: Callable[[int], None] | None = None, stats: SchedulerStats | None = None
+               ) -> Iterator[ImageResult]:
+        """Yield each input's result as soon as it is answered (``ImageResult.index``: its position;
+        ``latency_s``: from its fast path to its answer). Inputs are read ``batch_size`` at a time
+        and at most ``window`` (default ``self.window``) images rethink at once, so memory stays flat
+        on any number of inputs. ``progress`` receives UNet rows done; ``stats`` collects the row
+        scheduler's counts (engine calls, rows sent and needed)."""
+        return self.pipeline.stream(images, names, batch_size=self.batch_size, window=window or self.window,
+                                    progress=progress, stats=stats)
 
     def backbone_scores(self, images: Iterable[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
         """Backbone softmax for calibration: (N, C) probabilities (rows of NaN where an image could

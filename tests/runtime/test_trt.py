@@ -200,7 +200,8 @@ def test_row_gather_plan_equals_numpy_fancy_indexing():
 
 
 def test_device_row_path_of_the_scorer_matches_the_host_path():
-    """An engine offering score_rows (as TrtEngine does) gives the host path's errors exactly."""
+    """An engine offering the row path (as TrtEngine does), gathering by the copy plan, gives the
+    host path's errors exactly, with calls launched before the previous one is collected."""
     from tests.runtime.test_scorer import LATENT, make_fused_engine
 
     rng = np.random.default_rng(1)
@@ -212,29 +213,43 @@ def test_device_row_path_of_the_scorer_matches_the_host_path():
     inner = make_fused_engine([])
 
     class DeviceEngine(FunctionEngine):
-        def score_rows(self, latents, noise, timesteps, positive, negative, candidates, lam, index, batch):
-            m, v, i, c = index
-            out = []
-            lb, eb = int(np.prod(latents.shape[1:])) * 4, int(np.prod(positive.shape[1:])) * 4
-            for s in range(0, len(m), batch):
-                sl = slice(s, s + batch)
-                dst = {"x0": np.zeros((batch, *latents.shape[1:]), np.float32),
-                       "eps": np.zeros((batch, *latents.shape[1:]), np.float32),
-                       "timestep": np.zeros(batch, np.int64),
-                       "emb_pos": np.zeros((batch, *positive.shape[1:]), np.float32),
-                       "emb_neg": np.zeros((batch, *positive.shape[1:]), np.float32)}
-                simulate(plan_chunk(m[sl], v[sl], i[sl], c[sl], candidates, lb, eb, noise.shape[1],
-                                    candidates.shape[1]),
-                         {"latents": latents, "noise": noise, "timesteps": timesteps, "positive": positive,
-                          "negative": negative}, dst)
-                out.append(inner({**dst, "lam": lam})["error"])
-            return np.concatenate(out)
+        def open_rows(self, noise, timesteps, positive, lam, batch, capacity, k):
+            self.t = {"noise": noise, "timesteps": timesteps, "positive": positive,
+                      "latents": np.zeros((capacity, *noise.shape[2:]), np.float32),
+                      "negative": np.zeros((capacity, k, *positive.shape[1:]), np.float32)}
+            self.cands, self.lam, self.batch, self.queue, self.most_in_flight = np.zeros((capacity, k), int), lam, \
+                batch, {}, 0
+
+        def load_rows(self, slot, latent, candidates, negatives):
+            self.t["latents"][slot], self.cands[slot], self.t["negative"][slot] = latent, candidates, negatives
+
+        def launch_rows(self, rows):
+            t, b = self.t, self.batch
+            lb, eb = int(np.prod(t["latents"].shape[1:])) * 4, int(np.prod(t["positive"].shape[1:])) * 4
+            dst = {"x0": np.zeros((b, *t["latents"].shape[1:]), np.float32),
+                   "eps": np.zeros((b, *t["latents"].shape[1:]), np.float32), "timestep": np.zeros(b, np.int64),
+                   "emb_pos": np.zeros((b, *t["positive"].shape[1:]), np.float32),
+                   "emb_neg": np.zeros((b, *t["positive"].shape[1:]), np.float32)}
+            s, v, i, c = rows.T
+            simulate(plan_chunk(s, v, i, c, self.cands, lb, eb, t["noise"].shape[1], self.cands.shape[1]), t, dst)
+            ticket = self.launched = getattr(self, "launched", -1) + 1
+            self.queue[ticket] = inner({**dst, "lam": self.lam})["error"]
+            self.most_in_flight = max(self.most_in_flight, len(self.queue))
+            return ticket
+
+        def collect_rows(self, ticket):
+            assert ticket == min(self.queue)  # oldest first
+            return self.queue.pop(ticket)
+
+        def close_rows(self):
+            pass
 
     dev = DeviceEngine("scorer", inner.input_names, inner.output_names, inner._fn)
     a = DiffusionScorer(cfg, inner, LATENT).score(latents, cands, pos, neg)
     b = DiffusionScorer(cfg, dev, LATENT).score(latents, cands, pos, neg)
     np.testing.assert_array_equal(a.errors, b.errors)
     assert list(a.labels) == list(b.labels) and b.engine_calls == a.engine_calls
+    assert b.stats.host_syncs == b.engine_calls  # one wait per call
 
 
 @pytest.mark.skipif(device_count() > 0, reason="checks the no-GPU error")

@@ -131,6 +131,32 @@ class Stream:
             self.handle = None
 
 
+class Event:
+    """A CUDA event without timing (the cheap kind): ``record`` on a stream, then ``synchronize``
+    waits for the work queued before it, and only that."""
+
+    def __init__(self) -> None:
+        rt = cudart()
+        self.handle = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming))
+
+    def record(self, stream: Stream) -> None:
+        check(cudart().cudaEventRecord(self.handle, stream.handle))
+
+    def synchronize(self) -> None:
+        check(cudart().cudaEventSynchronize(self.handle))
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            check(cudart().cudaEventDestroy(self.handle))
+            self.handle = None
+
+
+def memcpy_htod(dst: int, src: np.ndarray) -> None:
+    """A blocking host-to-device copy (for tables uploaded once)."""
+    rt = cudart()
+    check(rt.cudaMemcpy(dst, src.ctypes.data, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
+
+
 def memcpy_htod_async(dst: int, src: np.ndarray, stream: Stream) -> None:
     rt = cudart()
     check(rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,

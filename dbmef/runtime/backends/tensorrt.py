@@ -1,10 +1,11 @@
 """Native TensorRT backend of the Engine interface, without torch: cuda-python for device
 memory, streams and CUDA graphs; persistent I/O buffers; ``execute_async_v3``.
 
-For the fused scorer it also offers ``score_rows``: the noise bank and positive table stay on the
-device, each chunk of rows is gathered by device-to-device copies, the static-shape engine is
-replayed as a CUDA graph, every chunk's errors are copied into one pinned host array, and the host
-synchronises once per batch of images, not once per UNet call.
+For the fused scorer it also offers the row path (``engine.RowScorer``): the noise bank, the
+positive table and the images in flight stay on the device, each call's rows are gathered by
+device-to-device copies, the static-shape engine is replayed as a CUDA graph, its errors are copied
+into a pinned buffer behind an event, and the host waits for one call (one sync) while the next is
+already queued.
 """
 
 from __future__ import annotations
@@ -77,6 +78,30 @@ def static_profile(engine: Any, input_names: Sequence[str]) -> bool:
     return True
 
 
+class RowTables:
+    """The row path's per-image tables: ``capacity`` slots of latents (S,4,h,w) and negatives
+    (S,k,L,D) on the device with pinned host mirrors, the host table of candidates (S,k), and two
+    pinned error buffers with their events (the two calls that may be in flight)."""
+
+    def __init__(self, capacity: int, k: int, latent_shape: tuple[int, ...], emb_shape: tuple[int, ...], batch: int):
+        self.capacity, self.k, self.latent_shape, self.emb_shape = capacity, k, latent_shape, emb_shape
+        self.latent_bytes = int(np.prod(latent_shape)) * 4
+        self.emb_bytes = int(np.prod(emb_shape)) * 4
+        self.latents = cuda.DeviceBuffer(capacity * self.latent_bytes)
+        self.negatives = cuda.DeviceBuffer(capacity * k * self.emb_bytes)
+        self.latents_host = cuda.PinnedArray((capacity, *latent_shape), np.float32)
+        self.negatives_host = cuda.PinnedArray((capacity, k, *emb_shape), np.float32)
+        self.candidates = np.zeros((capacity, k), np.int64)
+        self.errors_host = cuda.PinnedArray((2, batch), np.float32)
+        self.done = [cuda.Event(), cuda.Event()]
+
+    def free(self) -> None:
+        for b in (self.latents, self.negatives, self.latents_host, self.negatives_host, self.errors_host):
+            b.free()
+        for e in self.done:
+            e.destroy()
+
+
 SCORER_DTYPES = {"x0": np.float32, "eps": np.float32, "timestep": np.int64, "emb_pos": np.float32,
                  "emb_neg": np.float32, "lam": np.float32}
 
@@ -128,7 +153,11 @@ class TrtEngine:
         self.use_cuda_graph = use_cuda_graph and self.static
         self.graph: cuda.CudaGraph | None = None
         self._resident: dict[str, tuple[Any, cuda.DeviceBuffer]] = {}
-        self._errors_out: cuda.PinnedArray | None = None
+        self._rows: RowTables | None = None
+        self._src: dict[str, int] = {}
+        self._ticket = self._collected = 0
+        self.overlapped = 0  # calls launched while the previous one was in flight (pipelining)
+        self._batch = self._n_timesteps = 0
         self.calls = 0
         self.syncs = 0  # host synchronisations (gpu_check reports them per batch)
 
@@ -189,26 +218,31 @@ class TrtEngine:
             self.graph.destroy()
             self.graph = None
 
-    # -- the scorer's batched path ----------------------------------------------------------------
+    # -- the scorer's row path (engine.RowScorer) --------------------------------------------------
     def _resident_buffer(self, key: str, array: np.ndarray) -> int:
         """Upload ``array`` once and keep it on the device while the same object is passed."""
         held = self._resident.get(key)
         if held is not None and held[0] is array:
             return held[1].ptr
         a = np.ascontiguousarray(array)
-        buf = cuda.DeviceBuffer(a.nbytes)
-        cuda.memcpy_htod_async(buf.ptr, a, self.stream)
+        if held is not None and held[1].nbytes >= a.nbytes:
+            buf = held[1]  # grow-only: reuse the allocation (cudaFree would synchronise the device)
+        else:
+            buf = cuda.DeviceBuffer(a.nbytes)
+        cuda.memcpy_htod(buf.ptr, a)  # once per table, at open: a plain synchronous copy is fine
         self._resident[key] = (array, buf)
         return buf.ptr
 
-    def score_rows(self, latents: np.ndarray, noise: np.ndarray, timesteps: np.ndarray, positive: np.ndarray,
-                   negative: np.ndarray, candidates: np.ndarray, lam: np.ndarray,
-                   index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], batch: int) -> np.ndarray:
-        """Errors (R,) for rows given by ``index`` = (m, v, i, c), each (R_padded,), in chunks of
-        ``batch``; one host synchronisation at the end."""
+    def open_rows(self, noise: np.ndarray, timesteps: np.ndarray, positive: np.ndarray, lam: np.ndarray,
+                  batch: int, capacity: int, k: int) -> None:
+        """The device tables of the row path: the noise bank, timestep grid and positive table
+        (uploaded once and kept while the same arrays are passed), ``capacity`` image slots (latent
+        and negatives, with pinned host mirrors to upload from), two pinned error buffers and two
+        events for the two calls that may be in flight. Buffers only grow: a second scheduler on
+        the same engine allocates nothing unless it needs more slots."""
         if set(self.input_names) != set(SCORER_DTYPES):
             raise EngineError(f"engine '{self.name}' is not a fused scorer")
-        # The device copies below move raw bytes: every slot must hold what the host arrays hold.
+        # The device copies move raw bytes: every slot must hold what the host arrays hold.
         wrong = {n: str(self.slots[n].dtype) for n, dt in SCORER_DTYPES.items() if self.slots[n].dtype != dt}
         if wrong:
             raise EngineError(f"engine '{self.name}': input types {wrong} are not the fused scorer's "
@@ -216,36 +250,64 @@ class TrtEngine:
         if self.slots["x0"].max_shape[0] != batch:
             raise EngineError(f"engine '{self.name}' was built for {self.slots['x0'].max_shape[0]} rows per call, "
                               f"the scorer asks for {batch}; rebuild engines with --unet-batch {batch}")
-        src = {
-            "latents": self._resident_buffer("latents", np.ascontiguousarray(latents, np.float32)),
-            "noise": self._resident_buffer("noise", noise),
-            "timesteps": self._resident_buffer("timesteps", timesteps),
-            "positive": self._resident_buffer("positive", positive),
-            "negative": self._resident_buffer("negative", np.ascontiguousarray(negative, np.float32)),
-        }
+        latent_shape, emb_shape = tuple(noise.shape[2:]), tuple(positive.shape[1:])
+        self._src = {"noise": self._resident_buffer("noise", noise),
+                     "timesteps": self._resident_buffer("timesteps", np.ascontiguousarray(timesteps, np.int64)),
+                     "positive": self._resident_buffer("positive", positive)}
+        t = self._rows
+        if t is None or t.capacity < capacity or t.k != k or t.latent_shape != latent_shape or t.emb_shape != emb_shape:
+            if t is not None:
+                t.free()
+            t = self._rows = RowTables(capacity, k, latent_shape, emb_shape, batch)
+        self._src.update(latents=t.latents.ptr, negative=t.negatives.ptr)
         self._upload("lam", lam)
-        m, v, i, c = index
-        total = len(m)
-        if self._errors_out is None or self._errors_out.array.size < total:
-            if self._errors_out is not None:
-                self._errors_out.free()
-            self._errors_out = cuda.PinnedArray((max(total, 4 * batch),), np.float32)  # grows, never per call
-        out = self._errors_out
-        latent_bytes = int(np.prod(latents.shape[1:])) * 4
-        emb_bytes = int(np.prod(positive.shape[1:])) * 4
-        k = candidates.shape[1]
-        for s in range(0, total, batch):
-            sl = slice(s, s + batch)
-            for cp in plan_chunk(m[sl], v[sl], i[sl], c[sl], candidates, latent_bytes, emb_bytes,
-                                 noise.shape[1], k):
-                cuda.memcpy_dtod_async(self.slots[cp.dst].device.ptr + cp.dst_offset, src[cp.src] + cp.src_offset,
-                                       cp.nbytes, self.stream)
-            self._execute()
-            cuda.memcpy_dtoh_async(out.array[s : s + batch], self.slots["error"].device.ptr, self.stream)
-        self.stream.synchronize()  # the one host sync of this stage, for every image of the batch
+        self._batch, self._n_timesteps = batch, int(noise.shape[1])
+
+    def load_rows(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None:
+        """Copy one image into ``slot`` (through its pinned mirror, so the copy does not wait)."""
+        t = self._tables()
+        t.latents_host.array[slot] = latent
+        t.negatives_host.array[slot] = negatives
+        t.candidates[slot] = candidates
+        cuda.memcpy_htod_async(t.latents.ptr + slot * t.latent_bytes, t.latents_host.array[slot], self.stream)
+        cuda.memcpy_htod_async(t.negatives.ptr + slot * t.k * t.emb_bytes, t.negatives_host.array[slot], self.stream)
+
+    def launch_rows(self, rows: np.ndarray) -> int:
+        """Gather the rows (B, 4) = (slot, v, i, c) into the engine's inputs by device copies, run
+        the engine (its CUDA graph), copy the B errors into a pinned buffer and record an event;
+        nothing waits."""
+        t = self._tables()
+        ticket = self._ticket
+        self._ticket += 1
+        if ticket > self._collected:  # the previous call is still in flight: this one was queued behind it
+            self.overlapped += 1
+        out = t.errors_host.array[ticket % 2]
+        s, v, i, c = rows.T
+        for cp in plan_chunk(s, v, i, c, t.candidates, t.latent_bytes, t.emb_bytes, self._n_timesteps, t.k):
+            cuda.memcpy_dtod_async(self.slots[cp.dst].device.ptr + cp.dst_offset, self._src[cp.src] + cp.src_offset,
+                                   cp.nbytes, self.stream)
+        self._execute()
+        cuda.memcpy_dtoh_async(out, self.slots["error"].device.ptr, self.stream)
+        t.done[ticket % 2].record(self.stream)
+        self.calls += 1
+        return ticket
+
+    def collect_rows(self, ticket: int) -> np.ndarray:
+        """Wait for call ``ticket`` (and what was queued before it, not after: one host sync) and
+        return its (B,) errors."""
+        t = self._tables()
+        t.done[ticket % 2].synchronize()
         self.syncs += 1
-        self.calls += (total + batch - 1) // batch
-        return out.array[:total].copy()
+        self._collected = ticket + 1
+        return t.errors_host.array[ticket % 2].copy()
+
+    def close_rows(self) -> None:
+        """Nothing to release per scheduler: the tables are kept (grow-only) until ``close``."""
+
+    def _tables(self) -> RowTables:
+        if self._rows is None:
+            raise EngineError(f"engine '{self.name}': open_rows was not called")
+        return self._rows
 
     def close(self) -> None:
         self._drop_graph()
@@ -254,9 +316,9 @@ class TrtEngine:
             slot.host.free()
         for _, buf in self._resident.values():
             buf.free()
-        if self._errors_out is not None:
-            self._errors_out.free()
-            self._errors_out = None
+        if self._rows is not None:
+            self._rows.free()
+            self._rows = None
         self._resident.clear()
         self.stream.destroy()
 
