@@ -55,6 +55,7 @@ class ImageResult:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     latency_s: float | None = None  # from the input's submission to its answer (slow path included)
+    rethink_skipped: str | None = None  # why a rethink the gate asked for was not done (overload, deadline)
 
     def to_dict(self) -> dict[str, Any]:
         # The name is written as "image": the key results files have always used, so resuming a
@@ -65,6 +66,7 @@ class ImageResult:
             "topk": [[c, p] for c, p in self.topk], "candidates": self.candidates,
             "noise_errors": self.noise_errors, "votes": self.votes, "unet_evals": self.unet_evals,
             "timings": self.timings, "error": self.error, "latency_s": self.latency_s,
+            **({"rethink_skipped": self.rethink_skipped} if self.rethink_skipped else {}),
         }
 
     @classmethod
@@ -79,6 +81,7 @@ class ImageResult:
             candidates=list(d.get("candidates", [])), noise_errors=[list(e) for e in noise],
             votes=list(d.get("votes", [])), unet_evals=int(d.get("unet_evals", 0)),
             timings=dict(d.get("timings", {})), error=d.get("error"), latency_s=d.get("latency_s"),
+            rethink_skipped=d.get("rethink_skipped"),
         )
 
 

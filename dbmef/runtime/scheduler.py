@@ -26,6 +26,7 @@ image's stage s, then every stage s+1, each stage's last call padded, nothing ah
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -81,6 +82,7 @@ class Settled:
     vote_seconds: float
     submitted: float
     settled: float
+    first_sent: float  # when its first row went into an engine call
 
     @property
     def latency_s(self) -> float:
@@ -103,6 +105,8 @@ class _Job:
         self.ahead: dict[tuple[int, int, int], float] = {}  # rows evaluated before being asked for
         self.ahead_out: set[tuple[int, int, int]] = set()  # ... and still in flight
         self.unet_s = self.vote_s = 0.0
+        self.cancelled = False
+        self.first_sent = float("nan")
 
     @property
     def unsent(self) -> int:
@@ -170,6 +174,26 @@ class RowScheduler:
         return len(self._open) + len(self._queue)
 
     @property
+    def in_flight(self) -> int:
+        """Engine calls launched and not yet collected."""
+        return len(self._inflight)
+
+    def cancel(self, key: Any) -> bool:
+        """Drop an open image (its caller gave up): it leaves at once and is never settled; rows of
+        it still in flight are discarded when they return. False if it is not open."""
+        for job in self._open:
+            if job.key == key:
+                self._open.remove(job)
+                self._free.append(job.slot)
+                job.cancelled = True
+                return True
+        for job in self._queue:
+            if job.key == key:
+                self._queue.remove(job)
+                return True
+        return False
+
+    @property
     def busy(self) -> bool:
         """Whether images are open or calls in flight."""
         return bool(self.open or self._inflight)
@@ -229,6 +253,8 @@ class RowScheduler:
             take = min(B - count, job.unsent)
             if take <= 0 or job.wave > self._wave:
                 continue
+            if math.isnan(job.first_sent):
+                job.first_sent = self.clock()
             parts.append(np.column_stack([np.full(take, job.slot), job.stage[job.sent : job.sent + take]]))
             owners.append((job, "stage", (job.sent, take)))
             job.sent += take
@@ -290,7 +316,7 @@ class RowScheduler:
         if self.progress is not None:
             self.progress(call.real)
         settled = [self._settle(job) for job in dict.fromkeys(touched)
-                   if job.back == len(job.stage) and not job.unsent and self._next_stage(job)]
+                   if not job.cancelled and job.back == len(job.stage) and not job.unsent and self._next_stage(job)]
         self._admit()
         return settled
 
@@ -332,4 +358,5 @@ class RowScheduler:
         self.stats.images += 1
         self.stats.rows_needed += p.rows
         return Settled(job.key, job.candidates, p.winner, int(job.candidates[p.winner]), p.per_vote_errors(),
-                       p.vote_counts(), p.rows, p.stages, job.unet_s, job.vote_s, job.submitted, self.clock())
+                       p.vote_counts(), p.rows, p.stages, job.unet_s, job.vote_s, job.submitted, self.clock(),
+                       job.first_sent)

@@ -1,0 +1,372 @@
+"""``ClassifierWorker``: a thread-safe submit/future front of a pipeline, for services.
+
+Two threads share the work, so a kept answer never waits for somebody else's rethink:
+
+    submit() --> intake queue --> [fast thread]  decode, backbone, gate (batches of requests)
+                                     |  kept answers: future resolved here, at once
+                                     v  rethought: VAE latent + negative embeddings
+                                  handoff --> [slow thread]  one RowScheduler, one engine call at a
+                                                             time; each future resolved when its
+                                                             image settles
+
+The fast thread batches what is waiting (up to ``batch_size``, waiting at most ``batch_wait_s``
+for more after the first request); the slow thread feeds every engine call with the rows of all
+open images and pads a call only when nothing else is waiting and the fast thread is idle.
+Answers are the runtime's: an image's answer depends on its pixels and its top-k only.
+
+Overload is bounded, never silent: at most ``max_queued`` requests wait for the fast path
+(``submit`` raises ``OverloadedError`` beyond) and at most ``max_rethinking`` images wait for or
+are in the slow path; past that, or when a request's deadline cannot be met by the slow path,
+the request gets its fast answer with ``rethink_skipped`` saying why (or ``OverloadedError``
+with ``on_overload="reject"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dbmef.errors import ConfigError, DBMEFError
+from dbmef.runtime.preprocess import ImageInput
+from dbmef.runtime.results import Batch, ImageResult
+
+__all__ = ["ClassifierWorker", "OverloadedError", "WorkerObserver", "WorkerStats"]
+
+log = logging.getLogger(__name__)
+
+
+class OverloadedError(DBMEFError):
+    """The worker cannot take (or rethink) more requests now: retry later or add replicas."""
+
+
+@dataclass
+class WorkerStats:
+    """Counters and current depths (what a metrics endpoint exports). Read them under no lock:
+    each is one int or float written by one thread."""
+
+    submitted: int = 0
+    answered: int = 0
+    failed: int = 0  # unreadable inputs (answered with an error)
+    rethought: int = 0  # answered by the slow path
+    rethink_skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    rejected: int = 0  # OverloadedError raised
+    unet_evals: int = 0
+    fast_batches: int = 0
+    fast_queue: int = 0  # requests waiting for the fast path
+    slow_queue: int = 0  # rethought images waiting for a slot in the slow path
+    slow_open: int = 0  # images in the slow path's slots
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)  # RowScheduler stats
+
+
+class WorkerObserver:
+    """What a worker reports as it runs (a metrics exporter subclasses it; every method here does
+    nothing). Called from the worker's threads: keep them quick and thread-safe."""
+
+    def fast_batch(self, size: int, waits: list[float]) -> None:
+        """A fast-path batch of ``size`` requests started; ``waits``: each one's seconds in the queue."""
+
+    def slow_wait(self, seconds: float) -> None:
+        """A rethought image's first rows went into an engine call ``seconds`` after its fast path."""
+
+    def answered(self, result: ImageResult) -> None:
+        """An image was answered (by either path, or with an error)."""
+
+
+@dataclass
+class _Request:
+    index: int
+    image: ImageInput
+    name: str
+    future: Future
+    submitted: float
+    deadline: float | None  # clock reading; None: no deadline
+
+
+@dataclass
+class _SlowItem:
+    req: _Request
+    batch: Batch
+    row: int
+    latent: np.ndarray
+    negatives: np.ndarray
+    handed: float  # when the fast path handed it over
+
+
+class ClassifierWorker:
+    """``submit(image) -> Future[ImageResult]`` over ``pipeline`` (a ``DBMEFPipeline``; a
+    ``DBMEFRuntime``'s is ``runtime.pipeline``). Start on construction; ``close`` drains.
+
+    deadline_s: default per-request deadline (None: none); a request whose rethink cannot end
+    before its deadline gets its fast answer with ``rethink_skipped = "deadline"``.
+    """
+
+    def __init__(self, pipeline: Any, batch_size: int = 16, batch_wait_s: float = 0.002, window: int = 64,
+                 max_queued: int = 4096, max_rethinking: int = 1024, deadline_s: float | None = None,
+                 on_overload: str = "fast_answer", observer: WorkerObserver | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        if batch_size < 1 or window < 1 or max_queued < 1 or max_rethinking < 1:
+            raise ConfigError("ClassifierWorker: batch_size, window, max_queued and max_rethinking must be >= 1")
+        if on_overload not in ("fast_answer", "reject"):
+            raise ConfigError(f"on_overload = {on_overload!r} must be 'fast_answer' or 'reject'")
+        if deadline_s is not None and not (math.isfinite(deadline_s) and deadline_s > 0):
+            raise ConfigError(f"deadline_s = {deadline_s} must be a positive number of seconds (or None)")
+        self.pipe = pipeline
+        self.batch_size, self.batch_wait_s, self.window = batch_size, batch_wait_s, window
+        self.max_queued, self.max_rethinking = max_queued, max_rethinking
+        self.deadline_s, self.on_overload, self.clock = deadline_s, on_overload, clock
+        self.observer = observer or WorkerObserver()
+        self.stats = WorkerStats()
+        self._lock = threading.Condition()
+        self._intake: deque[_Request] = deque()
+        self._handoff: deque[_SlowItem] = deque()
+        self._fast_busy = False
+        self._closing = False
+        self._count = 0
+        self._fast_done = False
+        self._open_items: dict[int, _SlowItem] = {}  # in the scheduler, by request index (slow thread only)
+        self._row_seconds = math.nan  # recent engine seconds per row (deadline estimates)
+        self.sched = pipeline.scheduler(window)
+        self._threads = [threading.Thread(target=self._guard(self._fast_loop), name="dbmef-fast", daemon=True),
+                         threading.Thread(target=self._guard(self._slow_loop), name="dbmef-slow", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # -- the caller's side -------------------------------------------------------------------------
+    def submit(self, image: ImageInput, name: str | None = None, deadline_s: float | None = None) -> Future:
+        """Queue one image; the future resolves to its ``ImageResult`` (``error`` set when it cannot
+        be read). ``deadline_s``: seconds from now the caller will wait (overrides the default)."""
+        now = self.clock()
+        limit = deadline_s if deadline_s is not None else self.deadline_s
+        with self._lock:
+            if self._closing:
+                raise OverloadedError("the worker is shutting down; send the request to another replica")
+            if len(self._intake) >= self.max_queued:
+                self.stats.rejected += 1
+                raise OverloadedError(f"{len(self._intake)} requests already wait for the fast path (max_queued); "
+                                      "retry later or add replicas")
+            fut: Future = Future()
+            req = _Request(self._count, image, name or f"request {self._count}", fut, now,
+                           None if limit is None else now + limit)
+            self._count += 1
+            self.stats.submitted += 1
+            self._intake.append(req)
+            self.stats.fast_queue = len(self._intake)
+            self._lock.notify_all()
+        return fut
+
+    def submit_many(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
+                    deadline_s: float | None = None) -> list[Future]:
+        return [self.submit(im, names[j] if names else None, deadline_s) for j, im in enumerate(images)]
+
+    @property
+    def alive(self) -> bool:
+        """Whether both threads run (a dead one is a bug: ``_guard`` failed every waiting request)."""
+        return all(t.is_alive() for t in self._threads)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing being computed."""
+        with self._lock:
+            return not (self._intake or self._handoff or self._fast_busy or self.sched.busy)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, answer every one already taken, stop the threads."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+        self.sched.close()
+
+    def __enter__(self) -> ClassifierWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the threads -------------------------------------------------------------------------------
+    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as exc:  # a bug must not leave callers waiting forever
+                log.exception("dbmef worker thread %s died", threading.current_thread().name)
+                self._fail_all(exc)
+
+        return run
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            self._closing = True
+            pending = [r.future for r in self._intake] + [i.req.future for i in self._handoff]
+            self._intake.clear()
+            self._handoff.clear()
+            self._lock.notify_all()
+        for f in pending + [item.req.future for item in list(self._open_items.values())]:
+            if not f.done():
+                f.set_exception(exc)
+
+    def _take_batch(self) -> list[_Request] | None:
+        with self._lock:
+            while not self._intake:
+                if self._closing:
+                    return None
+                self._lock.wait()
+            if len(self._intake) < self.batch_size and self.batch_wait_s > 0:
+                end = self.clock() + self.batch_wait_s
+                while len(self._intake) < self.batch_size and not self._closing and (left := end - self.clock()) > 0:
+                    self._lock.wait(left)
+            reqs = [self._intake.popleft() for _ in range(min(self.batch_size, len(self._intake)))]
+            self._fast_busy = True
+            self.stats.fast_queue = len(self._intake)
+            return reqs
+
+    def _fast_loop(self) -> None:
+        while (reqs := self._take_batch()) is not None:
+            try:
+                self._fast(reqs)
+            finally:
+                with self._lock:
+                    self._fast_busy = False
+                    self._lock.notify_all()
+        with self._lock:  # nothing more will come: the slow thread may finish
+            self._fast_done = True
+            self._lock.notify_all()
+
+    def _fast(self, reqs: list[_Request]) -> None:
+        pipe = self.pipe
+        try:
+            batch = pipe.fast_path([r.image for r in reqs], [r.name for r in reqs])
+        except Exception as exc:
+            for r in reqs:
+                r.future.set_exception(exc)
+            return
+        started = float(batch.submitted[0])  # when fast_path began
+        batch.submitted[:] = [r.submitted for r in reqs]
+        batch.index[:] = [r.index for r in reqs]
+        self.stats.fast_batches += 1
+        self.observer.fast_batch(len(reqs), [started - r.submitted for r in reqs])
+        idx = pipe.to_rethink(batch)
+        slow = set(int(i) for i in idx)
+        now = self.clock()
+        for i, r in enumerate(reqs):
+            if i not in slow:
+                batch.latency[i] = now - r.submitted
+                self._answer(r, batch.result(i, pipe.class_names))
+        keep: list[int] = []
+        for i in map(int, idx):
+            if self._admit_slow(reqs[i], batch, i, len(keep)):
+                keep.append(i)
+        if keep:
+            latents, neg = pipe.slow_inputs(batch, np.array(keep, np.int64))
+            with self._lock:
+                for j, i in enumerate(keep):
+                    self._handoff.append(_SlowItem(reqs[i], batch, i, latents[j], neg[j], self.clock()))
+                self.stats.slow_queue = len(self._handoff)
+                self._lock.notify_all()
+
+    def _admit_slow(self, req: _Request, batch: Batch, row: int, also: int) -> bool:
+        """Whether the slow path takes this image (``also``: images of its batch taken before it);
+        if not, it is answered now with its fast label."""
+        reason = None
+        with self._lock:
+            waiting = len(self._handoff) + self.sched.open + also
+        if waiting >= self.max_rethinking:
+            reason = "overloaded"
+        elif req.deadline is not None and self._finish_estimate(waiting) > req.deadline:
+            reason = "deadline"
+        if reason is None:
+            return True
+        if self.on_overload == "reject":
+            self.stats.rejected += 1
+            req.future.set_exception(OverloadedError(
+                f"the slow path cannot rethink this image ({reason}: {waiting} images ahead); retry later"))
+            return False
+        self._skip(req, batch, row, reason)
+        return False
+
+    def _skip(self, req: _Request, batch: Batch, row: int, reason: str) -> None:
+        """Answer a rethought image with its fast label, saying why it was not rethought."""
+        self.stats.rethink_skipped[reason] = self.stats.rethink_skipped.get(reason, 0) + 1
+        batch.latency[row] = self.clock() - req.submitted
+        res = batch.result(row, self.pipe.class_names)
+        res.rethought, res.rethink_skipped = False, reason
+        self._answer(req, res)
+
+    def _finish_estimate(self, images_ahead: int) -> float:
+        """When a rethink submitted now would end, served oldest first: the rows of the images
+        ahead and its own (the mean rows per settled image so far, else the full method's) at the
+        recent engine seconds per row."""
+        if math.isnan(self._row_seconds):
+            return -math.inf  # nothing measured yet: admit
+        st = self.sched.stats
+        per_image = st.rows_needed / st.images if st.images else self.pipe.config.unet_evaluations_per_image / 2
+        return self.clock() + (images_ahead + 1) * per_image * self._row_seconds
+
+    def _slow_loop(self) -> None:
+        sched = self.sched
+        while True:
+            with self._lock:
+                while not self._handoff and not sched.busy:
+                    if self._closing and self._fast_done:
+                        return
+                    self._lock.wait()
+                for it in self._handoff:  # under the lock: the fast thread counts what waits
+                    self._open_items[it.req.index] = it
+                    sched.submit(it.req.index, it.latent, it.batch.top[it.row], it.negatives,
+                                 submitted=float(it.batch.submitted[it.row]))
+                self._handoff.clear()
+            self.stats.slow_queue, self.stats.slow_open = 0, sched.open
+            self._drop_late()
+            if not sched.busy:
+                continue
+            with self._lock:
+                coming = bool(self._intake or self._fast_busy)
+                if coming and not sched.in_flight and sched.waiting_rows < sched.B and sched.has_room:
+                    self._lock.wait(0.05)  # the fast thread is about to hand over rows: a fuller call
+                    continue
+            self._step(sched)
+
+    def _step(self, sched: Any) -> None:
+        t0, calls = self.clock(), sched.stats.engine_calls
+        for s in sched.step(flush=True):
+            item = self._open_items.pop(s.key)
+            item.batch.settle(item.row, s)
+            self.observer.slow_wait(s.first_sent - item.handed)
+            self.stats.rethought += 1
+            self.stats.unet_evals += 2 * s.rows
+            self._answer(item.req, item.batch.result(item.row, self.pipe.class_names))
+        if sched.stats.engine_calls > calls:
+            secs = (self.clock() - t0) / ((sched.stats.engine_calls - calls) * sched.B)
+            self._row_seconds = secs if math.isnan(self._row_seconds) else 0.8 * self._row_seconds + 0.2 * secs
+        self.stats.scheduler = sched.stats.to_dict()
+        self.stats.slow_open = sched.open
+
+    def _drop_late(self) -> None:
+        """Answer the open images whose deadline has passed with their fast label (their callers
+        would time out otherwise) and drop them from the scheduler."""
+        now = self.clock()
+        for key, it in list(self._open_items.items()):
+            if it.req.deadline is not None and now > it.req.deadline and self.sched.cancel(key):
+                del self._open_items[key]
+                self._skip(it.req, it.batch, it.row, "deadline")
+
+    def _answer(self, req: _Request, result: ImageResult) -> None:
+        self.observer.answered(result)
+        self.stats.answered += 1
+        if result.error:
+            self.stats.failed += 1
+        for stage, secs in result.timings.items():
+            self.stats.stage_seconds[stage] = self.stats.stage_seconds.get(stage, 0.0) + secs
+        if not req.future.done():
+            req.future.set_result(result)

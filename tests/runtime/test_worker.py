@@ -1,0 +1,88 @@
+"""ClassifierWorker (issue 22/23): the submit/future form gives classify's answers, a kept answer
+never waits for a rethink, overload and deadlines are answered (never lost), close drains."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
+from dbmef.runtime import RuntimeSpec
+from dbmef.runtime.worker import ClassifierWorker, OverloadedError
+from tests.conftest import needs_ort
+
+pytestmark = needs_ort
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """48 test digits, their rethink flags at the bundle's protector, and a runtime at k = 5, V = 5
+    (rethinks of a few hundred milliseconds each)."""
+    split = demo_test_split()
+    images = [np.asarray(render(a)) for a in split.images[:48]]
+    rt = RuntimeSpec(str(demo_bundle_dir()), scoring={"k": 5, "votes": 5}, batch_size=8).build()
+    want = rt.classify(images)
+    yield rt, images, want
+    rt.close()
+
+
+def test_futures_give_classifys_answers_and_kept_answers_do_not_wait(digits):
+    rt, images, want = digits
+    with ClassifierWorker(rt.pipeline, batch_size=8) as w:
+        futures = w.submit_many(images)
+        got = [f.result(timeout=300) for f in futures]
+    assert [g.label for g in got] == [r.label for r in want]
+    assert [g.unet_evals for g in got] == [r.unet_evals for r in want]
+    assert [g.rethought for g in got] == [r.rethought for r in want]
+    kept = [g.latency_s for g in got if not g.rethought]
+    rethought = [g.latency_s for g in got if g.rethought]
+    assert 0 < len(rethought) < len(got)
+    assert max(kept) < min(rethought)  # every kept answer came before the first rethink was done
+    assert w.stats.answered == len(images) and w.stats.rethought == len(rethought)
+
+
+def test_deadline_overload_and_reject_are_answered_never_lost(digits):
+    rt, images, want = digits
+    slow = [im for im, r in zip(images, want) if r.rethought]
+    fast_label = [r.backbone_label for r in want if r.rethought]
+    with ClassifierWorker(rt.pipeline, batch_size=8, max_rethinking=1) as w:
+        got = [f.result(timeout=300) for f in w.submit_many(slow[:4])]  # one batch: only one may rethink
+    assert sum(g.rethought for g in got) == 1
+    assert [g.rethink_skipped for g in got if not g.rethought] == ["overloaded"] * 3
+    assert all(g.label == b for g, b in zip(got, fast_label) if not g.rethought)  # the fast answer
+    assert w.stats.rethink_skipped == {"overloaded": 3}
+
+    with ClassifierWorker(rt.pipeline, batch_size=8) as w:  # a deadline no rethink can meet
+        w.submit(slow[0]).result(timeout=300)  # one measured rethink: the worker knows its speed
+        late = [f.result(timeout=300) for f in w.submit_many(slow[:4], deadline_s=1e-3)]
+    assert all(g.rethink_skipped == "deadline" and not g.rethought for g in late)
+    assert [g.label for g in late] == fast_label[:4]
+
+    with ClassifierWorker(rt.pipeline, batch_size=8, max_rethinking=1, on_overload="reject") as w:
+        futures = w.submit_many(slow[:3])
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=300).rethought)
+            except OverloadedError:
+                outcomes.append("rejected")
+    assert sorted(map(str, outcomes)) == ["True", "rejected", "rejected"]
+
+    w = ClassifierWorker(rt.pipeline, batch_size=1, max_queued=2, batch_wait_s=0.5)
+    try:
+        with pytest.raises(OverloadedError, match="max_queued"):
+            for _ in range(50):
+                w.submit(slow[0])
+    finally:
+        w.close()
+
+
+def test_close_answers_everything_already_taken(digits):
+    rt, images, want = digits
+    w = ClassifierWorker(rt.pipeline, batch_size=8)
+    futures = w.submit_many(images[:16])
+    w.close()
+    assert all(f.done() for f in futures)
+    assert [f.result().label for f in futures] == [r.label for r in want[:16]]
+    with pytest.raises(OverloadedError, match="shutting down"):
+        w.submit(images[0])
