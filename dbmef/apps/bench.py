@@ -1,149 +1,75 @@
-"""``dbmef bench``: the runtime's slow path side by side with what a user would otherwise run.
+"""``dbmef bench``: the slow path measured on the data a bundle is for, against what a user would
+otherwise run, in UNet evaluations, engine rows and seconds.
 
-Measurements are warm-up first, then medians and p95 over repetitions; the clock is read after
-outputs are on the host (every engine call returns host arrays, so the device is synchronised).
+On one set of images (``--data``; the committed digits bundle defaults to its test split; a bundle
+with random weights to seeded synthetic pictures), for each early-exit mode:
 
-Library function :func:`run_bench` (the CLI and ``benchmarks/run_benchmarks.py`` wrap it). The
-dbmef side needs only the runtime; the baselines (``paper_scripts``, ``torch_batched``) need the
-torch source of the same bundle (``source``: the system folder the bundle was exported from).
-Every measurement of one report comes from the same run on the same machine and images.
+* **stream**: every image through ``--batch-size`` fast-path batches, once through the earlier
+  batch-synchronous slow path (each batch's rethought images in lockstep stages, every stage's
+  last call padded, no answer before its batch) and once through the row scheduler
+  (``DBMEFRuntime.stream``): slow-path seconds, rows sent per row needed, engine calls, per-image
+  latency of the rethought images.
+* **rethought, all at once**: the images the protector rethinks submitted together to a
+  ``ClassifierWorker`` (median of ``repeats`` walls; latency of each image from submission), and
+  the same images through ``paper_scripts`` (the official scripts' structure over the bundle's
+  own engines): the speed-ups and whether the decisions agree.
+* **rethought, at a rate**: the same images arriving as a Poisson process at half the capacity
+  the all-at-once run measured: latency p50/p95 of a service at 50 % load.
+
+Library function :func:`run_bench` (the CLI, ``benchmarks/run_benchmarks.py`` and
+``benchmarks/digits/stream.py`` wrap it). Every figure of one report comes from the same run on
+the same machine and images; walls are read after outputs are on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dbmef.apps.roofline import machine_matmul_rate, profile_scorer, roofline, timed_runs
 from dbmef.errors import ConfigError
 from dbmef.runtime import RuntimeSpec
-from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.preprocess import ImageInput
-from dbmef.runtime.results import STAGES
+from dbmef.runtime.results import SLOW_STAGES, STAGES, ImageResult
+from dbmef.runtime.scheduler import SchedulerStats
 
 log = logging.getLogger(__name__)
+MODES = ("off", "exact", "adaptive")
 
 
 def pct(xs: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if xs else math.nan
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q)) if len(xs) else math.nan
 
 
-def timed_runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def spread(xs: Sequence[float]) -> dict[str, float]:
+    """p50, p95 and max of a list of seconds."""
+    return {"p50": pct(xs, 50), "p95": pct(xs, 95), "max": max(xs) if len(xs) else math.nan}
 
 
-def bench_stages(rt: Any, images: Sequence[ImageInput], repeats: int = 3, warmup: int = 1,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Every image rethought (``rt`` built with Prot = 0): per-stage seconds per image (p50/p95
-    over repeats), the slow path's wall time, and scorer rows/s over the rows early exit really
-    evaluated."""
-    if not np.isposinf(rt.protector.threshold):
-        raise ConfigError("bench_stages needs a runtime that rethinks every image: build it with prot=0")
-    per_rep: list[dict[str, float]] = []
-    walls: list[float] = []
-    evals = 0
-    for r in range(warmup + repeats):
-        t0 = time.perf_counter()
-        res = rt.classify(list(images))
-        wall = time.perf_counter() - t0
-        evals = sum(x.unet_evals for x in res)  # the same every repetition: answers are deterministic
-        if r >= warmup:
-            walls.append(wall)
-            # each image carries its share of every stage: the shares sum to the batch's stage time
-            per_rep.append({s: sum(x.timings.get(s, 0.0) for x in res) / len(images) for s in STAGES})
-        if progress:
-            progress(1)
-    rows = evals // 2  # scorer rows actually evaluated (early exit included, padding excluded)
-    unet_s = [p["unet_scoring"] * len(images) for p in per_rep]
-    return {
-        "images": len(images),
-        "stages_s_per_image": {s: {"p50": pct([p[s] for p in per_rep], 50), "p95": pct([p[s] for p in per_rep], 95)}
-                               for s in STAGES},
-        "wall_s": {"p50": pct(walls, 50), "p95": pct(walls, 95), "all": walls},
-        "scorer_rows": rows,
-        "unet_evaluations": 2 * rows,
-        "scorer_rows_per_s": rows / statistics.median(unet_s) if unet_s else math.nan,
-        "unet_evaluations_per_s": 2 * rows / statistics.median(unet_s) if unet_s else math.nan,
-    }
-
-
-def bench_throughput(rt: Any, images: Sequence[ImageInput], thresholds: dict[str, float], repeats: int = 2,
-                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Images/s at controlled rethink rates, each given as a protector threshold."""
-    out = {}
-    from dbmef.runtime.protector import Protector
-
-    for label, thr in thresholds.items():
-        gated = rt.with_protector(Protector(thr, None, None))
-        res: list[Any] = []
-
-        def run(res: list[Any] = res, gated: Any = gated) -> None:
-            res[:] = gated.classify(list(images))
-
-        walls = timed_runs(run, repeats, warmup=1)
-        out[label] = {"threshold": thr, "rethink_rate": sum(r.rethought for r in res) / len(images),
-                      "images_per_s": len(images) / statistics.median(walls), "wall_s_p50": statistics.median(walls)}
-        if progress:
-            progress(1)
-    return out
-
-
-def numpy_matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """float32 GEMM FLOP/s through numpy's BLAS (median of repeats)."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = a.copy()
-    walls = timed_runs(lambda: a @ b, repeats, warmup=2)
-    return 2 * n**3 / statistics.median(walls)
-
-
-def ort_profile_by_op(model_path: str | Path, feeds: dict[str, np.ndarray], threads: int = 0) -> dict[str, Any]:
-    """Run one ONNX model once under ONNX Runtime's profiler; total kernel time by op type."""
-    from dbmef.runtime.backends.onnxruntime import import_onnxruntime
-
-    ort = import_onnxruntime()
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tmp) / "prof")
-        so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-        sess.run(None, feeds)  # warm-up inside the profile is excluded below by taking the last run
-        sess.run(None, feeds)
-        prof = sess.end_profiling()
-        events = json.loads(Path(prof).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"]
-    last_start = runs[-1]["ts"] if runs else 0
-    by_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= last_start:
-            op = e.get("args", {}).get("op_name", "?")
-            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e6
-    total = sum(by_op.values())
-    return {"total_s": total, "by_op_s": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
-            "share": {k: v / total for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])} if total else {}}
+# -- the data ---------------------------------------------------------------------------------------
+@dataclass
+class BenchData:
+    images: list[ImageInput]
+    names: list[str]
+    labels: np.ndarray | None  # (N,) class ids when the data is labelled
+    source: str
 
 
 def bench_images(n: int, seed: int = 0, size: tuple[int, int] = (256, 320)) -> list[np.ndarray]:
-    """Seeded synthetic photos-to-be (smooth gradients and noise) of a fixed size."""
+    """Seeded synthetic photos-to-be (smooth gradients and noise) of a fixed size: the data of a
+    bundle with random weights, which no real picture suits better."""
     rng = np.random.default_rng(seed)
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w]
@@ -154,219 +80,292 @@ def bench_images(n: int, seed: int = 0, size: tuple[int, int] = (256, 320)) -> l
     return out
 
 
-def machine_matmul_rate() -> dict[str, float]:
-    """float32 GEMM rate through every library at hand; the best is the machine's reference peak."""
-    rates = {"numpy": numpy_matmul_rate()}
-    try:
-        import torch
+def bench_data(manifest: Any, data: str | Path | None, limit: int | None) -> BenchData:
+    """The images to measure on: ``data`` (a labelled ImageFolder / file list, or any folder of
+    images), else the digits test split for the digits system, else synthetic pictures."""
+    from dbmef.apps.digits import demo_test_split, is_digits_system, render
 
-        a = torch.randn(2048, 2048)
-        walls = timed_runs(lambda: a @ a, 5, warmup=2)
-        rates["torch"] = 2 * 2048**3 / statistics.median(walls)
-    except ImportError:
-        pass
-    try:
-        import onnx
-        from onnx import TensorProto, helper
+    if data is not None:
+        from dbmef.runtime.data import expand_inputs, load_labelled
 
-        from dbmef.runtime.backends.onnxruntime import import_onnxruntime
-
-        ort = import_onnxruntime()
-        g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2048, 2048]),
-                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [2048, 2048])],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2048, 2048])])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-        walls = timed_runs(lambda: sess.run(None, {"a": x, "b": x}), 5, warmup=2)
-        rates["onnxruntime"] = 2 * 2048**3 / statistics.median(walls)
-        del onnx
-    except ImportError:
-        pass
-    rates["peak"] = max(rates.values())
-    return rates
+        try:
+            items = load_labelled(data, manifest.class_names)
+            paths, labels = [it.path for it in items], np.array([it.label for it in items])
+        except ConfigError:
+            paths, labels = expand_inputs([str(data)]), None  # a plain folder of images
+        paths = paths[:limit]
+        return BenchData(list(paths), list(paths), None if labels is None else labels[: len(paths)], str(data))
+    if is_digits_system(manifest):
+        split = demo_test_split()
+        n = limit or len(split.images)
+        return BenchData([np.asarray(render(a)) for a in split.images[:n]],
+                         [f"digits[{i}]" for i in split.indices[:n]], split.labels[:n],
+                         "the digits test split (dbmef/assets/digits/test_split.npz)")
+    n = limit or 4
+    return BenchData(list(bench_images(n)), [f"synthetic[{j}]" for j in range(n)], None,
+                     "seeded synthetic pictures (benchmarks.bench_images): the bundle names no data of its own")
 
 
-def run_bench(spec: RuntimeSpec, source: str | Path | None = None, n_images: int = 4, repeats: int = 3,
+# -- scenarios --------------------------------------------------------------------------------------
+def slow_seconds(results: Sequence[ImageResult]) -> float:
+    """The slow path's share of the wall: its stages summed over the rethought images."""
+    return float(sum(r.timings.get(s, 0.0) for r in results if r.rethought for s in SLOW_STAGES))
+
+
+def _summary(results: list[ImageResult], wall: float, rows: dict[str, Any], latency: list[float]) -> dict[str, Any]:
+    re = [r for r in results if r.rethought]
+    return {"wall_s": wall, "images_per_s": len(results) / wall, "slow_path_s": slow_seconds(results),
+            "rethought": len(re), "unet_evals_per_rethought_image": float(np.mean([r.unet_evals for r in re]))
+            if re else 0.0, "rows": rows, "latency_rethought_s": spread(latency),
+            "answers": [(r.label, r.unet_evals) for r in results]}
+
+
+def sync_path(rt: Any, data: BenchData) -> dict[str, Any]:
+    """The batch-synchronous slow path: per fast-path batch, its rethought images in lockstep
+    stages; every image of a batch is answered when the batch is."""
+    pipe, bs = rt.pipeline, rt.batch_size
+    results: list[ImageResult] = []
+    latency: list[float] = []
+    rows = SchedulerStats()
+    t0 = time.perf_counter()
+    for s in range(0, len(data.images), bs):
+        t = time.perf_counter()
+        batch = pipe.rethink(pipe.fast_path(data.images[s : s + bs], data.names[s : s + bs]), lockstep=True)
+        done = time.perf_counter()
+        res = batch.results(pipe.class_names)
+        latency += [done - t for r in res if r.rethought]
+        results += res
+        for k, v in batch.scoring.items():
+            if k != "rows_sent_per_row_needed":
+                setattr(rows, k, getattr(rows, k) + v)
+    return _summary(results, time.perf_counter() - t0, rows.to_dict(), latency)
+
+
+def scheduler_path(rt: Any, data: BenchData) -> dict[str, Any]:
+    """The row scheduler over the whole stream (``DBMEFRuntime.stream``)."""
+    stats = SchedulerStats()
+    t0 = time.perf_counter()
+    got = list(rt.stream(data.images, data.names, stats=stats))
+    wall = time.perf_counter() - t0
+    results = sorted(got, key=lambda r: r.index)
+    return _summary(results, wall, stats.to_dict(), [r.latency_s or 0.0 for r in results if r.rethought])
+
+
+def all_at_once(rt: Any, images: list[ImageInput], repeats: int) -> dict[str, Any]:
+    """Every image submitted at one moment to a ``ClassifierWorker``; walls (median of repeats,
+    after a warm-up) and each image's latency from submission (of the median run)."""
+    from dbmef.runtime.worker import ClassifierWorker
+
+    runs = []
+    for _ in range(repeats + 1):
+        with ClassifierWorker(rt.pipeline, batch_size=rt.batch_size, window=rt.window) as w:
+            t0 = time.perf_counter()
+            res = [f.result() for f in w.submit_many(images)]
+            runs.append((time.perf_counter() - t0, res, dict(w.stats.scheduler)))
+    walls = [wall for wall, _, _ in runs[1:]]
+    _, res, stats = sorted(runs[1:], key=lambda x: x[0])[len(walls) // 2]
+    lat = [x.latency_s or 0.0 for x in res]
+    return {"wall_s": {"p50": statistics.median(walls), "all": walls}, "latency_s": spread(lat),
+            "median_over_last": pct(lat, 50) / max(lat), "rows": stats, "latencies": sorted(lat),
+            "unet_evals_per_rethought_image": float(np.mean([x.unet_evals for x in res])),
+            "labels": [x.label for x in res], "stages_s_per_image": {
+                s: float(np.mean([x.timings.get(s, 0.0) for x in res])) for s in STAGES}}
+
+
+def at_rate(rt: Any, images: list[ImageInput], rate: float, seed: int = 0) -> dict[str, Any]:
+    """The images arriving as a Poisson process of ``rate`` per second (seeded)."""
+    from dbmef.runtime.worker import ClassifierWorker
+
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(images))
+    with ClassifierWorker(rt.pipeline, batch_size=rt.batch_size, window=rt.window) as w:
+        t0 = time.perf_counter()
+        futs = []
+        for img, arrive in zip(images, np.cumsum(gaps)):
+            time.sleep(max(0.0, t0 + arrive - time.perf_counter()))
+            futs.append(w.submit(img))
+        res = [f.result() for f in futs]
+    return {"rate_per_s": rate, "latency_s": spread([x.latency_s or 0.0 for x in res])}
+
+
+def paper_scripts(rt: Any, images: list[ImageInput], repeats: int) -> dict[str, Any]:
+    """The official scripts' structure over the bundle's own engines (full method)."""
+    from dbmef.reference.paper_scripts import PaperScriptsOnEngines
+
+    paper = PaperScriptsOnEngines(rt)
+    labels: list[int] = []
+
+    def run() -> None:
+        labels[:] = paper.classify(images)
+
+    walls = timed_runs(run, repeats, warmup=1)
+    paper.close()
+    return {"wall_s": {"p50": statistics.median(walls), "all": walls}, "stages_s": dict(paper.timings),
+            "unet_evals_per_rethought_image": paper.unet_evals / max(len(images), 1), "labels": labels}
+
+
+def mode_runtime(spec: RuntimeSpec, mode: str) -> Any:
+    return dataclasses.replace(spec, scoring={**spec.scoring, "early_exit": mode}).build()
+
+
+def run_mode(spec: RuntimeSpec, mode: str, data: BenchData, rethought: list[int], repeats: int,
+             rate_fraction: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """Every scenario of one early-exit mode."""
+    with mode_runtime(spec, mode) as rt:
+        say(f"{mode}: the stream at --batch-size {rt.batch_size}, batch-synchronous")
+        sync = sync_path(rt, data)
+        say(f"{mode}: the stream through the row scheduler")
+        sched = scheduler_path(rt, data)
+        imgs = [data.images[j] for j in rethought]
+        say(f"{mode}: {len(imgs)} rethought images submitted at once ({repeats} repeats)")
+        once = all_at_once(rt, imgs, repeats)
+        rate = rate_fraction * len(imgs) / once["wall_s"]["p50"]
+        say(f"{mode}: the same images arriving at {rate:.3g}/s")
+        paced = at_rate(rt, imgs, rate) if imgs else {}
+    return {"stream": {"sync": sync, "scheduler": sched}, "all_at_once": once, "at_rate": paced,
+            "slow_path_s_ratio_scheduler_over_sync": sched["slow_path_s"] / sync["slow_path_s"]
+            if sync["slow_path_s"] else math.nan}
+
+
+# -- the report -------------------------------------------------------------------------------------
+def run_bench(spec: RuntimeSpec, data: str | Path | None = None, source: str | Path | None = None,
+              n_images: int | None = None, repeats: int = 3, modes: Sequence[str] = MODES,
               baselines: tuple[str, ...] = ("paper_scripts", "torch_batched"), profile: bool = False,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure the runtime ``spec`` describes (its backend, options and scoring overrides). Returns
-    a JSON-ready report (see ``benchmarks/RESULTS.md``)."""
+              rate_fraction: float = 0.5, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the runtime ``spec`` describes (backend, options, scoring, protector) on ``data``
+    (see ``bench_data``; ``n_images`` keeps the first N). Returns a JSON-ready report."""
 
     def say(msg: str) -> None:
         log.info(msg)
         if progress:
             progress(msg)
 
-    # Prot = 0: every image rethought; the protector is set per measurement below.
-    rt = dataclasses.replace(spec, prot=0.0).build()
-    cfg: ScoringConfig = rt.config
-    bundle = spec.bundle
-    images = bench_images(n_images)
-    say(f"dbmef stages ({n_images} images x {repeats} repeats, all rethought, early exit {cfg.early_exit})")
-    stages = bench_stages(rt, images, repeats)
-    say("throughput at controlled rethink rates")
-    probs, _ = rt.backbone_scores(images)
-    s = np.sort(probs.max(axis=1))
-    thresholds = {"0%": -math.inf, "50%": float(s[len(s) // 2 - 1]) if len(s) > 1 else -math.inf, "100%": math.inf}
-    if rt.manifest.protector is not None:
-        thresholds["calibrated"] = rt.manifest.protector.threshold
-    throughput = bench_throughput(rt, images, thresholds, repeats=max(1, repeats - 1))
+    if not modes:
+        raise ConfigError("bench needs at least one early-exit mode")
+    with spec.build() as rt:
+        d = bench_data(rt.manifest, data, n_images)
+        logits, _ = rt.pipeline.backbone_logits(d.images)
+        rethought = [int(j) for j in np.flatnonzero(rt.protector.gate(logits, rt.config.k).rethink)]
+        default, manifest, describe = rt.config.early_exit, rt.manifest, rt.describe()
+        say(f"{len(d.images)} images from {d.source}; {len(rethought)} rethought")
+        paper = (paper_scripts(rt, [d.images[j] for j in rethought], repeats)
+                 if "paper_scripts" in baselines and "unet" in manifest.components and rethought else None)
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "providers": rt.describe()["providers"]},
-        "bundle": str(bundle), "backend": spec.backend, "precision": rt.manifest.precision,
-        "scoring": cfg.to_dict(), "unet_evals_per_rethought_image": stages["unet_evaluations"] / n_images,
-        "dbmef": {"stages": stages, "throughput": throughput},
+                    "cpus": os.cpu_count(), "providers": describe["providers"]},
+        "bundle": str(spec.bundle), "backend": spec.backend, "precision": manifest.precision,
+        "scoring": describe["scoring"], "protector": describe["protector"], "batch_size": spec.batch_size,
+        "data": {"source": d.source, "images": len(d.images), "rethought": len(rethought)},
+        "modes": {m: run_mode(spec, m, d, rethought, repeats, rate_fraction, say) for m in dict.fromkeys(modes)},
     }
-    if "paper_scripts" in baselines and "unet" in rt.manifest.components:
-        report.update(equal_decisions(spec, rt, images, repeats, say))
-    slow = {"dbmef": stages["wall_s"]["p50"]}
-    if source is not None and baselines:
-        report["baselines"] = torch_baselines(source, cfg, images, repeats, baselines, say)
-        for name, b in report["baselines"].items():
-            slow[name] = b["wall_s"]["p50"]
-            report[f"speedup_vs_{name}"] = slow[name] / slow["dbmef"]
+    if paper is not None:
+        report["paper_scripts_engines"] = paper
+    summarize(report, default, paper)
+    if source is not None and baselines and rethought:
+        report.update(torch_baselines(source, spec, [d.images[j] for j in rethought], repeats, baselines, say))
     say("machine matmul rate")
-    rates = machine_matmul_rate()
-    flops = rt.manifest.sources.get("sd", {}).get("unet_flops_per_evaluation")
-    if flops is None and source is not None:
-        from dbmef.reference.baselines import read_unet_config, unet_flops_per_evaluation
-
-        flops = unet_flops_per_evaluation(read_unet_config(source), rt.manifest.vae_spec.latent_shape[1:])
-    evals = stages["unet_evaluations"]
-    roof: dict[str, Any] = {"flops_per_unet_evaluation": flops, "matmul_flops_per_s": rates}
-    if flops:
-        for name, wall in slow.items():
-            # the slow path's whole wall time: UNet work over everything a rethink costs
-            achieved = flops * evals / wall
-            roof[name] = {"achieved_flops_per_s": achieved, "fraction_of_peak": achieved / rates["peak"]}
-        unet_only = flops * evals / (stages["stages_s_per_image"]["unet_scoring"]["p50"] * n_images)
-        roof["dbmef_unet_stage"] = {"achieved_flops_per_s": unet_only, "fraction_of_peak": unet_only / rates["peak"]}
-    report["roofline"] = roof
+    main = report["modes"].get(default) or next(iter(report["modes"].values()))
+    evals = round(main["all_at_once"]["unet_evals_per_rethought_image"] * len(rethought))
+    walls = {"dbmef": main["all_at_once"]["wall_s"]["p50"],
+             **{k: v["wall_s"]["p50"] for k, v in report.get("baselines", {}).items()}}
+    report["roofline"] = roofline(manifest.sources.get("sd", {}).get("unet_flops_per_evaluation"), evals, walls,
+                                  machine_matmul_rate())
     if profile:
         say("ONNX Runtime profile of the scorer by op type")
-        report["scorer_profile"] = profile_scorer(rt, int(spec.options.get("intra_op_threads", 0)))
-    rt.close()
+        with spec.build() as rt:
+            report["scorer_profile"] = profile_scorer(rt, int(spec.options.get("intra_op_threads", 0)))
     return report
 
 
-def torch_baselines(source: str | Path, cfg: ScoringConfig, images: list[np.ndarray], repeats: int,
+def summarize(report: dict[str, Any], default: str, paper: dict[str, Any] | None) -> None:
+    """The headline figures, each from the same run: evaluations and rows of the default mode, the
+    speed-ups over paper_scripts and whether the decisions agree."""
+    modes = report["modes"]
+    main = modes.get(default) or next(iter(modes.values()))
+    report["early_exit"] = default
+    for v in modes.values():  # the row scheduler changes when rows run, never which rows or what answer
+        st = v["stream"]
+        v["images_differing_sync_vs_scheduler"] = int(sum(
+            a != b for a, b in zip(st["sync"].pop("answers"), st["scheduler"].pop("answers"))))
+    report["unet_evals_per_rethought_image"] = main["all_at_once"]["unet_evals_per_rethought_image"]
+    report["rows_sent_per_row_needed"] = main["stream"]["scheduler"]["rows"]["rows_sent_per_row_needed"]
+    report["rows_sent_per_row_needed_by_mode"] = {
+        m: {p: v["stream"][p]["rows"]["rows_sent_per_row_needed"] for p in ("sync", "scheduler")}
+        for m, v in modes.items()}
+    if "exact" in modes and "adaptive" in modes:
+        report["adaptive_over_exact_slow_path_s"] = (modes["adaptive"]["stream"]["scheduler"]["slow_path_s"]
+                                                     / modes["exact"]["stream"]["scheduler"]["slow_path_s"])
+    if paper is None:
+        for v in modes.values():
+            v["all_at_once"].pop("labels")
+        return
+    for v in modes.values():
+        v["speedup_vs_paper_scripts"] = paper["wall_s"]["p50"] / v["all_at_once"]["wall_s"]["p50"]
+        v["decisions_differing_from_paper_scripts"] = int(sum(
+            a != b for a, b in zip(v["all_at_once"].pop("labels"), paper["labels"])))
+    paper.pop("labels")
+    for key, mode in (("equal_work", "off"), ("equal_decisions", default), ("adaptive", "adaptive")):
+        if mode in modes:
+            report[f"speedup_vs_paper_scripts_{key}"] = modes[mode]["speedup_vs_paper_scripts"]
+
+
+def torch_baselines(source: str | Path, spec: RuntimeSpec, images: list[ImageInput], repeats: int,
                     baselines: tuple[str, ...], say: Callable[[str], None]) -> dict[str, Any]:
-    """The torch-eager baselines on the bundle's source system, at equal work (early exit off)."""
+    """The torch-eager baselines on the bundle's source system, at equal work (early exit off),
+    against dbmef at equal work on the same images."""
     from dbmef.reference.baselines import PaperScriptsBaseline
     from dbmef.reference.engines import reference_pipeline
     from dbmef.runtime.protector import Protector
 
-    work = cfg.replace(early_exit="off")  # the torch baselines do the full method: compare at equal work
+    with spec.build() as rt:
+        work = rt.config.replace(early_exit="off")
     out: dict[str, Any] = {}
     if "torch_batched" in baselines:
         say("baseline torch_batched")
         tb = reference_pipeline(source, work, Protector.fixed(0.0))
-        res: list[Any] = []
-
-        def run_tb() -> None:
-            res[:] = tb.classify(images)
-
-        walls = timed_runs(run_tb, repeats, warmup=1)
-        out["torch_batched"] = {"wall_s": {"p50": statistics.median(walls), "all": walls},
-                                "stages_s": {s: sum(r.timings.get(s, 0.0) for r in res) for s in STAGES}}
+        out["torch_batched"] = {"wall_s": {"p50": statistics.median(timed_runs(lambda: tb.classify(images),
+                                                                              repeats, warmup=1))}}
     if "paper_scripts" in baselines:
         say("baseline paper_scripts (torch)")
         ps = PaperScriptsBaseline(source, work)
-        walls = timed_runs(lambda: ps.classify(images), repeats, warmup=1)
-        out["paper_scripts"] = {"wall_s": {"p50": statistics.median(walls), "all": walls},
-                                "stages_s": dict(ps.timings)}
-    return out
-
-
-def equal_decisions(spec: RuntimeSpec, rt: Any, images: list[np.ndarray], repeats: int,
-                    say: Callable[[str], None]) -> dict[str, Any]:
-    """The paper's scripts (full method, over the bundle's own engines) against the runtime in every
-    early-exit mode, all measured here on the same images, every one rethought. ``equal decisions``:
-    the runtime's default mode makes the full method's decisions with less UNet work; ``equal
-    work``: mode off."""
-    from dbmef.reference.paper_scripts import PaperScriptsOnEngines
-
-    say("baseline paper_scripts (the bundle's engines, one image at a time, full method)")
-    paper = PaperScriptsOnEngines(rt)
-    labels: list[int] = []
-
-    def run_paper() -> None:
-        labels[:] = paper.classify(images)
-
-    walls = timed_runs(run_paper, repeats, warmup=1)
-    out: dict[str, Any] = {"paper_scripts_engines": {
-        "wall_s": {"p50": statistics.median(walls), "all": walls}, "stages_s": dict(paper.timings),
-        "unet_evals_per_rethought_image": paper.unet_evals / len(images)}}
-    paper.close()
-    default = rt.config.early_exit
-    modes: dict[str, Any] = {}
-    for mode in dict.fromkeys(("off", default, "adaptive")):
-        say(f"dbmef, early exit {mode}")
-        mrt = dataclasses.replace(spec, prot=0.0, scoring={**spec.scoring, "early_exit": mode}).build()
-        last: list[Any] = []
-
-        def run(mrt: Any = mrt, last: list[Any] = last) -> None:
-            last[:] = [mrt.pipeline.rethink(mrt.pipeline.fast_path(images))]  # one batch: its engine cost
-
-        mwalls = timed_runs(run, repeats, warmup=1)
-        res = last[0].results(mrt.class_names)
-        mrt.close()
-        modes[mode] = {"wall_s": {"p50": statistics.median(mwalls), "all": mwalls},
-                       "unet_evals_per_rethought_image": float(np.mean([r.unet_evals for r in res])),
-                       "decisions_differing_from_paper_scripts": int(sum(r.label != p for r, p in zip(res, labels))),
-                       "scorer": dict(last[0].scoring),
-                       "speedup_vs_paper_scripts": statistics.median(walls) / statistics.median(mwalls)}
-    out["early_exit_modes"] = modes
-    out["speedup_vs_paper_scripts_equal_work"] = modes["off"]["speedup_vs_paper_scripts"]
-    out["speedup_vs_paper_scripts_equal_decisions"] = modes[default]["speedup_vs_paper_scripts"]
-    out["speedup_vs_paper_scripts_adaptive"] = modes["adaptive"]["speedup_vs_paper_scripts"]
-    return out
-
-
-def profile_scorer(rt: Any, threads: int = 0) -> dict[str, Any]:
-    m = rt.manifest
-    comp = m.scorer_component
-    b = rt.config.unet_batch
-    c, h, w = m.vae_spec.latent_shape
-    L, D = m.embeddings_spec.shape[1:]
-    rng = np.random.default_rng(0)
-    if comp == "scorer":
-        feeds = {"x0": rng.standard_normal((b, c, h, w), dtype=np.float32),
-                 "eps": rng.standard_normal((b, c, h, w), dtype=np.float32),
-                 "timestep": np.full((b,), 500, np.int64),
-                 "emb_pos": rng.standard_normal((b, L, D), dtype=np.float32),
-                 "emb_neg": rng.standard_normal((b, L, D), dtype=np.float32), "lam": np.array([1.1], np.float32)}
-    else:
-        feeds = {"sample": rng.standard_normal((2 * b, c, h, w), dtype=np.float32),
-                 "timestep": np.full((2 * b,), 500, np.int64),
-                 "encoder_hidden_states": rng.standard_normal((2 * b, L, D), dtype=np.float32)}
-    return ort_profile_by_op(rt.bundle_dir / m.components[comp].file, feeds, threads)
+        out["paper_scripts"] = {"wall_s": {"p50": statistics.median(timed_runs(lambda: ps.classify(images),
+                                                                              repeats, warmup=1))}}
+    with mode_runtime(dataclasses.replace(spec, prot=0.0), "off") as rt:
+        ours = statistics.median(timed_runs(lambda: rt.classify(images), repeats, warmup=1))
+    report: dict[str, Any] = {"baselines": out, "dbmef_equal_work_wall_s": ours}
+    for name, b in out.items():
+        report[f"speedup_vs_{name}"] = b["wall_s"]["p50"] / ours
+    return report
 
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
-    """Stage latency, throughput vs rethink rate and slow-path wall time per method, one PNG."""
+    """Per mode: slow-path seconds and rows sent per row needed, batch-synchronous vs the row
+    scheduler; latency of the rethought images submitted at once. One PNG."""
     from dbmef.apps.report import pyplot, save_figure
 
+    modes = report["modes"]
     fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
-    st = report["dbmef"]["stages"]["stages_s_per_image"]
-    names = [k for k in st if st[k]["p50"] > 0]
-    axes[0].barh(names, [st[k]["p50"] * 1e3 for k in names], xerr=[(st[k]["p95"] - st[k]["p50"]) * 1e3 for k in names])
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("ms per rethought image (p50, bar to p95)")
-    axes[0].set_title("dbmef stages")
-    th = report["dbmef"]["throughput"]
-    axes[1].bar(list(th), [v["images_per_s"] for v in th.values()])
-    axes[1].set_ylabel("images/s")
-    axes[1].set_title("throughput by rethink rate")
-    walls = {"dbmef": report["dbmef"]["stages"]["wall_s"]["p50"]}
-    walls.update({k: v["wall_s"]["p50"] for k, v in report.get("baselines", {}).items()})
-    axes[2].bar(list(walls), list(walls.values()), color=["C2", "C1", "C3"][: len(walls)])
-    axes[2].set_ylabel("s for the same images and UNet work")
-    axes[2].set_title("slow path, equal work")
-    fig.suptitle(f"{Path(report['bundle']).name}: k={report['scoring']['k']} n={report['scoring']['n_timesteps']} "
-                 f"V={report['scoring']['votes']}")
+    x = np.arange(len(modes))
+    for j, (p, label) in enumerate((("sync", "batch-synchronous"), ("scheduler", "row scheduler"))):
+        axes[0].bar(x + (j - 0.5) * 0.4, [v["stream"][p]["slow_path_s"] for v in modes.values()], 0.4, label=label)
+        axes[1].bar(x + (j - 0.5) * 0.4, [v["stream"][p]["rows"]["rows_sent_per_row_needed"] for v in modes.values()],
+                    0.4, label=label)
+    for ax, title in ((axes[0], "slow-path seconds (whole stream)"), (axes[1], "engine rows sent / rows needed")):
+        ax.set_xticks(x, list(modes))
+        ax.set_title(title)
+        ax.legend()
+    axes[1].axhline(1.0, color="k", lw=0.5)
+    for m, v in modes.items():
+        lat = np.sort(v["all_at_once"].get("latencies", []))
+        if not len(lat):
+            continue
+        axes[2].plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=m)
+    axes[2].set_xlabel("seconds from submission")
+    axes[2].set_ylabel("fraction of rethought images answered")
+    axes[2].set_title("all rethought images submitted at once")
+    axes[2].legend()
+    sc = report["scoring"]
+    fig.suptitle(f"{Path(report['bundle']).name}: k={sc['k']} n={sc['n_timesteps']} V={sc['votes']}, "
+                 f"{report['data']['images']} images ({report['data']['rethought']} rethought), "
+                 f"--batch-size {report['batch_size']}")
     return save_figure(fig, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,18 +150,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     from dbmef.cluster import require_ray
 
-    require_ray()
-    from dbmef.cluster.serve import ServeConfig, start
+    ray = require_ray()
+    from dbmef.cluster.serve import ServeConfig, drain_and_stop, start
 
     cfg = ServeConfig(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, replicas=args.replicas,
                       gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                      max_body_bytes=int(args.max_body_mb * 2**20), max_ongoing_requests=args.max_ongoing_requests,
-                      body_timeout_s=args.body_timeout_s, request_timeout_s=args.request_timeout_s,
-                      keep_alive_timeout_s=args.keep_alive_timeout_s)
-    print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /classify, GET /healthz); Ctrl-C stops")
-    start(runtime_spec(args), cfg, host=args.host, port=args.port, address=args.address, blocking=True)
+                      max_replicas_per_node=args.max_replicas_per_node, max_body_bytes=int(args.max_body_mb * 2**20),
+                      max_ongoing_requests=args.max_ongoing_requests, body_timeout_s=args.body_timeout_s,
+                      request_timeout_s=args.request_timeout_s, keep_alive_timeout_s=args.keep_alive_timeout_s,
+                      deadline_s=args.deadline_s, on_overload=args.on_overload, max_queued=args.max_queued,
+                      max_rethinking=args.max_rethinking, graceful_shutdown_s=args.graceful_shutdown_s,
+                      model_name=args.model_name, proxy_location=args.proxy_location)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.warning("%s: draining (no new requests; in-flight ones are answered)", signal.Signals(signum).name)
+        stop.set()
+
+    started_ray = not ray.is_initialized() and not args.address
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        start(runtime_spec(args), cfg, host=args.host, port=args.port, address=args.address)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # Ray installs its own while starting: ours win
+            signal.signal(sig, on_signal)
+        print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /classify, /v2/models/"
+              f"{cfg.model_name}/infer, GET /v2/health/ready, /metrics); SIGTERM or Ctrl-C drains and stops",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        drain_and_stop(started_ray)
+    print("drained; stopped", flush=True)
     return 0
 
 
@@ -204,28 +230,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dbmef.apps.bench import plot, run_bench
 
     bar = None if (args.quiet or args.json) else (lambda msg: print(f"[bench] {msg}", file=sys.stderr))
-    report = run_bench(runtime_spec(args), source=args.source, n_images=args.images, repeats=args.repeats,
-                       baselines=tuple(args.baselines), profile=args.profile, progress=bar)
+    if args.images is not None and args.images < 1:
+        raise DBMEFError(f"--images {args.images} is invalid: keep at least 1 image of the data")
+    report = run_bench(runtime_spec(args), data=args.data, source=args.source, n_images=args.images,
+                       repeats=args.repeats, modes=args.modes, baselines=tuple(args.baselines), profile=args.profile,
+                       progress=bar)
     if args.plot:
         report["plot"] = str(plot(report, args.plot))
     if args.json:
         print(json.dumps(report, indent=2, default=float))
         return 0
-    st = report["dbmef"]["stages"]
-    print(table([[s, v["p50"] * 1e3, v["p95"] * 1e3] for s, v in st["stages_s_per_image"].items()],
-                ["stage", "p50 ms/image", "p95 ms/image"]))
+    d = report["data"]
+    print(f"{d['images']} images from {d['source']}, {d['rethought']} rethought; --batch-size {report['batch_size']}")
+    rows = []
+    for m, v in report["modes"].items():
+        for p in ("sync", "scheduler"):
+            st = v["stream"][p]
+            rows.append([m, p, st["slow_path_s"], st["unet_evals_per_rethought_image"],
+                         st["rows"]["rows_sent_per_row_needed"], st["rows"]["engine_calls"],
+                         st["latency_rethought_s"]["p50"], st["latency_rethought_s"]["p95"]])
+    print(table(rows, ["mode", "slow path", "slow s", "UNet evals/img", "rows sent/needed", "calls",
+                       "latency p50 s", "p95 s"]))
     print()
-    print(table([[k, v["rethink_rate"], v["images_per_s"]] for k, v in report["dbmef"]["throughput"].items()],
-                ["rethink", "actual rate", "images/s"]))
-    print(f"\nscorer rows/s {st['scorer_rows_per_s']:.3g}; UNet evaluations/s {st['unet_evaluations_per_s']:.3g}; "
-          f"UNet evaluations per rethought image {report['unet_evals_per_rethought_image']:.0f} "
-          f"(early exit {report['scoring']['early_exit']})")
+    once = [[m, v["all_at_once"]["wall_s"]["p50"], v["all_at_once"]["latency_s"]["p50"],
+             v["all_at_once"]["median_over_last"], v.get("at_rate", {}).get("latency_s", {}).get("p50", math.nan),
+             v.get("speedup_vs_paper_scripts", math.nan)] for m, v in report["modes"].items()]
+    print(table(once, ["mode", "all rethought at once: wall s", "latency p50 s", "median/last",
+                       "at 50% load: p50 s", "speed-up vs paper_scripts"]))
     for k in ("speedup_vs_paper_scripts_equal_decisions", "speedup_vs_paper_scripts_equal_work",
               "speedup_vs_paper_scripts_adaptive", "speedup_vs_paper_scripts", "speedup_vs_torch_batched"):
         if k in report:
             print(f"{k} {report[k]:.2f}x")
-    roof = report["roofline"]
-    for k, v in roof.items():
+    for k, v in report["roofline"].items():
         if isinstance(v, dict) and "fraction_of_peak" in v:
             print(f"fraction of peak ({k}) {v['fraction_of_peak']:.1%}")
     return 0
@@ -318,7 +354,9 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(sub: Any) -> None:
-    sv = sub.add_parser("serve", help="HTTP service on Ray Serve: POST an image to /classify, GET /healthz")
+    sv = sub.add_parser("serve", help="HTTP service on Ray Serve: /classify, the Open Inference Protocol (/v2), "
+                                      "/metrics", epilog=SERVE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_runtime_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
     sv.add_argument("--port", type=int, default=8000)
@@ -326,8 +364,23 @@ def _add_serve(sub: Any) -> None:
     sv.add_argument("--replicas", type=int, default=1)
     sv.add_argument("--gpus-per-replica", type=float, default=0.0, help="1: one replica per GPU, 0.5: two")
     sv.add_argument("--cpus-per-replica", type=float, default=1.0)
-    sv.add_argument("--max-batch-size", type=int, default=16, help="requests gathered into one batch")
-    sv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    sv.add_argument("--max-replicas-per-node", type=int, default=None, help="1 spreads the replicas over the nodes")
+    sv.add_argument("--max-batch-size", type=int, default=16, help="requests per fast-path batch")
+    sv.add_argument("--batch-wait-ms", type=float, default=2.0,
+                    help="after the first waiting request, how long the fast path waits for more")
+    sv.add_argument("--deadline-s", type=float, default=60.0,
+                    help="a rethink that cannot end within this (or the request's OIP timeout) is skipped: the "
+                         "fast answer, with rethink_skipped=deadline")
+    sv.add_argument("--on-overload", choices=["fast_answer", "reject"], default="fast_answer",
+                    help="when the slow path is full or late: answer with the fast label (default) or 503")
+    sv.add_argument("--max-queued", type=int, default=4096, help="requests waiting for the fast path, then 503")
+    sv.add_argument("--max-rethinking", type=int, default=1024,
+                    help="images waiting for or in the slow path; more are answered by the fast path")
+    sv.add_argument("--graceful-shutdown-s", type=float, default=30.0,
+                    help="on SIGTERM, in-flight requests get this long to finish")
+    sv.add_argument("--model-name", default="dbmef", help="the model's name under /v2/models/")
+    sv.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                    help="where Ray Serve runs HTTP proxies (HeadOnly when several nodes share one machine)")
     sv.add_argument("--max-body-mb", type=float, default=10.0, help="larger requests get 413")
     sv.add_argument("--body-timeout-s", type=float, default=10.0,
                     help="a request body must arrive within this (slow clients get 408)")
@@ -335,6 +388,21 @@ def _add_serve(sub: Any) -> None:
     sv.add_argument("--keep-alive-timeout-s", type=float, default=5.0, help="idle keep-alive connections close")
     sv.add_argument("--max-ongoing-requests", type=int, default=1024, help="requests a replica holds at once")
     sv.set_defaults(func=cmd_serve)
+
+
+SERVE_EPILOG = """endpoints:
+  POST /classify                         one encoded image -> JSON result
+  POST /v2/models/NAME/infer             Open Inference Protocol (KServe v2 / Triton HTTP): input 'image' BYTES [N,1]
+  GET  /v2/health/live, /v2/health/ready liveness; readiness (503 until the engines are open and warmed up)
+  GET  /v2, /v2/models/NAME[/ready]      server / model metadata and readiness
+  GET  /metrics                          Prometheus
+
+Kubernetes probes (the container runs `dbmef serve --host 0.0.0.0 --bundle /bundle`):
+  livenessProbe:  {httpGet: {path: /v2/health/live, port: 8000}, periodSeconds: 10}
+  readinessProbe: {httpGet: {path: /v2/health/ready, port: 8000}, periodSeconds: 5, failureThreshold: 1}
+  startupProbe:   {httpGet: {path: /v2/health/ready, port: 8000}, periodSeconds: 5, failureThreshold: 120}
+  terminationGracePeriodSeconds: 60      # > --graceful-shutdown-s: SIGTERM drains, then exits 0
+"""
 
 
 def _add_tools(sub: Any) -> None:
@@ -345,10 +413,16 @@ def _add_tools(sub: Any) -> None:
     i.add_argument("--no-verify", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    n = sub.add_parser("bench", help="slow-path latency, throughput, baselines and roofline")
+    n = sub.add_parser("bench", help="the slow path on real data: batch-synchronous vs the row scheduler, latency, "
+                                     "paper_scripts, roofline")
     add_runtime_args(n)
+    n.add_argument("--data", help="images to measure on: a labelled ImageFolder / file list or any image folder "
+                                  "(default: the digits test split for the digits system, else synthetic pictures)")
     n.add_argument("--source", help="the system folder the bundle was exported from (enables the torch baselines)")
-    n.add_argument("--images", type=int, default=4)
+    n.add_argument("--images", type=int, default=None, help="keep the first N images of the data (default: all; "
+                                                            "4 synthetic pictures)")
+    n.add_argument("--modes", nargs="+", choices=["off", "exact", "adaptive"], default=["off", "exact", "adaptive"],
+                   help="early-exit modes to measure (default: all three)")
     n.add_argument("--repeats", type=int, default=3)
     n.add_argument("--baselines", nargs="*", default=["paper_scripts", "torch_batched"])
     n.add_argument("--profile", action="store_true", help="ONNX Runtime profile of the scorer by op type")

@@ -48,6 +48,13 @@ class DigitsSplit:
             return cls(z["images"].astype(np.uint8), z["labels"].astype(np.int64), z["indices"].astype(np.int64))
 
 
+def is_digits_system(manifest: object) -> bool:
+    """Whether a bundle is a digits system (this project's: its classes and its 16-pixel input),
+    whose data is the digits test split."""
+    vae = getattr(manifest, "vae", {}) or {}
+    return list(getattr(manifest, "class_names", [])) == DIGIT_NAMES and vae.get("image_size") == IMAGE_SIZE
+
+
 def demo_bundle_dir() -> Path:
     """The committed digits bundle (weak backbone, seed 0), shipped inside the package."""
     return Path(str(resources.files("dbmef") / "assets" / "digits" / "bundle"))

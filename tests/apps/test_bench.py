@@ -1,4 +1,5 @@
-"""dbmef bench produces a complete report (no test asserts a time: only structure and units)."""
+"""dbmef bench produces a complete report on real data (no test asserts a time: only structure,
+counts that must agree, and units)."""
 
 from __future__ import annotations
 
@@ -8,48 +9,62 @@ import pytest
 
 from tests.conftest import needs_ort, needs_torch
 
-pytestmark = [needs_torch, needs_ort]
+pytestmark = [needs_ort]
 
 
-def test_run_bench_report_and_plot(tiny_bundle, tiny_system, tmp_path):
+def test_bench_on_the_digits_test_split_by_default(tmp_path):
+    """The digits bundle measures on its own test split; the row scheduler changes no answer and
+    no row count of any image, sends no more rows than the batch-synchronous path, and the paper's
+    structure over the same engines decides as dbmef does."""
     from dbmef.apps.bench import plot, run_bench
+    from dbmef.apps.digits import demo_bundle_dir
     from dbmef.runtime import RuntimeSpec
 
-    spec = RuntimeSpec(str(tiny_bundle), scoring={"n_timesteps": 2, "votes": 3, "unet_batch": 8})
-    r = run_bench(spec, source=tiny_system, n_images=2, repeats=1, profile=True)
-    st = r["dbmef"]["stages"]
-    full = 2 * 3 * 2 * 5 * 2  # images x V x n x k x (positive, negative)
-    # exact early exit (the default) runs at least the first 2 of 3 votes and never more than all
-    assert 2 * 2 * 2 * 5 * 2 <= st["unet_evaluations"] <= full
-    assert r["unet_evals_per_rethought_image"] == st["unet_evaluations"] / 2
-    modes = r["early_exit_modes"]
-    assert modes["off"]["unet_evals_per_rethought_image"] == full / 2
-    assert r["paper_scripts_engines"]["unet_evals_per_rethought_image"] == full / 2
-    # equal decisions: the paper's structure over the same engines decides as dbmef does
-    assert modes["off"]["decisions_differing_from_paper_scripts"] == 0
-    assert modes["exact"]["decisions_differing_from_paper_scripts"] == 0
-    paper = r["paper_scripts_engines"]["wall_s"]["p50"]
-    assert r["speedup_vs_paper_scripts_equal_decisions"] == paper / modes["exact"]["wall_s"]["p50"]
-    assert r["speedup_vs_paper_scripts_equal_work"] == paper / modes["off"]["wall_s"]["p50"]
-    assert set(st["stages_s_per_image"]) >= {"decode_preprocess", "backbone", "protector", "vae_encode",
-                                             "text_encoder", "unet_scoring", "vote"}
-    assert {"0%", "50%", "100%"} <= set(r["dbmef"]["throughput"])
-    assert r["dbmef"]["throughput"]["0%"]["rethink_rate"] == 0.0
-    assert r["dbmef"]["throughput"]["100%"]["rethink_rate"] == 1.0
-    torch_paper = r["baselines"]["paper_scripts"]["wall_s"]["p50"]
-    assert r["speedup_vs_paper_scripts"] == torch_paper / st["wall_s"]["p50"]
-    roof = r["roofline"]
-    # the tiny UNet's analytic FLOPs, recorded at export, equal a fresh count
-    from dbmef.reference.baselines import read_unet_config, unet_flops_per_evaluation
-
-    assert roof["flops_per_unet_evaluation"] == unet_flops_per_evaluation(read_unet_config(tiny_system), (8, 8))
-    assert 0 < roof["dbmef"]["fraction_of_peak"] < 2
-    assert sum(r["scorer_profile"]["share"].values()) == pytest.approx(1.0)
-    png = plot(r, tmp_path / "b.png")
-    assert png.stat().st_size > 10_000
+    spec = RuntimeSpec(str(demo_bundle_dir()), scoring={"k": 3, "votes": 3, "n_timesteps": 6})
+    r = run_bench(spec, n_images=48, repeats=1)
+    assert r["data"]["source"].startswith("the digits test split") and r["data"]["images"] == 48
+    n_re = r["data"]["rethought"]
+    assert 0 < n_re < 48
+    for mode, v in r["modes"].items():
+        sync, sched = v["stream"]["sync"], v["stream"]["scheduler"]
+        assert v["images_differing_sync_vs_scheduler"] == 0, mode
+        assert sync["rows"]["rows_needed"] == sched["rows"]["rows_needed"] == n_re * sched[
+            "unet_evals_per_rethought_image"] / 2
+        assert sched["rows"]["rows_sent"] <= sync["rows"]["rows_sent"]
+        st = sched["rows"]  # every row sent was asked for, ran ahead, or padded
+        assert st["rows_sent"] == st["rows_needed"] - st["rows_speculative_used"] + st["rows_speculative"] + st[
+            "rows_padding"]
+        assert v["all_at_once"]["unet_evals_per_rethought_image"] == sched["unet_evals_per_rethought_image"]
+        assert len(v["all_at_once"]["latencies"]) == n_re and v["at_rate"]["rate_per_s"] > 0
+    assert r["modes"]["off"]["stream"]["scheduler"]["unet_evals_per_rethought_image"] == 3 * 6 * 3 * 2
+    assert r["paper_scripts_engines"]["unet_evals_per_rethought_image"] == 3 * 6 * 3 * 2
+    assert r["modes"]["off"]["decisions_differing_from_paper_scripts"] == 0
+    assert r["modes"]["exact"]["decisions_differing_from_paper_scripts"] == 0
+    assert {"speedup_vs_paper_scripts_equal_decisions", "speedup_vs_paper_scripts_equal_work",
+            "speedup_vs_paper_scripts_adaptive", "rows_sent_per_row_needed"} <= set(r)
+    assert set(r["modes"]["exact"]["all_at_once"]["stages_s_per_image"]) >= {"backbone", "unet_scoring", "vote"}
+    assert plot(r, tmp_path / "b.png").stat().st_size > 10_000
     json.dumps(r, default=float)
 
 
+@needs_torch
+def test_bench_with_a_source_runs_the_torch_baselines_and_a_profile(tiny_bundle, tiny_system):
+    from dbmef.apps.bench import run_bench
+    from dbmef.reference.baselines import read_unet_config, unet_flops_per_evaluation
+    from dbmef.runtime import RuntimeSpec
+
+    spec = RuntimeSpec(str(tiny_bundle), scoring={"n_timesteps": 2, "votes": 3, "unet_batch": 8}, prot=0.0)
+    r = run_bench(spec, source=tiny_system, n_images=2, repeats=1, modes=["exact"], profile=True)
+    assert r["data"]["source"].startswith("seeded synthetic") and r["data"]["rethought"] == 2
+    assert set(r["baselines"]) == {"paper_scripts", "torch_batched"}
+    roof = r["roofline"]
+    # the tiny UNet's analytic FLOPs, recorded at export, equal a fresh count
+    assert roof["flops_per_unet_evaluation"] == unet_flops_per_evaluation(read_unet_config(tiny_system), (8, 8))
+    assert {"dbmef", "paper_scripts", "torch_batched"} <= set(roof)
+    assert sum(r["scorer_profile"]["share"].values()) == pytest.approx(1.0)
+
+
+@needs_torch
 def test_paper_scripts_baseline_answers_like_dbmef(tiny_system, sample_images):
     """Equal work must mean equal answers: the baseline is the same method, only slower."""
     from dbmef.reference.baselines import PaperScriptsBaseline
