@@ -58,7 +58,8 @@ class FastPathStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         fast = self.rt.pipeline.fast_path(list(batch["pixels"]), [str(p) for p in batch["path"]],
                                           errors=[str(e) or None for e in batch["read_error"]])
-        return {"path": batch["path"], "label": batch["label"], **fast.columns()}
+        return {"path": batch["path"], "label": batch["label"], "fast_node": np.array([node_id()] * len(fast)),
+                **fast.columns()}
 
 
 class RethinkStage:
@@ -70,10 +71,18 @@ class RethinkStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from dbmef.runtime.results import Batch
 
-        rows = Batch.from_columns({k: v for k, v in batch.items() if k not in ("path", "label")})
+        rows = Batch.from_columns({k: v for k, v in batch.items() if k not in ("path", "label", "fast_node")})
         results = self.rt.pipeline.rethink(rows).results(self.rt.class_names)
         records = [record(str(p), int(y), r) for p, y, r in zip(batch["path"], batch["label"], results)]
-        return {"record": np.array([json.dumps(rec) for rec in records])}
+        return {"record": np.array([json.dumps(rec) for rec in records]), "fast_node": batch["fast_node"],
+                "rethink_node": np.array([node_id()] * len(records))}
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (the summary names where the work ran)."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def ray_evaluate(
@@ -98,20 +107,23 @@ def ray_evaluate(
     ray = require_ray()
     path = Path(results_path)
     done, todo = open_results(path, items, resume, spec.identity(), progress)
+    nodes: dict[str, set[str]] = {"fast": set(), "rethink": set()}
     if todo:
         started = init_ray(address)
         try:
             _run(ray, spec, todo, path, done, fast_actors, rethink_actors, gpus_per_rethink_actor, cpus_per_actor,
-                 batch_size, progress)
+                 batch_size, progress, nodes)
         finally:
             if started:
                 ray.shutdown()
-    return summarize([done[it.path] for it in items if it.path in done], total=len(items))
+    summary = summarize([done[it.path] for it in items if it.path in done], total=len(items))
+    summary["ray_nodes"] = {k: sorted(v) for k, v in nodes.items()}  # where this run's stages ran
+    return summary
 
 
 def _run(ray: Any, spec: RuntimeSpec, todo: Sequence[LabelledImage], path: Path, done: dict[str, Any],
          fast_actors: int, rethink_actors: int, gpus: float, cpus: float, batch_size: int,
-         progress: Callable[[int], None] | None) -> None:
+         progress: Callable[[int], None] | None, nodes: dict[str, set[str]]) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # dbmef shows its own bar
     ds = ray.data.from_items([{"path": str(it.path), "label": int(it.label)} for it in todo])
@@ -125,6 +137,8 @@ def _run(ray: Any, spec: RuntimeSpec, todo: Sequence[LabelledImage], path: Path,
     with open(path, "a") as f:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             recs = [json.loads(s) for s in batch["record"]]
+            nodes["fast"].update(map(str, batch["fast_node"]))
+            nodes["rethink"].update(map(str, batch["rethink_node"]))
             for rec in recs:
                 done[rec["image"]] = rec
                 f.write(json.dumps(rec) + "\n")

@@ -1,13 +1,24 @@
-"""``dbmef serve``: DBMEF behind HTTP on Ray Serve.
+"""``dbmef serve``: DBMEF behind HTTP on Ray Serve, speaking dbmef's JSON and the Open Inference
+Protocol (KServe v2 / Triton HTTP).
 
-    POST /classify   body: one encoded image (JPEG, PNG, ...)  ->  200 JSON, ``classify``'s result
-    GET  /healthz    ->  200 JSON (bundle, classes, scoring, protector)
+    POST /classify                                  one encoded image -> 200 JSON (``classify``'s result)
+    GET  /healthz                                   200 JSON once ready, else 503
+    GET  /v2/health/live | /v2/health/ready         liveness (200) | readiness (503 until warmed up)
+    GET  /v2 | /v2/models/M[/versions/V][/ready]    server and model metadata | model readiness
+    POST /v2/models/M[/versions/V]/infer            OIP inference: input ``image`` BYTES [N, 1]
+    GET  /metrics                                   Prometheus text format
 
-Concurrent requests are gathered into batches (``ray.serve.batch``): the rethought images of a
-batch share UNet batches, which is where the time goes. Each replica holds one runtime and a GPU
-share (``gpus_per_replica``: 1 per GPU, 0.5 for two per GPU). Bad input gets a 4xx with a JSON
-``error`` and never stops the service: an empty or non-image body 400, a body over the size limit
-413, another method 405, another path 404.
+Routes match exactly (``/x/../classify`` is 404). One replica owns both paths through a
+``ClassifierWorker``: its fast thread batches whatever requests are waiting and answers the
+confident ones at once; its slow thread runs one row scheduler over every rethought image of the
+replica. Both share the replica's GPU: the fast path needs little of it, and keeping the two in one
+process keeps each rethought image's latent and negative embeddings where its rows run (two
+deployments would ship them between processes and hold two copies of every engine per GPU).
+Scale out with replicas (``--replicas``, one per GPU).
+
+Every replica opens its engines and runs one warm-up (both paths) in the background; until then
+readiness is 503 and inference 503. Bad input gets a 4xx with a JSON ``error`` and never stops the
+service. Overload is bounded (queues, ``rethink_skipped``; see ``dbmef.runtime.worker``).
 """
 
 from __future__ import annotations
@@ -15,73 +26,197 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ray import serve
 
 from dbmef.cluster import RuntimeSpec
+from dbmef.cluster.metrics import CONTENT_TYPE, ServiceMetrics
+from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata, server_metadata
 from dbmef.errors import ConfigError
+from dbmef.runtime.worker import ClassifierWorker, OverloadedError
 
 log = logging.getLogger(__name__)
+MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """How the service is deployed (saved by nobody: it is the command line)."""
+    """How the service is deployed and how it treats load (the command line's serve options)."""
 
-    max_batch_size: int = 16
-    batch_wait_ms: float = 10.0
+    max_batch_size: int = 16  # requests per fast-path batch
+    batch_wait_ms: float = 2.0  # after the first waiting request, how long the fast path waits for more
     replicas: int = 1
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
+    max_replicas_per_node: int | None = None  # 1 spreads the replicas over the nodes
     max_body_bytes: int = 10 << 20
-    # Requests a replica holds at once. Intake is async and the batch bounds the compute, so this is
-    # high on purpose: at 64, 64 clients trickling their uploads took every slot and /healthz waited.
+    max_header_bytes: int = 1 << 20  # the OIP JSON header
+    max_images_per_request: int = 64
+    # Requests a replica holds at once. Intake is async and the worker bounds the compute, so this is
+    # high on purpose: at 64, 64 clients trickling their uploads took every slot and health checks waited.
     max_ongoing_requests: int = 1024
     body_timeout_s: float = 10.0  # the whole body must arrive within this, else 408 and the slot is freed
     request_timeout_s: float = 300.0  # Serve's HTTP proxy: end to end, then 408/504
     keep_alive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
+    deadline_s: float = 60.0  # a rethink that cannot end within this (or the request's timeout) is skipped
+    on_overload: str = "fast_answer"  # or "reject": 503 instead of the fast answer
+    max_queued: int = 4096  # requests waiting for the fast path, then 503
+    max_rethinking: int = 1024  # images waiting for or in the slow path, then rethinks are skipped
+    window: int = 64  # images in the row scheduler's slots
+    graceful_shutdown_s: float = 30.0  # on shutdown, in-flight requests get this long to finish
+    model_name: str = "dbmef"
+    model_version: str = "1"
+    proxy_location: str = "EveryNode"  # Serve's HTTP proxies; HeadOnly when nodes share one machine (tests)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "replicas", "max_body_bytes", "max_ongoing_requests"):
+        for name in ("max_batch_size", "replicas", "max_body_bytes", "max_header_bytes", "max_images_per_request",
+                     "max_ongoing_requests", "max_queued", "max_rethinking", "window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve option {name} = {getattr(self, name)} must be at least 1")
         for name in ("batch_wait_ms", "gpus_per_replica", "cpus_per_replica", "body_timeout_s",
-                     "request_timeout_s", "keep_alive_timeout_s"):
+                     "request_timeout_s", "keep_alive_timeout_s", "deadline_s", "graceful_shutdown_s"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"serve option {name} = {v} must be finite and >= 0")
+        if self.proxy_location not in ("EveryNode", "HeadOnly"):
+            raise ConfigError(f"serve option proxy_location = {self.proxy_location!r}: EveryNode or HeadOnly")
+        if self.on_overload not in ("fast_answer", "reject"):
+            raise ConfigError(f"serve option on_overload = {self.on_overload!r} must be 'fast_answer' or 'reject'")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name + self.model_version):
+            raise ConfigError("serve options model_name / model_version may hold letters, digits, '_', '.', '-'")
 
 
-def _json(status: int, payload: dict[str, Any]) -> Any:
+def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
     from starlette.responses import JSONResponse
 
-    return JSONResponse(payload, status_code=status)
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+def _empty(status: int) -> Any:
+    from starlette.responses import Response
+
+    return Response(status_code=status)
 
 
 class DBMEFService:
-    """One replica: a runtime built from the spec, an HTTP entry point and a batched classifier."""
+    """One replica: a runtime built from the spec, its worker, the routes and the metrics."""
 
     def __init__(self, spec: dict[str, Any], config: dict[str, Any]):
         self.spec = RuntimeSpec(**spec)
         self.cfg = ServeConfig(**config)
-        self.rt = self.spec.build()
-        # serve.batch's decorator arguments are fixed at import; these setters apply the command line.
-        batched: Any = self._classify_batch
-        batched.set_max_batch_size(self.cfg.max_batch_size)
-        batched.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000.0)
+        self.metrics = ServiceMetrics()
+        self.worker: ClassifierWorker | None = None
+        self.rt: Any = None
+        self.model: ModelInfo | None = None
+        self._failed: BaseException | None = None
+        self._ready = threading.Event()
+        import ray
 
+        self.node = str(ray.get_runtime_context().get_node_id())  # the Ray node of this replica
+        threading.Thread(target=self._open, name="dbmef-open", daemon=True).start()
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def _open(self) -> None:
+        """Open the engines, start the worker, warm both paths up; then report ready."""
+        from dbmef.runtime.protector import Protector
+
+        try:
+            from importlib import resources
+
+            rt = self.rt = self.spec.build()
+            c = self.cfg
+            self.model = ModelInfo(c.model_name, c.model_version, rt.config.k, len(rt.class_names),
+                                   max_batch=c.max_images_per_request)
+            sample = (resources.files("dbmef") / "assets" / "sample.png").read_bytes()
+            rt.with_protector(Protector.fixed(0.0)).pipeline.classify([sample])  # every engine, once
+            self.worker = ClassifierWorker(rt.pipeline, batch_size=c.max_batch_size, batch_wait_s=c.batch_wait_ms / 1e3,
+                                           window=c.window, max_queued=c.max_queued, max_rethinking=c.max_rethinking,
+                                           deadline_s=c.deadline_s, on_overload=c.on_overload, observer=self.metrics)
+            self.metrics.worker = self.worker
+            self._ready.set()
+            log.info("replica ready: %s", rt.bundle_dir)
+        except BaseException as exc:  # reported by check_health, which makes Serve replace the replica
+            log.exception("the replica could not open its bundle")
+            self._failed = exc
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: a replica whose bundle failed to open, or whose worker
+        died, is unhealthy (Serve restarts it)."""
+        if self._failed is not None:
+            raise RuntimeError(f"dbmef replica failed to start: {self._failed}")
+        if self.worker is not None and not self.worker.alive:
+            raise RuntimeError("dbmef replica's worker threads died")
+
+    def __del__(self) -> None:  # Serve calls it after draining this replica's requests
+        if self.worker is not None:
+            self.worker.close(timeout=self.cfg.graceful_shutdown_s)
+        if self.rt is not None:
+            self.rt.close()
+
+    # -- routing ------------------------------------------------------------------------------------
     async def __call__(self, request: Any) -> Any:
-        path = request.url.path.rstrip("/") or "/"
-        if path.endswith("/healthz"):
-            if request.method != "GET":
-                return _json(405, {"error": f"{request.method} {path}: use GET"})
-            return _json(200, self.health())
-        if not path.endswith("/classify"):
-            return _json(404, {"error": f"no route {path}; POST an image to /classify, GET /healthz"})
-        if request.method != "POST":
-            return _json(405, {"error": f"{request.method} /classify: POST the image bytes as the body"})
+        t0 = time.perf_counter()
+        endpoint, resp = await self._route(request)
+        status = int(getattr(resp, "status_code", 200))
+        outcome = ("success" if status < 400 else "bad_request" if status in (400, 404, 405) else
+                   "too_large" if status == 413 else "timeout" if status in (408, 504) else
+                   "unavailable" if status == 503 else "error")
+        self.metrics.request(endpoint, outcome, time.perf_counter() - t0)
+        return resp
+
+    async def _route(self, request: Any) -> tuple[str, Any]:
+        path, method = request.url.path, request.method
+        if path == "/metrics":
+            from starlette.responses import Response
+
+            return "metrics", Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        if path == "/classify":
+            return "classify", await self._classify(request) if method == "POST" else _json(
+                405, {"error": f"{method} /classify: POST the image bytes as the body"})
+        if path == "/healthz":
+            return "health", _json(200 if self._ready.is_set() else 503, self.health())
+        if path == "/v2/health/live":
+            return "health", _empty(200)
+        if path == "/v2/health/ready":
+            return "health", _empty(200 if self._ready.is_set() else 503)
+        if path == "/v2":
+            import dbmef
+
+            return "metadata", _json(200, server_metadata(dbmef.__version__))
+        m = MODEL_PATH.match(path)
+        if m is None:
+            return "other", _json(404, {"error": f"no route {path}; POST an image to /classify, or use the Open "
+                                                 "Inference Protocol under /v2 (GET /v2 for the server's metadata)"})
+        return "infer" if m.group(3) == "/infer" else "metadata", await self._model_route(request, *m.groups())
+
+    async def _model_route(self, request: Any, name: str, version: str | None, action: str | None) -> Any:
+        c = self.cfg
+        if name != c.model_name or version not in (None, c.model_version):
+            return _json(404, {"error": f"unknown model {name!r}" + (f" version {version!r}" if version else "")
+                                        + f"; this server has model {c.model_name!r} version {c.model_version!r}"})
+        if action == "/infer":
+            if request.method != "POST":
+                return _json(405, {"error": "POST the inference request to .../infer"})
+            return await self._infer(request)
+        if request.method != "GET":
+            return _json(405, {"error": f"{request.method}: use GET"})
+        if action == "/ready":
+            return _empty(200 if self._ready.is_set() else 503)
+        if self.model is None:
+            return _json(503, {"error": "the model is still loading; retry when /v2/health/ready answers 200"})
+        if action == "/config":
+            return _json(200, {"name": c.model_name, "platform": "dbmef", "max_batch_size": c.max_images_per_request,
+                               "input": [{"name": "image", "data_type": "TYPE_STRING", "dims": [1]}]})
+        return _json(200, model_metadata(self.model))
+
+    # -- inference ----------------------------------------------------------------------------------
+    async def _body(self, request: Any) -> bytes | Any:
+        """The request body, or the response that refuses it (413 / 408)."""
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -92,12 +227,7 @@ class DBMEFService:
             return _json(408, {"error": f"the request body did not arrive within {self.cfg.body_timeout_s:g} s"})
         if body is None:
             return _json(413, {"error": f"body is over the {limit}-byte limit"})
-        if not body:
-            return _json(400, {"error": "empty body: POST one encoded image (JPEG, PNG, ...)"})
-        result = await self._classify_batch(bytes(body))
-        if result.get("error"):
-            return _json(400, result)
-        return _json(200, result)
+        return body
 
     @staticmethod
     async def _read_body(request: Any, limit: int) -> bytes | None:
@@ -109,45 +239,87 @@ class DBMEFService:
                 return None
         return bytes(body)
 
+    def _not_ready(self) -> Any:
+        return _json(503, {"error": "the service is warming up (opening engines); retry when /v2/health/ready "
+                                    "answers 200"}, {"retry-after": "1"})
+
+    async def _answers(self, images: list[bytes], deadline_s: float | None) -> list[Any] | Any:
+        """The worker's results for ``images``, or the 503 that refuses them."""
+        assert self.worker is not None
+        try:
+            futures = [self.worker.submit(im, f"request image {j}", deadline_s) for j, im in enumerate(images)]
+        except OverloadedError as exc:
+            return _json(503, {"error": str(exc)}, {"retry-after": "1"})
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        except OverloadedError as exc:
+            return _json(503, {"error": str(exc)}, {"retry-after": "1"})
+
+    async def _classify(self, request: Any) -> Any:
+        body = await self._body(request)
+        if not isinstance(body, bytes):
+            return body
+        if not body:
+            return _json(400, {"error": "empty body: POST one encoded image (JPEG, PNG, ...)"})
+        if not self._ready.is_set():
+            return self._not_ready()
+        got = await self._answers([body], None)
+        if not isinstance(got, list):
+            return got
+        r = got[0]
+        if r.error:
+            return _json(400, {"error": "the request body " + r.error.split(": ", 1)[-1]})
+        d = r.to_dict()
+        d.pop("index", None)
+        d.pop("image", None)
+        return _json(200, d)
+
+    async def _infer(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        body = await self._body(request)
+        if not isinstance(body, bytes):
+            return body
+        if not self._ready.is_set() or self.model is None:
+            return self._not_ready()
+        try:
+            req = decode_infer(body, request.headers.get("inference-header-content-length"), self.model,
+                               self.cfg.max_header_bytes)
+        except ProtocolError as exc:
+            return _json(exc.status, {"error": str(exc)})
+        got = await self._answers(req.images, req.timeout_s)
+        if not isinstance(got, list):
+            return got
+        if all(r.error for r in got):
+            return _json(400, {"error": "the request's image " + got[0].error.split(": ", 1)[-1]})
+        payload, headers = encode_infer(req, got, self.model)
+        return Response(payload, status_code=200, headers=headers)
+
     def health(self) -> dict[str, Any]:
+        if not self._ready.is_set() or self.rt is None:
+            return {"status": "failed" if self._failed else "warming up", "error": str(self._failed or "")}
         rt = self.rt
         p = rt.protector
-        # JSON has no infinity: an uncalibrated protector (rethink all / none) reports null.
-        threshold = p.threshold if math.isfinite(p.threshold) else None
         return {"status": "ok", "bundle": str(rt.bundle_dir), "classes": len(rt.class_names),
-                "scoring": rt.config.to_dict(), "protector": {"threshold": threshold, "prot": p.prot},
-                "max_batch_size": self.cfg.max_batch_size, "max_body_bytes": self.cfg.max_body_bytes}
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _classify_batch(self, bodies: list[bytes]) -> list[dict[str, Any]]:
-        names = [f"request {i}" for i in range(len(bodies))]
-        # The runtime is synchronous; a worker thread keeps the replica's event loop (health
-        # checks, request intake for the next batch) responsive. Batches run one at a time.
-        results = await asyncio.to_thread(self.rt.classify, bodies, names)
-        out = []
-        for r in results:
-            d = r.to_dict()
-            d.pop("index", None)
-            d.pop("image", None)
-            if r.error:
-                d = {"error": "the request body " + r.error.split(": ", 1)[-1]}
-            else:
-                d["batch_size"] = len(bodies)
-            out.append(d)
-        return out
+                "scoring": rt.config.to_dict(), "protector": p.to_dict(),
+                "max_batch_size": self.cfg.max_batch_size, "max_body_bytes": self.cfg.max_body_bytes,
+                "model": {"name": self.cfg.model_name, "version": self.cfg.model_version},
+                "node": self.node}
 
 
 def build_app(spec: RuntimeSpec, config: ServeConfig | None = None) -> Any:
     """The Ray Serve application (``serve.run(build_app(...))``)."""
-    import dataclasses
-
     cfg = config or ServeConfig()
+    options: dict[str, Any] = {}
+    if cfg.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = cfg.max_replicas_per_node
     deployment: Any = serve.deployment(
         DBMEFService, name="dbmef", num_replicas=cfg.replicas,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-        max_ongoing_requests=max(cfg.max_ongoing_requests, cfg.max_batch_size),
+        max_ongoing_requests=cfg.max_ongoing_requests, graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
+        graceful_shutdown_wait_loop_s=0.5, health_check_period_s=5.0, **options,
     )
-    return deployment.bind(spec.to_dict(), dataclasses.asdict(cfg))
+    return deployment.bind(spec.to_dict(), asdict(cfg))
 
 
 def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -161,7 +333,8 @@ def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127
     # worker processes start. Try again rather than fail the service.
     for attempt in range(3):
         try:
-            serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s,
+            serve.start(proxy_location=cfg.proxy_location,
+                        http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout_s,
                                       "keep_alive_timeout_s": cfg.keep_alive_timeout_s})
             break
         except Exception as exc:  # ActorDiedError / GetTimeoutError from the proxy start
@@ -170,3 +343,17 @@ def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127
             log.warning("Ray Serve's HTTP proxy did not start (%s); retrying", type(exc).__name__)
             serve.shutdown()
     return serve.run(build_app(spec, cfg), name="dbmef", route_prefix="/", blocking=blocking)
+
+
+def drain_and_stop(started_ray: bool, timeout_s: float = 60.0) -> None:
+    """Stop taking requests, let the replicas answer what they hold (each waits up to its
+    ``graceful_shutdown_s``), stop Serve, and stop Ray if this process started it."""
+    import ray
+
+    try:
+        serve.delete("dbmef", _blocking=True)
+    except Exception as exc:  # already gone, or Serve never came up
+        log.info("serve.delete: %s", exc)
+    serve.shutdown()
+    if started_ray:
+        ray.shutdown()

@@ -163,7 +163,6 @@ class DBMEFPipeline:
         decodes again. ``errors``: inputs already known to be unreadable (not read again)."""
         batch = Batch.empty([names[i] if names else describe(src) for i, src in enumerate(images)],
                             self.config.k, self.config.votes)
-        pils: dict[int, Image.Image] = {}
         pixel: list[np.ndarray] = []
         t0 = time.perf_counter()
         batch.submitted[:] = t0
@@ -171,21 +170,21 @@ class DBMEFPipeline:
             try:
                 if errors is not None and errors[i]:
                     raise ImageError(str(errors[i]))
-                img = load_image(src)
-                pixel.append(self.backbone_preprocess(img))
-                pils[i] = img
+                # One decoded picture at a time, released once preprocessed: a batch of images at the
+                # pixel limit costs one of them, not all (a 64 M-pixel RGBA PNG decodes to 0.25 GB).
+                pixel.append(self.backbone_preprocess(load_image(src)))
             except DBMEFError as exc:
                 batch.error[i] = str(exc)
                 log.warning("skipping %s: %s", batch.names[i], exc)
         ok = batch.ok
         batch.charge("decode_preprocess", time.perf_counter() - t0, ok)
         if ok.any():
-            self._gate(batch, np.stack(pixel), pils)
+            self._gate(batch, np.stack(pixel), images)
         done = ~batch.rethink
         batch.latency[done] = time.perf_counter() - t0  # kept answers (and unreadable inputs) are final now
         return batch
 
-    def _gate(self, batch: Batch, pixel: np.ndarray, pils: dict[int, Image.Image]) -> None:
+    def _gate(self, batch: Batch, pixel: np.ndarray, images: Sequence[ImageInput]) -> None:
         ok = batch.ok
         t0 = time.perf_counter()
         logits = self._backbone(pixel)  # (N_ok, C)
@@ -202,7 +201,12 @@ class DBMEFPipeline:
         batch.charge("protector", time.perf_counter() - t0, ok)
         t0 = time.perf_counter()
         for i in np.flatnonzero(batch.rethink):
-            batch.vae_pixels[i] = self.vae_preprocess(pils[int(i)])
+            # decoded again, for the rethought images only, rather than every decoded picture held
+            # until the gate: the same pixels, and the memory of one picture at a time
+            try:
+                batch.vae_pixels[i] = self.vae_preprocess(load_image(images[int(i)]))
+            except DBMEFError as exc:  # the file changed or vanished since the first read
+                batch.error[i], batch.rethink[i] = f"{exc} (on the second read, for the VAE)", False
         batch.charge("vae_encode", time.perf_counter() - t0, batch.rethink)  # its preprocessing, done once here
 
     def to_rethink(self, batch: Batch) -> np.ndarray:

@@ -1,0 +1,42 @@
+"""Shared by the Ray tests: the runtime they all use and a labelled folder of test digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dbmef.apps.digits import DIGIT_NAMES, demo_bundle_dir, demo_test_split, render
+from dbmef.runtime import RuntimeSpec
+
+N_IMAGES = 36
+SPEC = RuntimeSpec(str(demo_bundle_dir()), batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """An ImageFolder of test digits (class-name folders), chosen so about a third are rethought,
+    plus one corrupt file."""
+    root = tmp_path_factory.mktemp("digits")
+    split = demo_test_split()
+    with SPEC.build() as rt:
+        probs, _ = rt.backbone_scores([render(a) for a in split.images])
+        rethink = rt.protector.rethink(probs.max(axis=1))
+    chosen = list(np.flatnonzero(rethink)[:12]) + list(np.flatnonzero(~rethink)[: N_IMAGES - 12])
+    for j in chosen:
+        d = root / DIGIT_NAMES[split.labels[j]]
+        d.mkdir(exist_ok=True)
+        render(split.images[j]).save(d / f"digit{split.indices[j]}.png")
+    (root / "three" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def same_record(a: dict, b: dict) -> None:
+    """Two results-file records of one image agree (answers exactly, floats to 1e-6)."""
+    for f in ("label", "rethought", "backbone_label", "candidates", "votes", "label_true", "correct"):
+        assert a[f] == b[f], (a["image"], f, a[f], b[f])
+    assert (a["error"] is None) == (b["error"] is None)
+    if a["noise_errors"]:
+        np.testing.assert_allclose(a["noise_errors"], b["noise_errors"], rtol=1e-6)
+    np.testing.assert_allclose([p for _, p in a["topk"]], [p for _, p in b["topk"]], rtol=1e-6)
