@@ -33,8 +33,12 @@ check-imports: $(BIN)/.installed
 check-trt: $(BIN)/.installed
 	$(BIN)/python tools/check_trt/check_trt.py --self-test
 
+# PYTHONFAULTHANDLER keeps a crash's Python stacks on stderr even after pytest has unconfigured
+# (a native crash at interpreter exit would otherwise print nothing but "Segmentation fault").
+# The multi-node Ray tests run in a process of their own: see tests/cluster/conftest.py.
 unit: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q --ignore=tests/cluster/test_multinode.py
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_multinode.py
 
 test: lint typecheck check-imports check-trt unit
 

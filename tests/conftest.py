@@ -17,6 +17,17 @@ needs_torch = pytest.mark.skipif(not (has("torch") and has("diffusers") and has(
 needs_ort = pytest.mark.skipif(not has("onnxruntime"), reason="needs onnxruntime ([cpu] or [gpu] extra)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_threads_left():
+    """A ClassifierWorker left open keeps threads inside ONNX Runtime while the interpreter shuts
+    down, which can crash the process after every test has passed: fail the session instead."""
+    yield
+    import threading
+
+    left = [t.name for t in threading.enumerate() if t.name.startswith("dbmef-") and t.is_alive()]
+    assert not left, f"threads still running when the tests ended: {left} (close every ClassifierWorker)"
+
+
 @pytest.fixture(scope="session")
 def tiny_system(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (has("torch") and has("diffusers") and has("timm")):

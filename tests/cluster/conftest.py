@@ -14,6 +14,38 @@ N_IMAGES = 36
 SPEC = RuntimeSpec(str(demo_bundle_dir()), batch_size=8)
 
 
+# Ray cannot be shut down and started again safely in one process: threads of the first session
+# can touch its freed core worker later, up to a crash at interpreter exit after every test passed
+# (ray-project/ray#31145). So the local tests share one Ray session, and the multi-node tests,
+# which need a cluster of their own, run in a process of their own (`make unit` runs them apart).
+OWN_PROCESS = "test_multinode.py"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    own = [i for i in items if i.path.name == OWN_PROCESS]
+    local = [i for i in items if i.path.parent.name == "cluster" and i.path.name != OWN_PROCESS]
+    if own and local:
+        skip = pytest.mark.skip(reason=f"needs a Ray cluster of its own: run `pytest tests/cluster/{OWN_PROCESS}` "
+                                       "in a separate process (`make unit` does)")
+        for item in own:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray instance (loopback, 2 CPUs) for every local Ray test of the session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """An ImageFolder of test digits (class-name folders), chosen so about a third are rethought,

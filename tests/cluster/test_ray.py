@@ -16,18 +16,6 @@ from tests.cluster.conftest import (  # noqa: E402
 )
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield ray
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
 def test_ray_data_eval_equals_single_process_image_by_image_and_resumes(local_ray, digits_folder, tmp_path):
     from dbmef.cluster.ray_eval import ray_evaluate
 
@@ -57,7 +45,7 @@ def test_calibrate_on_ray_gives_the_single_process_curve(local_ray, digits_folde
 
     with SPEC.build() as rt:
         items = load_labelled(digits_folder, rt.class_names)
-    kw = {"rule": "max_rethink_rate", "value": 0.5, "data": "digits", "write": False}
+    kw = {"rule": "max_rethink_rate", "value": 0.5, "data": "digits", "write": False, "min_samples": 1}
     a = calibrate_operating_point(SPEC, items, results=tmp_path / "a.jsonl", **kw)
     b = calibrate_operating_point(SPEC, items, results=tmp_path / "b.jsonl", ray="local", **kw)
     assert a["n_images"] == b["n_images"] == N_IMAGES and a["n_unreadable"] == b["n_unreadable"] == 1
