@@ -39,8 +39,8 @@ INVALID = 1
 class SimDevice:
     """The state behind both fake modules: allocations, streams, captures, counters."""
 
-    def __init__(self, name: str = "Simulated GPU", cc: tuple[int, int] = (9, 0)):
-        self.name, self.cc = name, cc
+    def __init__(self, name: str = "Simulated GPU", cc: tuple[int, int] = (9, 0), count: int = 1):
+        self.name, self.cc, self.count = name, cc, count
         self.memory: dict[int, Any] = {}
         self.calls: Counter[str] = Counter()
         self.syncs: Counter[int] = Counter()
@@ -77,7 +77,7 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
         cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
 
     class cudaStreamCaptureMode:
-        cudaStreamCaptureModeGlobal = 0
+        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed = 0, 1, 2
 
     kinds = {1: "htod", 2: "dtoh", 3: "dtod"}
 
@@ -120,7 +120,8 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
     props = types.SimpleNamespace(name=dev.name.encode(), major=dev.cc[0], minor=dev.cc[1], totalGlobalMem=80 << 30)
     rt.__dict__.update(
         cudaError_t=cudaError_t, cudaMemcpyKind=cudaMemcpyKind, cudaStreamCaptureMode=cudaStreamCaptureMode,
-        cudaGetDeviceCount=lambda: (SUCCESS, 1),
+        cudaGetDeviceCount=lambda: (SUCCESS, dev.count),
+        cudaSetDevice=lambda d: (dev.calls.update({f"set_device_{d}": 1}), (SUCCESS,))[1],
         cudaGetDeviceProperties=lambda device: (SUCCESS, props),
         cudaGetErrorName=lambda err: (SUCCESS, b"cudaErrorSimulated"),
         cudaGetErrorString=lambda err: (SUCCESS, b"simulated failure"),
@@ -129,6 +130,9 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
         cudaFree=lambda p: (SUCCESS if dev.memory.pop(int(p), None) is not None else INVALID,),
         cudaFreeHost=lambda p: (SUCCESS if dev.memory.pop(int(p), None) is not None else INVALID,),
         cudaStreamCreate=lambda: (SUCCESS, dev.new_id()),
+        cudaStreamNonBlocking=1,
+        cudaStreamCreateWithFlags=lambda flags: (SUCCESS, dev.new_id()),
+        cudaGetLastError=lambda: (SUCCESS,),
         cudaStreamDestroy=lambda s: (SUCCESS,),
         cudaStreamSynchronize=sync,
         cudaMemcpyAsync=memcpy,

@@ -189,9 +189,9 @@ def at_rate(rt: Any, images: list[ImageInput], rate: float, seed: int = 0) -> di
 
 def paper_scripts(rt: Any, images: list[ImageInput], repeats: int) -> dict[str, Any]:
     """The official scripts' structure over the bundle's own engines (full method)."""
-    from dbmef.reference.paper_scripts import PaperScriptsOnEngines
+    from dbmef.reference.paper_scripts import PaperScripts
 
-    paper = PaperScriptsOnEngines(rt)
+    paper = PaperScripts.on_engines(rt)
     labels: list[int] = []
 
     def run() -> None:
@@ -243,12 +243,16 @@ def run_bench(spec: RuntimeSpec, data: str | Path | None = None, source: str | P
         raise ConfigError("bench needs at least one early-exit mode")
     with spec.build() as rt:
         d = bench_data(rt.manifest, data, n_images)
-        logits, _ = rt.pipeline.backbone_logits(d.images)
-        rethought = [int(j) for j in np.flatnonzero(rt.protector.gate(logits, rt.config.k).rethink)]
+        if rt.config.zero_shot:  # every image, every class (Diffusion Classifier mode)
+            rethought = list(range(len(d.images)))
+        else:
+            logits, _ = rt.pipeline.backbone_logits(d.images)
+            rethought = [int(j) for j in np.flatnonzero(rt.protector.gate(logits, rt.config.k).rethink)]
         default, manifest, describe = rt.config.early_exit, rt.manifest, rt.describe()
         say(f"{len(d.images)} images from {d.source}; {len(rethought)} rethought")
-        paper = (paper_scripts(rt, [d.images[j] for j in rethought], repeats)
-                 if "paper_scripts" in baselines and "unet" in manifest.components and rethought else None)
+        paper = (paper_scripts(rt, [d.images[j] for j in rethought], repeats)  # the paper's method: not zero-shot
+                 if "paper_scripts" in baselines and "unet" in manifest.components and rethought
+                 and not rt.config.zero_shot else None)
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -313,8 +317,8 @@ def torch_baselines(source: str | Path, spec: RuntimeSpec, images: list[ImageInp
                     baselines: tuple[str, ...], say: Callable[[str], None]) -> dict[str, Any]:
     """The torch-eager baselines on the bundle's source system, at equal work (early exit off),
     against dbmef at equal work on the same images."""
-    from dbmef.reference.baselines import PaperScriptsBaseline
     from dbmef.reference.engines import reference_pipeline
+    from dbmef.reference.paper_scripts import PaperScripts
     from dbmef.runtime.protector import Protector
 
     with spec.build() as rt:
@@ -327,7 +331,7 @@ def torch_baselines(source: str | Path, spec: RuntimeSpec, images: list[ImageInp
                                                                               repeats, warmup=1))}}
     if "paper_scripts" in baselines:
         say("baseline paper_scripts (torch)")
-        ps = PaperScriptsBaseline(source, work)
+        ps = PaperScripts.on_torch(source, work)
         out["paper_scripts"] = {"wall_s": {"p50": statistics.median(timed_runs(lambda: ps.classify(images),
                                                                               repeats, warmup=1))}}
     with mode_runtime(dataclasses.replace(spec, prot=0.0), "off") as rt:

@@ -17,25 +17,56 @@ from typing import Any
 
 import numpy as np
 
+from dbmef.errors import ConfigError, DBMEFError
 from dbmef.runtime import RuntimeSpec
+from dbmef.runtime.bundle import Bundle, read_manifest
 from dbmef.runtime.data import LabelledImage
-from dbmef.runtime.evaluate import evaluate, read_results, write_operating_point
-from dbmef.runtime.operating_point import Choice, Point, RethinkAllPass, choose, curve, sweep, wilson
+from dbmef.runtime.evaluate import default_results, evaluate, read_results, write_protector
+from dbmef.runtime.operating_point import Choice, Point, RethinkAllPass, check_rule, choose, curve, sweep, wilson
 
-
-def default_results(bundle: str | Path, data: str | Path) -> Path:
-    return Path(bundle) / "calibration" / (Path(str(data)).name + ".jsonl")
+MIN_SAMPLES = 100  # correctly classified calibration images a written threshold needs (--min-samples)
 
 
 def calibrate_operating_point(
     spec: RuntimeSpec, items: Sequence[LabelledImage], rule: str, value: float, data: str,
     results: str | Path | None = None, resume: bool = True, ray: str | None = None, write: bool = True,
     progress: Callable[[int], None] | None = None, ray_options: dict[str, Any] | None = None,
+    min_samples: int = MIN_SAMPLES,
 ) -> dict[str, Any]:
     """Rethink every item once, build the curve, choose by ``rule``/``value`` and (``write``) record
-    the protector, the rule and the curve in the bundle. Returns the JSON-ready report."""
-    path = Path(results) if results else default_results(spec.bundle, data)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    the protector, the rule and the curve in the bundle. Returns the JSON-ready report.
+
+    Everything that can be checked before the pass is (the rule and its value, the results path,
+    enough images for ``min_samples``); a run that fails leaves the bundle as it was: the results
+    file it created is removed (an interrupted run keeps it, to resume)."""
+    check_rule(rule, value)
+    if len(items) < min_samples:
+        raise ConfigError(f"{len(items)} calibration images cannot give the {min_samples} correctly classified ones a "
+                          "threshold needs; use more images, or --min-samples N to accept a noisier threshold")
+    path = Path(results) if results else default_results(spec.bundle, data, "calibration")
+    if path.is_dir():
+        raise ConfigError(f"--results {path} is a folder; name a file (e.g. {path / 'calibration.jsonl'})")
+    created = not path.exists()
+    bundle = Bundle.open(spec.bundle, spec.verify, spec.expect_digest)
+    try:
+        report = _pass_and_choice(spec, bundle, items, rule, value, data, path, resume, ray, progress, ray_options)
+        if report["n_correct"] < min_samples:
+            raise ConfigError(f"only {report['n_correct']} of the {report['n_images']} calibration images are "
+                              f"classified correctly, fewer than the {min_samples} a threshold needs; use more "
+                              "images, or --min-samples N to accept a noisier threshold")
+    except DBMEFError:
+        if created:
+            _remove_results(path)
+        raise
+    if write:
+        write_protector(bundle, report.pop("_protector"), {k: v for k, v in report.items() if k != "bundle"})
+    report.pop("_protector", None)
+    return report
+
+
+def _pass_and_choice(spec: RuntimeSpec, bundle: Bundle, items: Sequence[LabelledImage], rule: str, value: float,
+                     data: str, path: Path, resume: bool, ray: str | None, progress: Callable[[int], None] | None,
+                     ray_options: dict[str, Any] | None) -> dict[str, Any]:
     every = dataclasses.replace(spec, prot=0.0)  # the pass rethinks every image once
     if ray is not None:
         from dbmef.cluster.ray_eval import ray_evaluate
@@ -44,26 +75,32 @@ def calibrate_operating_point(
                      batch_size=spec.batch_size, **(ray_options or {}))
         device = f"Ray ({ray})"
     else:
-        with every.build() as rt:
+        with every.build(bundle) as rt:
             evaluate(rt, items, path, resume=resume, progress=progress)
             device = describe_device(rt)
     recs = read_results(path)
     records = [recs[it.path] for it in items if it.path in recs]
     cp = RethinkAllPass.from_records(records)
     choice = choose(cp, rule, value)
-    points = curve(cp)
     n_correct = int((cp.backbone == cp.truth).sum())
-    report = {
+    return {
         "bundle": spec.bundle, "data": data, "results": str(path), "device": device,
         "n_images": len(cp), "n_unreadable": len(records) - len(cp), "n_correct": n_correct,
         "unet_evaluations": int(cp.unet_evals.sum()),  # the whole curve's cost: one slow path per image
         "unet_evals_per_image": float(cp.unet_evals.mean()),
-        "chosen": choice.to_dict(), "curve": [p.to_dict() for p in points], "sweep": sweep_for_plot(cp),
+        "chosen": choice.to_dict(), "curve": [p.to_dict() for p in curve(cp)], "sweep": sweep_for_plot(cp),
+        "_protector": choice.protector(n_correct),
     }
-    if write:
-        write_operating_point(spec.bundle, choice.protector(n_correct),
-                              {k: v for k, v in report.items() if k not in ("bundle",)})
-    return report
+
+
+def _remove_results(path: Path) -> None:
+    """What a failed run wrote: its results file, the lock beside it, and the folder if now empty."""
+    for p in (path, path.with_name(path.name + ".lock")):
+        p.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass  # not empty (another data set's results) or not ours
 
 
 def rule_from_args(args: Any) -> tuple[str, float]:
@@ -76,12 +113,12 @@ def rule_from_args(args: Any) -> tuple[str, float]:
 def run_from_args(args: Any, spec: RuntimeSpec) -> int:
     """``dbmef calibrate``: the pass (or ``--backbone-only``), the table or JSON, the plot."""
     from dbmef.apps.report import progress_bar, table
-    from dbmef.runtime.bundle import load_manifest
     from dbmef.runtime.data import load_labelled
 
-    m = load_manifest(spec.bundle)
-    spec.identity()  # the scoring overrides, checked before any data is read
     rule, value = rule_from_args(args)
+    check_rule(rule, value)  # before anything is read
+    m = read_manifest(spec.bundle)
+    m.scoring.replace(**spec.scoring)  # the scoring overrides, checked before any data is read
     items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))
     quiet = args.quiet or args.json
     if args.backbone_only:
@@ -91,9 +128,9 @@ def run_from_args(args: Any, spec: RuntimeSpec) -> int:
                    "gpus_per_rethink_actor": args.ray_gpus_per_actor}
     report = calibrate_operating_point(spec, items, rule, value, data=str(args.data), results=args.results,
                                        resume=not args.no_resume, ray=args.ray, write=not args.dry_run,
-                                       progress=bar.update, ray_options=ray_options)
+                                       progress=bar.update, ray_options=ray_options, min_samples=args.min_samples)
     bar.close()
-    png = Path(args.plot) if args.plot else default_results(spec.bundle, args.data).with_suffix(".png")
+    png = Path(args.plot) if args.plot else Path(report["results"]).with_suffix(".png")
     report["plot"] = str(plot_curve(report, png))
     if args.json:
         print(json.dumps(report, indent=2))
@@ -114,8 +151,7 @@ def run_from_args(args: Any, spec: RuntimeSpec) -> int:
 
 def _backbone_only(args: Any, spec: RuntimeSpec, items: Sequence[LabelledImage], rule: str, value: float) -> int:
     from dbmef.apps.report import progress_bar, table
-    from dbmef.errors import ConfigError
-    from dbmef.runtime.evaluate import calibrate, write_protector
+    from dbmef.runtime.evaluate import calibrate
 
     if rule != "prot":
         raise ConfigError(f"--backbone-only calibrates by --prot only: --{rule.replace('_', '-')} needs the slow "
@@ -124,8 +160,12 @@ def _backbone_only(args: Any, spec: RuntimeSpec, items: Sequence[LabelledImage],
         bar = progress_bar(len(items), "calibrate (backbone only)", args.quiet or args.json)
         protector, stats = calibrate(rt, items, value, progress=bar.update)
         bar.close()
+    if stats["n_correct"] < args.min_samples:
+        raise ConfigError(f"only {stats['n_correct']} of the {stats['n_images']} calibration images are classified "
+                          f"correctly, fewer than the {args.min_samples} a threshold needs; use more images, or "
+                          "--min-samples N to accept a noisier threshold")
     if not args.dry_run:
-        write_protector(spec.bundle, protector, stats, str(args.data))
+        write_protector(spec.bundle, protector, {**stats, "data": str(args.data)})
     out = {**protector.to_dict(), **stats}
     print(json.dumps(out, indent=2) if args.json else table([[k, v] for k, v in out.items()], ["field", "value"]))
     return 0

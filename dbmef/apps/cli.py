@@ -16,75 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dbmef.apps.args import add_ray_args, add_runtime_args, make_runtime, runtime_spec
 from dbmef.apps.report import progress_bar, table
 from dbmef.errors import DBMEFError
+from dbmef.logs import configure as configure_logging
 
 log = logging.getLogger("dbmef")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
-# -- runtime construction shared by the sub-commands -------------------------------------------
-SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
-                 "exit_min_rows")
-
-
-def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -> None:
-    """The options every runtime command shares. ``prot_help``: calibrate's meaning of --prot."""
-    from dbmef.runtime.backends import names
-
-    p.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
-    p.add_argument("--backend", choices=list(names()), default="onnxruntime")
-    p.add_argument("--device", choices=["cpu", "cuda", "tensorrt", "auto"], default="auto",
-                   help="ONNX Runtime execution provider")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    p.add_argument("--no-verify", action="store_true", help="skip the bundle's file-hash check")
-    p.add_argument("--scorer-graph", choices=["scorer", "unet"],
-                   help="with a bundle exported --scorer both: the fused graph (default) or the plain UNet")
-    p.add_argument("--expect-digest", metavar="SHA256",
-                   help="refuse any bundle whose digest (printed by `dbmef info`) is not this one")
-    g = p.add_argument_group("scoring overrides (default: the bundle's)")
-    g.add_argument("--k", type=int)
-    g.add_argument("--timesteps", type=int, dest="n_timesteps")
-    g.add_argument("--votes", type=int)
-    g.add_argument("--lam", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--unet-batch", type=int)
-    g.add_argument("--early-exit", choices=["off", "exact", "adaptive"],
-                   help="off: every UNet row (the paper); exact (default): stop voting once the majority is "
-                        "settled, same decisions; adaptive: also drop clearly losing candidates")
-    g.add_argument("--exit-z", type=float, help="adaptive: drop a candidate this many standard errors behind")
-    g.add_argument("--exit-interval", type=int, help="adaptive: timesteps per vote between checkpoints")
-    g.add_argument("--exit-min-rows", type=int, help="adaptive: paired rows needed before any drop")
-    if prot_help:
-        g.add_argument("--prot", type=float, default=0.95, help=prot_help)
-    else:
-        g.add_argument("--prot", type=float, help="rethink everything (0) or nothing (1) regardless of calibration")
-
-
-def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
-    """The command line's runtime as a ``RuntimeSpec`` (what Ray workers rebuild, too). Backend
-    options travel as a dict the backend turns into its own settings."""
-    from dbmef.runtime import RuntimeSpec
-
-    overrides = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
-    if args.threads < 0:
-        raise DBMEFError(f"--threads {args.threads} is invalid: 0 lets ONNX Runtime decide, N > 0 sets it")
-    options = {"device": args.device, "intra_op_threads": args.threads}
-    return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, options=options, verify=not args.no_verify,
-                       batch_size=args.batch_size, scoring=overrides,
-                       prot=getattr(args, "prot", None) if prot_override else None,
-                       expect_digest=args.expect_digest, scorer=args.scorer_graph)
-
-
-def make_runtime(args: argparse.Namespace, calibrated: bool = True) -> Any:
-    """The runtime the command line asks for. ``calibrated=False`` (``dbmef calibrate``): ``--prot``
-    is the calibration target, not a protector override."""
-    return runtime_spec(args, prot_override=calibrated).build()
 
 
 # -- sub-commands --------------------------------------------------------------------------------
@@ -113,15 +50,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dbmef.runtime.bundle import load_manifest
+    from dbmef.runtime.bundle import read_manifest
     from dbmef.runtime.data import load_labelled
-    from dbmef.runtime.evaluate import evaluate
+    from dbmef.runtime.evaluate import default_results, evaluate
 
-    results = args.results or str(Path(args.bundle) / "eval" / (Path(args.data).name + ".jsonl"))
+    results = str(args.results or default_results(args.bundle, args.data, "eval"))
     if args.ray is not None:
         from dbmef.cluster.ray_eval import ray_evaluate
 
-        m = load_manifest(args.bundle)
+        m = read_manifest(args.bundle)
         items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))
         bar = progress_bar(len(items), "eval (ray)", args.quiet or args.json)
         summary = ray_evaluate(runtime_spec(args), items, results, address=None if args.ray == "local" else args.ray,
@@ -191,16 +128,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dbmef.runtime.bundle import load_manifest, verify_files
+    from dbmef.runtime.bundle import Bundle
 
-    m = load_manifest(args.bundle)
-    verify_files(args.bundle, m, hashes=not args.no_verify)
+    b = Bundle.open(args.bundle, verify=not args.no_verify)
+    m = b.manifest
     if args.json:
         print(json.dumps({**m.to_dict(), "digest": m.digest()}, indent=2))
         return 0
     rows = []
     for name, rec in m.components.items():
-        size = sum((Path(args.bundle) / f).stat().st_size for f, _ in rec.files())
+        size = sum(b.path(f).stat().st_size for f, _ in rec.files())
         val = rec.validation.get("status", "-")
         worst = max((c.get("max_abs", 0) for c in rec.validation.get("checks", [])), default=None)
         rows.append([name, rec.file, rec.precision, round(size / 2**20, 2), val, worst,
@@ -209,7 +146,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"digest      {m.digest()}")
     print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
     print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
-    print(f"scorer      {m.scorer_component}; latent {m.vae_spec.latent_shape} from {m.vae_spec.image_size}px")
+    print(f"scorer      {m.scorer_component}; latent {m.vae.latent_shape} from {m.vae.image_size}px")
     print(f"scoring     {json.dumps({k: v for k, v in m.scoring.to_dict().items() if k != 'templates'})}")
     print(f"protector   {m.protector.to_dict() if m.protector else 'not calibrated (rethinks everything)'}")
     cal = m.sources.get("calibration", {})
@@ -294,6 +231,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dbmef.apps.calibrate import MIN_SAMPLES
+
     p = argparse.ArgumentParser(prog="dbmef", description="DBMEF: diffusion re-ranking of uncertain classifications.")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -318,11 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--backbone-only", action="store_true",
                    help="only the backbone pass (--prot only; no curve, no slow path): the quick calibration")
     k.add_argument("--results", help="per-image JSONL of the pass (default: <bundle>/calibration/<data name>.jsonl)")
+    k.add_argument("--min-samples", type=int, default=MIN_SAMPLES, metavar="N",
+                   help=f"correctly classified calibration images a threshold needs before it is written "
+                        f"(default {MIN_SAMPLES})")
     k.add_argument("--no-resume", action="store_true", help="start the pass over instead of resuming")
     k.add_argument("--plot", metavar="PNG", help="write the curve (default: <bundle>/calibration/<data name>.png)")
     k.add_argument("--dry-run", action="store_true", help="report the curve and the choice; leave the bundle as is")
     k.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_ray_args(k)
+    add_ray_args(k)
     k.set_defaults(func=cmd_calibrate)
 
     _add_eval(sub)
@@ -338,19 +280,8 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--results", help="per-image JSONL (default: <bundle>/eval/<data name>.jsonl)")
     e.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_ray_args(e)
+    add_ray_args(e)
     e.set_defaults(func=cmd_eval)
-
-
-def _add_ray_args(p: argparse.ArgumentParser) -> None:
-    r = p.add_argument_group("Ray Data (pip install 'dbmef[ray]')")
-    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="run as a Ray Data pipeline: on a local Ray instance, or join ADDRESS (e.g. auto, "
-                        "ray://head:10001); image paths must be readable from every node")
-    r.add_argument("--ray-fast-actors", type=int, default=1, help="backbone + protector actors")
-    r.add_argument("--ray-rethink-actors", type=int, default=1, help="rethink (VAE + text + UNet) actors")
-    r.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
-                   help="GPUs per rethink actor (1: one per GPU, 0.5: two per GPU)")
 
 
 def _add_serve(sub: Any) -> None:
@@ -453,7 +384,7 @@ def _add_tools(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
+    configure_logging(args.verbose, args.quiet)
     try:
         return int(args.func(args))
     except DBMEFError as exc:

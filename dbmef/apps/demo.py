@@ -62,12 +62,8 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
     pils = [render(a) for a in images]
     t0 = time.perf_counter()
     with DBMEFRuntime(bundle) as rt:
-        results = []
         bar = _bar(len(pils), progress)
-        for s in range(0, len(pils), 64):
-            batch = rt.classify(pils[s : s + 64], names=[f"digits[{i}]" for i in split.indices[s : s + 64]])
-            results.extend(batch)
-            bar.update(len(batch))
+        results = rt.classify(pils, names=[f"digits[{i}]" for i in split.indices[: len(pils)]], progress=bar.update)
         bar.close()
         names = rt.class_names
         early_exit = rt.config.early_exit
@@ -105,10 +101,10 @@ def operating_point(bundle: Path, out: Path, test: DemoReport, progress: bool) -
     from dbmef.apps.calibrate import calibrate_operating_point, plot_curve
     from dbmef.apps.digits import demo_calibration_split, write_image_folder
     from dbmef.runtime import RuntimeSpec
-    from dbmef.runtime.bundle import load_manifest
+    from dbmef.runtime.bundle import read_manifest
     from dbmef.runtime.data import load_labelled
 
-    m = load_manifest(bundle)
+    m = read_manifest(bundle)
     if m.protector is None or m.protector.prot is None:
         raise DBMEFError(f"{bundle} has no Prot-calibrated protector to locate on the curve")
     items = load_labelled(write_image_folder(demo_calibration_split(), out / "calibration"), m.class_names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,11 +49,10 @@ class DigitsSplit:
             return cls(z["images"].astype(np.uint8), z["labels"].astype(np.int64), z["indices"].astype(np.int64))
 
 
-def is_digits_system(manifest: object) -> bool:
-    """Whether a bundle is a digits system (this project's: its classes and its 16-pixel input),
-    whose data is the digits test split."""
-    vae = getattr(manifest, "vae", {}) or {}
-    return list(getattr(manifest, "class_names", [])) == DIGIT_NAMES and vae.get("image_size") == IMAGE_SIZE
+def is_digits_system(manifest: Any) -> bool:
+    """Whether a bundle's manifest is a digits system's (this project's: its classes and its 16-pixel
+    input), whose data is the digits test split."""
+    return list(manifest.class_names) == DIGIT_NAMES and manifest.vae.image_size == IMAGE_SIZE
 
 
 def demo_bundle_dir() -> Path:

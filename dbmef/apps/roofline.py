@@ -112,8 +112,8 @@ def profile_scorer(rt: Any, threads: int = 0) -> dict[str, Any]:
     m = rt.manifest
     comp = m.scorer_component
     b = rt.config.unet_batch
-    c, h, w = m.vae_spec.latent_shape
-    L, D = m.embeddings_spec.shape[1:]
+    c, h, w = m.vae.latent_shape
+    L, D = m.positive_embeddings.shape[1:]
     rng = np.random.default_rng(0)
     if comp == "scorer":
         feeds = {"x0": rng.standard_normal((b, c, h, w), dtype=np.float32),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 
 from dbmef.cluster import RuntimeSpec, init_ray, require_ray
 from dbmef.runtime.data import LabelledImage
-from dbmef.runtime.evaluate import open_results, record, summarize
+from dbmef.runtime.evaluate import ResultsFile, record, summarize
 from dbmef.runtime.results import ragged
 
 log = logging.getLogger(__name__)
@@ -105,28 +104,29 @@ def ray_evaluate(
     actors take ``gpus_per_rethink_actor`` GPUs each (1 per GPU, or 0.5 for two per GPU).
     """
     ray = require_ray()
-    path = Path(results_path)
-    done, todo = open_results(path, items, resume, spec.identity(), progress)
     nodes: dict[str, set[str]] = {"fast": set(), "rethink": set()}
-    if todo:
-        started = init_ray(address)
-        try:
-            _run(ray, spec, todo, path, done, fast_actors, rethink_actors, gpus_per_rethink_actor, cpus_per_actor,
-                 batch_size, progress, nodes)
-        finally:
-            if started:
-                ray.shutdown()
+    with ResultsFile(results_path, items, resume, spec.identity(), batch_size) as out:
+        if progress and len(out.done):
+            progress(len(items) - len(out.todo))
+        if out.todo:
+            started = init_ray(address)
+            try:
+                _run(ray, spec, out, fast_actors, rethink_actors, gpus_per_rethink_actor, cpus_per_actor,
+                     batch_size, progress, nodes)
+            finally:
+                if started:
+                    ray.shutdown()
+        done = out.done
     summary = summarize([done[it.path] for it in items if it.path in done], total=len(items))
     summary["ray_nodes"] = {k: sorted(v) for k, v in nodes.items()}  # where this run's stages ran
     return summary
 
 
-def _run(ray: Any, spec: RuntimeSpec, todo: Sequence[LabelledImage], path: Path, done: dict[str, Any],
-         fast_actors: int, rethink_actors: int, gpus: float, cpus: float, batch_size: int,
-         progress: Callable[[int], None] | None, nodes: dict[str, set[str]]) -> None:
+def _run(ray: Any, spec: RuntimeSpec, out: ResultsFile, fast_actors: int, rethink_actors: int, gpus: float,
+         cpus: float, batch_size: int, progress: Callable[[int], None] | None, nodes: dict[str, set[str]]) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # dbmef shows its own bar
-    ds = ray.data.from_items([{"path": str(it.path), "label": int(it.label)} for it in todo])
+    ds = ray.data.from_items([{"path": str(it.path), "label": int(it.label)} for it in out.todo])
     ds = ds.map_batches(read_images, batch_size=batch_size, batch_format="numpy")
     spec_d = spec.to_dict()
     pool = ray.data.ActorPoolStrategy
@@ -134,15 +134,12 @@ def _run(ray: Any, spec: RuntimeSpec, todo: Sequence[LabelledImage], path: Path,
                         batch_size=batch_size, num_cpus=cpus, batch_format="numpy")
     ds = ds.map_batches(RethinkStage, fn_constructor_kwargs={"spec": spec_d}, compute=pool(size=rethink_actors),
                         batch_size=batch_size, num_cpus=cpus, num_gpus=gpus, batch_format="numpy")
-    with open(path, "a") as f:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            recs = [json.loads(s) for s in batch["record"]]
-            nodes["fast"].update(map(str, batch["fast_node"]))
-            nodes["rethink"].update(map(str, batch["rethink_node"]))
-            for rec in recs:
-                done[rec["image"]] = rec
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            if progress:
-                progress(len(recs))
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        recs = [json.loads(s) for s in batch["record"]]
+        nodes["fast"].update(map(str, batch["fast_node"]))
+        nodes["rethink"].update(map(str, batch["rethink_node"]))
+        for rec in recs:
+            out.add(rec)
+        out.sync()
+        if progress:
+            progress(len(recs))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dbmef.errors import DBMEFError
+from dbmef.logs import configure as configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--backbone", default="resnet50",
-                   help="timm model name, a local timm folder (save_for_hf layout), or 'tiny' (with --sd tiny)")
+                   help="timm model name, a local timm folder (save_for_hf layout), 'tiny' (with --sd tiny), or "
+                        "'none': a zero-shot bundle, the diffusion side alone (with --class-names)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="backbone weights file (.safetensors or .pth state dict)")
     w.add_argument("--random-init", action="store_true", help="backbone architecture only, random weights")
@@ -33,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--backbone-data-config", metavar="JSON",
                    help="its preprocessing as timm's data config: a JSON file or inline JSON (input_size, "
                         "interpolation, mean, std, crop_pct, crop_mode)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--image-size", type=int, choices=[512, 256, 64], default=512,
-                   help="VAE input size: latent 64x64 (512) or 32x32 (256, the paper's low-resolution setting)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default=None,
+                   help="fp32 or fp16 graphs (default fp32; from an ONNX folder: the folder's own)")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="VAE input size, a multiple of the VAE's downsampling: 512 (latent 64x64, the default for SD "
+                        "v1.5), 256 (32x32, the paper's low-resolution setting), 16 for the digits system; "
+                        "default: the system's own")
     p.add_argument("--class-names", help="class names for a non-ImageNet backbone: JSON list or one per line")
     p.add_argument("--out", help="bundle folder (default: engines/<backbone>-<sd>-<size>-<precision>)")
     p.add_argument("--scorer", choices=["fused", "unet", "both"], default="fused",
@@ -53,15 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.verbose, args.quiet)
+    say = None if args.quiet else (lambda msg: print(f"[dbmef-export] {msg}", file=sys.stderr, flush=True))
     # Offline before anything imports huggingface_hub: a missing weight fails now, never hangs.
     from dbmef.export.sources import offline_env
 
     offline_env()
     try:
         t0 = time.perf_counter()
-        out = _export_onnx_folder(args) if _onnx_folder(args) else _export_torch(args)
+        out = _export_onnx_folder(args, say) if _onnx_folder(args) else _export_torch(args, say)
         if args.trt:
             from dbmef.export.trt_build import build_engines
 
@@ -84,7 +88,7 @@ def _onnx_folder(args: argparse.Namespace) -> bool:
     return False
 
 
-def _export_onnx_folder(args: argparse.Namespace) -> Any:
+def _export_onnx_folder(args: argparse.Namespace, say: Any) -> Any:
     """The torch-free path: graphs already in ONNX."""
     from dbmef.export.onnx_bundle import OnnxExportConfig, export_from_onnx_folder
     from dbmef.runtime.config import ScoringConfig
@@ -106,10 +110,10 @@ def _export_onnx_folder(args: argparse.Namespace) -> Any:
                                                           args.class_names, out / "_backbone", args.opset)
         backbone, data_config, names = str(path), json.dumps(data_cfg), str(names_file)
     cfg = OnnxExportConfig(sd=args.sd, backbone_onnx=backbone, class_names=names, data_config=data_config, out=str(out),
-                           scorer=args.scorer, image_size=None if args.image_size == 512 else args.image_size,
+                           scorer=args.scorer, image_size=args.image_size, precision=args.precision,
                            validate=not args.no_validate, seed=args.seed,
                            scoring=ScoringConfig(unet_batch=args.unet_batch))
-    bundle = export_from_onnx_folder(cfg)
+    bundle = export_from_onnx_folder(cfg, progress=say)
     if not args.backbone_onnx:
         import shutil
 
@@ -117,17 +121,18 @@ def _export_onnx_folder(args: argparse.Namespace) -> Any:
     return bundle
 
 
-def _export_torch(args: argparse.Namespace) -> Any:
+def _export_torch(args: argparse.Namespace, say: Any) -> Any:
     from dbmef.export.exporter import ExportConfig, export_bundle
     from dbmef.runtime.config import ScoringConfig
 
     cfg = ExportConfig(
         backbone=args.backbone, weights=args.weights, random_init=args.random_init, sd=args.sd,
-        precision=args.precision, image_size=args.image_size, class_names=args.class_names, out=args.out,
+        precision=args.precision or "fp32", image_size=args.image_size or 512, class_names=args.class_names,
+        out=args.out,
         scorer=args.scorer, opset=args.opset, validate=not args.no_validate, seed=args.seed,
         scoring=ScoringConfig(unet_batch=args.unet_batch),
     )
-    return export_bundle(cfg)
+    return export_bundle(cfg, progress=say)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dbmef.errors import ExportError
-from dbmef.runtime.bundle import BundleManifest, ComponentRecord, TensorInfo, sha256_file
+from dbmef.export.manifest import component_record, new_manifest
+from dbmef.runtime.bundle import (
+    Bundle,
+    BundleManifest,
+    ComponentRecord,
+    VaeRecord,
+    sha256_file,
+    with_validation,
+)
 from dbmef.runtime.config import ScoringConfig
 
 log = logging.getLogger(__name__)
@@ -73,46 +78,18 @@ class ExportConfig:
         return d
 
 
-def tool_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("dbmef", "torch", "diffusers", "transformers", "timm", "onnx", "onnxruntime", "onnxruntime-gpu",
-                "onnx-graphsurgeon", "tokenizers", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def _records(
-    spec: Any, path: Path, precision: str, validation: dict[str, Any], source: dict[str, Any]
-) -> ComponentRecord:
-    data = path.with_name(path.name + ".data")
-    return ComponentRecord(
-        file=path.name,
-        sha256=sha256_file(path),
-        inputs=[TensorInfo(n, d, list(s)) for n, d, s in spec.contract.inputs],
-        outputs=[TensorInfo(n, d, list(s)) for n, d, s in spec.contract.outputs],
-        precision=precision,
-        external_data=data.name if data.exists() else None,
-        external_data_sha256=sha256_file(data) if data.exists() else None,
-        source=source,
-        validation=validation,
-    )
-
-
 @dataclass
 class LoadedSystem:
     """Everything export needs from the sources, loaded once: the torch modules, the class names and
     the sizes and component specs they imply."""
 
-    backbone: Any
+    backbone: Any  # None: a zero-shot bundle (--backbone none)
     sd: Any
     sd_dir: Path
     sd_source: dict[str, Any]
     class_names: list[str]
     wnids: list[str] | None
-    data_cfg: dict[str, Any]
+    data_cfg: dict[str, Any] | None
     image_size: int
     latent_shape: tuple[int, int, int]
     specs: dict[str, Any]
@@ -154,12 +131,12 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
         step("decision check")
         t0 = time.perf_counter()
         decision = decision_check(out, manifest, system.sd, schedule.alphas_cumprod(), cfg)
-        manifest.components[manifest.scorer_component].validation["decision_check"] = decision
+        manifest = with_validation(manifest, manifest.scorer_component, decision_check=decision)
         timings["decision_check"] = time.perf_counter() - t0
-    manifest.sources["export_seconds"] = round(time.perf_counter() - t_start, 2)
-    manifest.sources["export_timings"] = {k: round(v, 3) for k, v in timings.items()}
+    manifest = manifest.replace(sources={**manifest.sources, "export_seconds": round(time.perf_counter() - t_start, 2),
+                                         "export_timings": {k: round(v, 3) for k, v in timings.items()}})
     (out / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    manifest.save(out)
+    Bundle(out, manifest).save(manifest)
     if system.sd_source["kind"] in ("tiny", "sd15-random-init"):
         import shutil
 
@@ -179,30 +156,41 @@ def load_system(cfg: ExportConfig) -> LoadedSystem:
 
     if cfg.backbone == "tiny" and cfg.sd != "tiny":
         raise ExportError("--backbone tiny is the tiny system's classifier: use it with --sd tiny")
+    no_backbone = cfg.backbone == "none"  # a zero-shot bundle: the diffusion side alone
+    if no_backbone and not cfg.class_names:
+        raise ExportError("--backbone none (a zero-shot bundle) needs --class-names: with no classifier, nothing "
+                          "else names the classes")
     # The backbone first: a missing cached classifier fails before any SD work.
     backbone_dir = None
-    if cfg.backbone != "tiny":
+    backbone: Any = None
+    if cfg.backbone not in ("tiny", "none"):
         backbone = load_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
     sd_dir, sd_source = resolve_sd_source(cfg.sd, cfg.image_size, cfg.seed)
     if cfg.backbone == "tiny":
         backbone_dir = sd_dir.parent / "backbone"
         backbone = load_backbone(backbone_dir)
     sd = load_sd(sd_dir)
-    class_names, wnids = _class_names(cfg, int(backbone.num_classes), backbone_dir)
-    data_cfg = backbone_data_config(backbone)
+    if no_backbone:
+        class_names, wnids = _class_names(cfg, None, None)
+        data_cfg = None
+    else:
+        class_names, wnids = _class_names(cfg, int(backbone.num_classes), backbone_dir)
+        data_cfg = backbone_data_config(backbone)
     vae_cfg = sd.vae.config
     image_size = cfg.image_size if sd_source["kind"] != "tiny" else int(sd_source["image_size"])
     latent_shape = latent_shape_of(vae_cfg, image_size)
     down = 2 ** (len(vae_cfg.block_out_channels) - 1)
     if image_size % down:
         raise ExportError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {down}")
-    specs = make_specs(image_size=image_size, backbone_size=tuple(data_cfg["input_size"][1:]),
+    specs = make_specs(image_size=image_size,
+                       backbone_size=tuple(data_cfg["input_size"][1:]) if data_cfg else (image_size, image_size),
                        text_width=int(sd.text_encoder.config.hidden_size), latent_shape=latent_shape,
                        seed=cfg.seed)
     sources = {
-        "backbone": {"id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init,
-                     "num_classes": int(backbone.num_classes),
-                     "weights_sha256": sha256_file(cfg.weights) if cfg.weights else None},
+        "backbone": None if no_backbone else {
+            "id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init,
+            "num_classes": int(backbone.num_classes),
+            "weights_sha256": sha256_file(cfg.weights) if cfg.weights else None},
         "sd": {**sd_source, "unet_config_sha256": _config_hash(sd_dir / "unet" / "config.json"),
                "unet_config": {k: v for k, v in dict(sd.unet.config).items() if not k.startswith("_")},
                "unet_flops_per_evaluation": _unet_flops(sd.unet.config, latent_shape)},
@@ -211,7 +199,8 @@ def load_system(cfg: ExportConfig) -> LoadedSystem:
                         specs, sources)
 
 
-def _class_names(cfg: ExportConfig, num_classes: int, backbone_dir: Path | None) -> tuple[list[str], list[str] | None]:
+def _class_names(cfg: ExportConfig, num_classes: int | None, backbone_dir: Path | None
+                 ) -> tuple[list[str], list[str] | None]:
     from dbmef.export.sources import imagenet_class_names
     from dbmef.reference.loading import read_class_names
 
@@ -227,7 +216,7 @@ def _class_names(cfg: ExportConfig, num_classes: int, backbone_dir: Path | None)
             f"backbone '{cfg.backbone}' has {num_classes} classes and no class names are known; "
             "pass --class-names FILE (JSON list or one name per line, in the classifier's class order)"
         )
-    if len(class_names) != num_classes:
+    if num_classes is not None and len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names for a backbone with {num_classes} classes "
                           f"(--class-names {cfg.class_names})")
     return list(class_names), wnids
@@ -267,7 +256,7 @@ def export_components(cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray,
     """Export and validate every component; returns their manifest records and the seconds taken."""
     from dbmef.export.onnx_tools import export_onnx, validate_component
 
-    names = ["backbone", "text_encoder", "vae_encoder"]
+    names = (["backbone"] if system.backbone is not None else []) + ["text_encoder", "vae_encoder"]
     names += {"fused": ["scorer"], "unet": ["unet"], "both": ["scorer", "unet"]}[cfg.scorer]
     records: dict[str, ComponentRecord] = {}
     timings: dict[str, float] = {}
@@ -287,7 +276,7 @@ def export_components(cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray,
             # fp16 graphs are compared against the fp32 torch model: what the user would otherwise run.
             validation = validate_component(ref, path, spec, precision)
             timings[f"validate_{name}"] = time.perf_counter() - t0
-        records[name] = _records(spec, path, precision, validation,
+        records[name] = component_record(spec.contract, path, precision, validation,
                                  system.sources["backbone" if name == "backbone" else "sd"])
     return records, timings
 
@@ -314,26 +303,9 @@ def write_text_side(cfg: ExportConfig, system: LoadedSystem, out: Path) -> tuple
 
 def make_manifest(cfg: ExportConfig, system: LoadedSystem, records: dict[str, ComponentRecord], schedule: Any,
                   pad_id: int | None, pos: np.ndarray, out: Path) -> BundleManifest:
-    return BundleManifest(
-        components=records,
-        scorer_component="scorer" if "scorer" in records else "unet",
-        class_names=list(system.class_names),
-        backbone_preprocess=system.data_cfg,
-        vae={"image_size": system.image_size, "latent_shape": list(system.latent_shape),
-             "scaling_factor": float(system.sd.vae.config.scaling_factor)},
-        scheduler={**schedule.to_dict(), "source_config": system.sd.scheduler_config},
-        scoring=cfg.scoring,
-        tokenizer={"file": "tokenizer.json", "sha256": sha256_file(out / "tokenizer.json"), "max_length": 77,
-                   "pad_id": pad_id, "library": "tokenizers"},
-        positive_embeddings={"file": "positive_embeddings.npy", "sha256": sha256_file(out / "positive_embeddings.npy"),
-                             "shape": list(pos.shape), "dtype": "float32",
-                             "template": cfg.scoring.templates.positive},
-        protector=None,
-        precision=cfg.precision,
-        sources={**system.sources, "class_wnids": system.wnids},
-        tools=tool_versions(),
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    )
+    vae = VaeRecord(system.image_size, system.latent_shape, float(system.sd.vae.config.scaling_factor))
+    return new_manifest(out, records, system.class_names, system.data_cfg, vae, schedule, system.sd.scheduler_config,
+                        cfg.scoring, pad_id, pos, cfg.precision, {**system.sources, "class_wnids": system.wnids})
 
 
 def _unet_flops(unet_config: Any, latent_shape: tuple[int, int, int]) -> float | None:

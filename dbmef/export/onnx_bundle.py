@@ -10,19 +10,18 @@ decision check of the scorer against the host-side UNet path -> manifest.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from dbmef.errors import ExportError, ValidationError
+from dbmef.runtime.bundle import Bundle, with_validation
 from dbmef.runtime.config import ScoringConfig
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,8 @@ class OnnxExportConfig:
     data_config: str
     out: str
     scorer: str = "fused"
-    image_size: int | None = None
+    image_size: int | None = None  # None: the folder's VAE sample size
+    precision: str | None = None  # None: the folder's; given, it must be the folder's (graphs are not converted)
     validate: bool = True
     decision_cases: int = 8
     seed: int = 0
@@ -97,6 +97,11 @@ def export_from_onnx_folder(cfg: OnnxExportConfig, progress: Any = None) -> Path
     step("adapting the graphs")
     graphs, sources = adapt_all(cfg, folder, schedule.alphas_cumprod())
     image_size = cfg.image_size or folder.image_size(512)
+    found = _precision(graphs["unet" if "unet" in graphs else "scorer"])
+    if cfg.precision is not None and cfg.precision != found:
+        raise ExportError(f"--precision {cfg.precision}: the ONNX folder {cfg.sd} holds {found} graphs, and this path "
+                          "adapts graphs without converting their precision; export the folder at that precision, "
+                          "or drop --precision")
     records, latent_shape = write_and_validate(cfg, folder, graphs, sources, out, image_size, step)
     step("tokenizer and positive embeddings")
     names = read_class_names(cfg.class_names)
@@ -104,10 +109,10 @@ def export_from_onnx_folder(cfg: OnnxExportConfig, progress: Any = None) -> Path
     manifest = _manifest(cfg, folder, records, schedule, names, pad_id, pos, (image_size, latent_shape), out)
     if cfg.validate and cfg.decision_cases > 0 and "scorer" in graphs:
         step("decision check: fused scorer vs the host-side UNet path")
-        manifest.components["scorer"].validation["decision_check"] = _decision_check(cfg, manifest, graphs, out)
-    manifest.sources["export_seconds"] = round(time.perf_counter() - t_start, 2)
+        manifest = with_validation(manifest, "scorer", decision_check=_decision_check(cfg, manifest, graphs, out))
+    manifest = manifest.replace(sources={**manifest.sources, "export_seconds": round(time.perf_counter() - t_start, 2)})
     (out / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    manifest.save(out)
+    Bundle(out, manifest).save(manifest)
     step(f"bundle written to {out}")
     return out
 
@@ -144,7 +149,7 @@ def write_and_validate(cfg: OnnxExportConfig, folder: Any, graphs: dict[str, Any
                        out: Path, image_size: int, step: Any) -> tuple[dict[str, Any], tuple[int, int, int]]:
     """Save the components the bundle keeps (the plain UNet only with ``--scorer unet|both``; it
     always goes to a temporary file for the decision check) and validate each against its source."""
-    from dbmef.export.exporter import _records
+    from dbmef.export.manifest import component_record
     from dbmef.export.onnx_io import save_onnx
     from dbmef.runtime.engine import COMPONENTS
 
@@ -162,7 +167,7 @@ def write_and_validate(cfg: OnnxExportConfig, folder: Any, graphs: dict[str, Any
             if name == "vae_encoder":
                 latent_shape = tuple(validation.pop("latent_shape"))  # type: ignore[assignment]
         source = {"kind": "onnx", "file": str(sources[name])}
-        records[name] = _records(SimpleNamespace(contract=COMPONENTS[name]), path, _precision(graphs[name]),
+        records[name] = component_record(COMPONENTS[name], path, _precision(graphs[name]),
                                  validation, source)
     return records, latent_shape
 
@@ -257,25 +262,16 @@ def _text_side(cfg: OnnxExportConfig, folder: Any, names: list[str], out: Path) 
 
 def _manifest(cfg: OnnxExportConfig, folder: Any, records: dict[str, Any], schedule: Any, names: list[str],
               pad_id: int, pos: np.ndarray, sizes: tuple[int, tuple[int, int, int]], out: Path) -> Any:
-    from dbmef.export.exporter import tool_versions
-    from dbmef.runtime.bundle import BundleManifest, sha256_file
+    from dbmef.export.manifest import new_manifest
+    from dbmef.runtime.bundle import VaeRecord
 
     logits = records["backbone"].outputs[0]
     image_size, latent_shape = sizes
-    return BundleManifest(
-        components=records, scorer_component="scorer" if "scorer" in records else "unet", class_names=names,
-        backbone_preprocess=read_data_config(cfg.data_config),
-        vae={"image_size": image_size, "latent_shape": list(latent_shape), "scaling_factor": folder.scaling_factor},
-        scheduler={**schedule.to_dict(), "source_config": folder.scheduler_config}, scoring=cfg.scoring,
-        tokenizer={"file": "tokenizer.json", "sha256": sha256_file(out / "tokenizer.json"), "max_length": 77,
-                   "pad_id": pad_id, "library": "tokenizers"},
-        positive_embeddings={"file": "positive_embeddings.npy", "sha256": sha256_file(out / "positive_embeddings.npy"),
-                             "shape": list(pos.shape), "dtype": "float32", "template": cfg.scoring.templates.positive},
-        precision=records["unet" if "unet" in records else "scorer"].precision,
-        sources={"sd": {"kind": "onnx-folder", "id": str(folder.root)},
-                 "backbone": {"kind": "onnx", "id": cfg.backbone_onnx, "logits": logits.name}},
-        tools=tool_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    )
+    vae = VaeRecord(image_size, latent_shape, float(folder.scaling_factor))
+    return new_manifest(out, records, names, read_data_config(cfg.data_config), vae, schedule, folder.scheduler_config,
+                        cfg.scoring, pad_id, pos, records["unet" if "unet" in records else "scorer"].precision,
+                        {"sd": {"kind": "onnx-folder", "id": str(folder.root)},
+                         "backbone": {"kind": "onnx", "id": cfg.backbone_onnx, "logits": logits.name}})
 
 
 def _decision_check(cfg: OnnxExportConfig, manifest: Any, graphs: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -291,8 +291,6 @@ def compose_scorer(unet: Any, abar: np.ndarray) -> Any:
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (float64 roots cast to float32, the runtime's
     tables); the UNet runs once on [x_t; x_t] with [t; t] and [emb_pos; emb_neg]; eps_hat = neg +
     lam (pos - neg); error = mean over (C, h, w) of (eps - eps_hat)^2."""
-    from onnx import TensorProto, helper, numpy_helper
-
     m = copy.deepcopy(unet)
     g = m.graph
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -304,6 +302,18 @@ def compose_scorer(unet: Any, abar: np.ndarray) -> Any:
     for old, new in (("sample", "dbmef_sample2"), ("timestep", "dbmef_t2"), ("encoder_hidden_states", "dbmef_ehs2"),
                      ("noise_pred", "dbmef_pred2")):
         _rename(g, old, new)
+    _scorer_io(g, lat_dims, emb_dims, abar)
+    pre, post = _scorer_nodes(opset)
+    nodes = [*pre, *g.node, *post]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
+def _scorer_io(g: Any, lat_dims: list[Any], emb_dims: list[Any], abar: np.ndarray) -> None:
+    """The scorer contract's inputs and output, and the constant tables its nodes read."""
+    from onnx import TensorProto, helper, numpy_helper
+
     del g.input[:]
     del g.output[:]
     f32 = TensorProto.FLOAT
@@ -324,6 +334,12 @@ def compose_scorer(unet: Any, abar: np.ndarray) -> Any:
         numpy_helper.from_array(np.array([1], np.int64), "dbmef_one"),
         numpy_helper.from_array(np.array([1, 2, 3], np.int64), "dbmef_chw"),
     ])
+
+
+def _scorer_nodes(opset: int) -> tuple[list[Any], list[Any]]:
+    """The nodes before the UNet (x_t, the doubled batch) and after it (CFG combine, the error)."""
+    from onnx import helper
+
     node = helper.make_node
     pre = [
         node("Gather", ["dbmef_sqrt_abar", "timestep"], ["dbmef_a0"], axis=0, name="dbmef_gather_a"),
@@ -352,10 +368,7 @@ def compose_scorer(unet: Any, abar: np.ndarray) -> Any:
         node("Mul", ["dbmef_res", "dbmef_res"], ["dbmef_sq"], name="dbmef_square"),
         reduce,
     ]
-    nodes = [*pre, *g.node, *post]
-    del g.node[:]
-    g.node.extend(nodes)
-    return m
+    return pre, post
 
 
 def adapt_backbone(model: Any, where: str) -> Any:

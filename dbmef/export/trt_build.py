@@ -12,8 +12,9 @@ may load one, is ``dbmef.runtime.backends.trt_engines``: the contract both sides
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from dbmef.runtime.backends.trt_engines import (
     shape_profile,
     trt_logger,
 )
-from dbmef.runtime.bundle import ComponentRecord, load_manifest, sha256_file
+from dbmef.runtime.bundle import Bundle, ComponentRecord, EngineRecord, TensorRTRecord, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,14 @@ def attach_timing_cache(config: Any, cache_bytes: bytes) -> Any:
     """Give ``config`` a timing cache made from ``cache_bytes``; when TensorRT refuses it (its
     header names another device or version: ``set_timing_cache`` returns False), a fresh empty one.
     Returns the cache in use."""
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, False):
-        log.warning("TensorRT refused the saved timing cache (another GPU or TensorRT version?); starting a fresh one")
+    cache = config.create_timing_cache(cache_bytes) if cache_bytes else None
+    if cache is None or not config.set_timing_cache(cache, False):
+        if cache_bytes:  # a damaged file (create_timing_cache returned None) or another GPU / TensorRT version
+            log.warning("TensorRT refused the saved timing cache (damaged, another GPU or TensorRT version?); "
+                        "starting a fresh one")
         cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, False)
+        if cache is None or not config.set_timing_cache(cache, False):
+            raise EngineError("TensorRT could not create an empty timing cache")
     return cache
 
 
@@ -61,7 +65,15 @@ def save_timing_cache(config: Any, path: Path) -> None:
     if data is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(bytes(memoryview(data)))
+    # a unique temporary file, then one rename: an interrupted build never leaves half a cache behind
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(memoryview(data)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class NetworkFromOnnxPath:
@@ -119,23 +131,6 @@ class EngineBytesFromNetwork:
         return bytes(memoryview(serialized))
 
 
-@dataclass
-class EngineRecord:
-    file: str
-    key: str
-    sha256: str
-    trt_version: str
-    gpu: str
-    compute_capability: str
-    precision: str
-    profile: dict[str, Any]
-    build_seconds: float
-    settings: dict[str, Any] = field(default_factory=lambda: BuildSettings().to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def build_engines(bundle_dir: str | Path, components: list[str] | None = None, force: bool = False,
                   workspace_bytes: int = 8 << 30, unet_batch: int | None = None, optimization_level: int = 3,
                   device: int = 0, tf32: bool = False) -> dict[str, EngineRecord]:
@@ -144,16 +139,17 @@ def build_engines(bundle_dir: str | Path, components: list[str] | None = None, f
     An existing engine is reused only when its key (ONNX hash, TensorRT version, GPU, compute
     capability, precision, profile) matches and its file hash checks out.
     """
-    from dbmef.runtime.backends.cuda import device_info, require_gpu
+    from dbmef.runtime.backends.cuda import device_info, require_gpu, set_device
 
     require_gpu()
+    set_device(device)  # the engines are built on, and keyed by, this GPU
     import_tensorrt()
     import tensorrt as trt
     bundle = Path(bundle_dir)
-    manifest = load_manifest(bundle)
+    manifest = Bundle.open(bundle, verify=False).manifest
     gpu = device_info(device)
     names = components or ["backbone", "text_encoder", "vae_encoder", manifest.scorer_component]
-    existing = manifest.tensorrt.get("engines", {})
+    existing = manifest.tensorrt.engines
     logger = trt_logger()
     out: dict[str, EngineRecord] = {}
     for name in names:
@@ -164,12 +160,12 @@ def build_engines(bundle_dir: str | Path, components: list[str] | None = None, f
                          settings)
         old = existing.get(name)
         path = bundle / engine_file_name(name, key)
-        if not force and old and old.get("key") == key and path.is_file() and sha256_file(path) == old.get("sha256"):
+        if not force and old and old.key == key and path.is_file() and sha256_file(path) == old.sha256:
             log.info("%s: reusing %s", name, path.name)
-            out[name] = EngineRecord(**old)
+            out[name] = old
             continue
-        if old and old.get("key") != key:
-            log.info("%s: engine key changed (%s -> %s): rebuilding", name, old.get("key"), key)
+        if old and old.key != key:
+            log.info("%s: engine key changed (%s -> %s): rebuilding", name, old.key, key)
         t0 = time.perf_counter()
         cache = bundle / ENGINE_DIR / timing_cache_name(trt.__version__, gpu["compute_capability"])
         data = EngineBytesFromNetwork(NetworkFromOnnxPath(bundle / rec.file, logger), profile, settings, cache)()
@@ -181,10 +177,8 @@ def build_engines(bundle_dir: str | Path, components: list[str] | None = None, f
                                  profile=profile.to_dict(), build_seconds=round(time.perf_counter() - t0, 2),
                                  settings=settings.to_dict())
         log.info("%s: built %s in %.1f s", name, path.name, out[name].build_seconds)
-    manifest = load_manifest(bundle)  # re-read: keep whatever else changed meanwhile
-    engines = dict(manifest.tensorrt.get("engines", {}))
-    engines.update({k: v.to_dict() for k, v in out.items()})
+    b = Bundle.open(bundle, verify=False)  # re-read: keep whatever else changed meanwhile
     cache_file = timing_cache_name(trt.__version__, gpu["compute_capability"])
-    manifest.tensorrt = {"engines": engines, "timing_cache": f"{ENGINE_DIR}/{cache_file}"}
-    manifest.save(bundle)
+    record = TensorRTRecord({**b.manifest.tensorrt.engines, **out}, f"{ENGINE_DIR}/{cache_file}")
+    b.save(b.manifest.replace(tensorrt=record))
     return out

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import BACKBONE, SCORER, TEXT_ENCODER, UNET, VAE_ENCODER, ComponentSpec, check_feeds
+from dbmef.runtime.engine import BACKBONE, SCORER, TEXT_ENCODER, UNET, VAE_ENCODER, ComponentSpec, Engine
 from dbmef.runtime.schedule import NoiseSchedule
 
 
-class TorchEngine:
+class TorchEngine(Engine):
     """Runs an nn.Module whose forward takes the spec's inputs in order and returns its output."""
 
     def __init__(self, spec: ComponentSpec, module: nn.Module, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -31,24 +31,18 @@ class TorchEngine:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
         return t.to(self.dtype) if t.is_floating_point() else t
 
+    @property
+    def providers(self) -> list[str]:
+        return [f"torch:{self.device}"]
+
     @torch.inference_mode()
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self, feeds)
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
         out = self.module(*(self._tensor(feeds[n]) for n in self.input_names))
         return {self.output_names[0]: out.float().cpu().numpy()}
 
-    def close(self) -> None:
-        pass
 
-    def __enter__(self) -> TorchEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def torch_engines(system: str | Path, config: ScoringConfig, fused: bool = True, device: str = "cpu") -> dict[str, Any]:
+def torch_engines(system: str | Path, fused: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Load a system folder (see ``loading``) and wrap each network in a TorchEngine.
 
     Returns a dict with the engines and what a pipeline needs: ``engines`` (PipelineEngines),
@@ -101,7 +95,7 @@ def reference_pipeline(system: str | Path, config: ScoringConfig, protector: Any
     from dbmef.runtime.protector import Protector
     from dbmef.runtime.tokenizer import ClipTokenizer
 
-    parts = torch_engines(system, config, fused=fused, device=device)
+    parts = torch_engines(system, fused=fused, device=device)
     return DBMEFPipeline(
         engines=parts["engines"],
         tokenizer=ClipTokenizer(parts["tokenizer_json"]),

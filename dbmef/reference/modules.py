@@ -64,7 +64,7 @@ class UNetModule(nn.Module):
 
 
 class FusedScorerModule(nn.Module):
-    """One DBMEF error per row (DESIGN.md §1.5-1.7), in one graph.
+    """One DBMEF error per row (docs/design.md §1.5-1.7), in one graph.
 
     x0, eps: (B,4,h,w); timestep: (B,) int64; emb_pos, emb_neg: (B,L,D); lam: (1,).
     x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps; both conditions run as one 2B UNet batch;

@@ -25,7 +25,7 @@ SCHEDULER_FIELDS = ("num_train_timesteps", "beta_start", "beta_end")
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Everything that decides a rethink's answer (DESIGN.md §1.3-1.8) and how much UNet work it
+    """Everything that decides a rethink's answer (docs/design.md §1.3-1.8) and how much UNet work it
     may skip (issue 13).
 
     k: candidates taken from the backbone's top-k. n_timesteps: timesteps per vote on the uniform
@@ -48,12 +48,16 @@ class ScoringConfig:
     votes: int = 5
     seed: int = 0
     unet_batch: int = 32
-    early_exit: str = "exact"
-    # adaptive's defaults, chosen on the weak seed-0 digits bundle only (benchmarks/digits/EARLY_EXIT.md):
-    # 398 UNet evaluations per rethought image instead of 1 500 at k = 5, V = 5, every decision kept.
-    exit_z: float = 2.5
-    exit_interval: int = 2
-    exit_min_rows: int = 6
+    # the early-exit defaults are ExitPolicy's (written there once)
+    early_exit: str = ExitPolicy.mode
+    exit_z: float = ExitPolicy.z
+    exit_interval: int = ExitPolicy.interval
+    exit_min_rows: int = ExitPolicy.min_rows
+    exit_keep: tuple[int, ...] = ()  # early_exit = schedule: Li et al.'s to_keep
+    exit_samples: tuple[int, ...] = ()  # ... and n_samples
+    # Diffusion Classifier (Li et al.): every class a candidate, the positive condition only (lam 1),
+    # no protector; the backbone, where the bundle has one, only orders the candidates.
+    zero_shot: bool = False
     templates: PromptTemplates = field(default_factory=PromptTemplates)
 
     def __post_init__(self) -> None:
@@ -78,10 +82,19 @@ class ScoringConfig:
         need(not math.isnan(self.exit_z) and self.exit_z > 0, "exit_z", self.exit_z, "must be > 0 (inf: never drop)")
         need(self.exit_interval >= 1, "exit_interval", self.exit_interval, "must be >= 1")
         need(self.exit_min_rows >= 2, "exit_min_rows", self.exit_min_rows, "must be >= 2")
+        for name in ("exit_keep", "exit_samples"):
+            value = getattr(self, name)
+            need(isinstance(value, tuple) and all(isinstance(x, int) and x >= 1 for x in value), name, value,
+                 "must be a list of positive integers")
+        need(isinstance(self.zero_shot, bool), "zero_shot", self.zero_shot, "must be true or false")
+        need(not self.zero_shot or self.lam == 1.0, "lam", self.lam,
+             "must be 1 in zero-shot mode (the positive condition only: there are no negatives)")
+        self.exit_policy  # noqa: B018 - the policy's own checks (a schedule's keep and samples)
 
     @property
     def exit_policy(self) -> ExitPolicy:
-        return ExitPolicy(self.early_exit, self.exit_z, self.exit_interval, self.exit_min_rows)
+        return ExitPolicy(self.early_exit, self.exit_z, self.exit_interval, self.exit_min_rows, self.exit_keep,
+                          self.exit_samples)
 
     @property
     def unet_evaluations_per_image(self) -> int:
@@ -93,7 +106,8 @@ class ScoringConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON form (tuples as lists, as they come back from a file)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
@@ -113,6 +127,9 @@ class ScoringConfig:
         data = dict(data)
         if "templates" in data and isinstance(data["templates"], dict):
             data["templates"] = PromptTemplates(**data["templates"])
+        for name in ("exit_keep", "exit_samples"):  # JSON lists
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def to_json(self, path: str | Path | None = None) -> str:

@@ -3,12 +3,15 @@ class index, class name or ImageNet wnid) or a file list of ``path label`` lines
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dbmef.errors import ConfigError
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
 
 
@@ -44,8 +47,27 @@ class LabelResolver:
 def list_images(folder: Path) -> list[Path]:
     """Every non-hidden entry under ``folder`` that is not a folder, sorted: unreadable ones
     (dangling or looping symbolic links, sockets, files without permission) are kept so that each
-    is reported with its error instead of silently dropped."""
-    return sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and not _is_dir(p))
+    is reported with its error instead of silently dropped. The walk keeps its own stack (any
+    depth, no recursion limit) and never follows a symbolic link to a folder (no cycles)."""
+    out: list[Path] = []
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError as exc:  # a folder we may not read: reported as one failed input
+            log.warning("cannot list %s: %s", d, exc)
+            out.append(d)
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            (stack if is_dir else out).append(Path(e.path))
+    return sorted(out)
 
 
 def _is_dir(p: Path) -> bool:
@@ -98,6 +120,8 @@ def load_labelled(data: str | Path, class_names: Sequence[str], wnids: Sequence[
 def expand_inputs(paths: Sequence[str | Path]) -> list[str]:
     """Command-line inputs: files as given, folders expanded to their image files (sorted)."""
     out: list[str] = []
+    if any(str(p).strip() == "" for p in paths):
+        raise ConfigError("an input path is empty (''): name image files or folders; '.' for the current folder")
     for p in map(Path, paths):
         found = [str(f) for f in list_images(p) if f.suffix.lower() in IMAGE_SUFFIXES] if _is_dir(p) else []
         # A folder without images (say, one named x.jpg) stays one input: it fails alone, with its

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dbmef.errors import ConfigError
-from dbmef.runtime.bundle import load_manifest
+from dbmef.runtime.bundle import Bundle
 from dbmef.runtime.data import LabelledImage
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import STAGES
@@ -56,21 +57,13 @@ def calibrate(runtime: Any, items: Sequence[LabelledImage], prot: float,
     return protector, stats
 
 
-def write_protector(bundle_dir: str | Path, protector: Protector, stats: dict[str, Any], data: str) -> None:
-    """Record the protector (threshold, Prot, alpha, sample count, data) in the bundle's manifest."""
-    m = load_manifest(bundle_dir)
-    m.protector = protector
-    m.sources["calibration"] = {**stats, "data": str(data)}
-    m.save(bundle_dir)
-
-
-def write_operating_point(bundle_dir: str | Path, protector: Protector, report: dict[str, Any]) -> None:
-    """Record the threshold an operating-point rule chose, with the rule, the curve and the
-    calibration pass's cost, in the bundle's manifest (``dbmef info`` shows it)."""
-    m = load_manifest(bundle_dir)
-    m.protector = protector
-    m.sources["calibration"] = report
-    m.save(bundle_dir)
+def write_protector(bundle: str | Path | Bundle, protector: Protector, record: dict[str, Any]) -> Bundle:
+    """Record a calibrated protector in the bundle's manifest, with ``record`` (the data, the sample
+    counts, and for an operating-point rule the rule, the curve and the pass's cost: ``dbmef info``
+    shows it). The manifest is re-read first, so nothing another writer changed meanwhile is lost."""
+    b = Bundle.open(bundle.dir if isinstance(bundle, Bundle) else bundle, verify=False)
+    m = b.manifest
+    return b.save(m.replace(protector=protector, sources={**m.sources, "calibration": record}))
 
 
 def record(path: str, label: int, r: Any) -> dict[str, Any]:
@@ -86,38 +79,153 @@ def record(path: str, label: int, r: Any) -> dict[str, Any]:
 
 Records = dict[str, dict[str, Any]]
 HEADER_KEY = "dbmef_results"  # the first line of a results file: {HEADER_KEY: 1, "identity": {...}}
+_INT, _NUM, _OPT_STR = (int,), (int, float), (str, type(None))
+# every field a record must carry, and the JSON types it may have (what ``summarize`` and a resume read)
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "image": (str,), "label": (int, type(None)), "label_true": _INT, "rethought": (bool,),
+    "correct": (bool, type(None)), "backbone_correct": (bool, type(None)), "backbone_label": (int, type(None)),
+    "max_prob": (*_NUM, type(None)), "topk": (list,), "candidates": (list,), "noise_errors": (list,),
+    "votes": (list,), "unet_evals": _INT, "timings": (dict,), "error": _OPT_STR, "class_name": _OPT_STR,
+}
 
 
-def open_results(path: Path, items: Sequence[LabelledImage], resume: bool, identity: dict[str, Any],
-                 progress: Callable[[int], None] | None = None) -> tuple[Records, list[LabelledImage]]:
-    """Prepare a results file for (re)starting: the records already done, keyed by image, and the
-    items still to do. The file starts with a header holding the runtime's ``identity`` (bundle
-    digest, scoring config, protector); resuming under another identity is refused, naming the
-    fields that differ. A resumed file is rewritten without any torn line (a crash mid-write)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not resume and path.exists():
-        path.unlink()
-    header, done = read_results_file(path)
-    if path.exists() and (header is not None or done):
-        if header is None:
-            raise ConfigError(f"results file {path} has no header (written by an older dbmef): its configuration "
-                              "cannot be checked; pass --no-resume to start over (or another --results file)")
-        if header["identity"] != identity:
-            raise ConfigError(f"results file {path} was written with another configuration ("
-                              f"{', '.join(_differences(header['identity'], identity))}); resuming would mix "
-                              "two configurations in one file: pass --no-resume to start over, or another --results")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:  # header + every whole record: drops a torn last line, even a lone one
-        f.write(json.dumps({HEADER_KEY: 1, "identity": identity}) + "\n")
-        for rec in done.values():
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
-    if done:
-        log.info("resuming: %d of %d images already in %s", len(done), len(items), path)
-    todo = [it for it in items if it.path not in done]
-    if progress and len(items) - len(todo):
-        progress(len(items) - len(todo))
-    return done, todo
+def valid_record(rec: dict[str, Any]) -> bool:
+    """Whether a results-file line is a whole record of the right shape (else its image is redone)."""
+    for key, kinds in RECORD_FIELDS.items():
+        v = rec.get(key, ...)
+        if v is ... or not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            return False
+    if rec["error"] is None and (rec["label"] is None or rec["correct"] is None):
+        return False
+    return all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in rec["timings"].values())
+
+
+def read_results_file(path: Path) -> tuple[dict[str, Any] | None, Records]:
+    """The header (or None) and the records of a results file, keyed by image; torn, unparseable
+    or malformed lines are skipped (their images are redone)."""
+    header: dict[str, Any] | None = None
+    done: Records = {}
+    if not path.is_file():
+        return header, done
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                continue
+            if not isinstance(rec, dict):
+                continue
+            if HEADER_KEY in rec and isinstance(rec.get("identity"), dict):
+                header = rec
+            elif valid_record(rec):
+                done[rec["image"]] = rec
+    return header, done
+
+
+def read_results(path: Path) -> Records:
+    """The records already in a results file, keyed by image."""
+    return read_results_file(path)[1]
+
+
+def default_results(bundle: str | Path, data: str | Path, kind: str) -> Path:
+    """Where ``dbmef eval`` (kind ``eval``) and ``dbmef calibrate`` (``calibration``) keep their
+    results file by default: ``<bundle>/<kind>/<data name>.jsonl``."""
+    return Path(bundle) / kind / (Path(str(data)).name + ".jsonl")
+
+
+class ResultsFile:
+    """A results file being written by this process: locked against a second writer, rewritten
+    with its whole records once (dropping any torn line), then appended to one record at a time and
+    synced to disk every ``sync_every`` records. Used as a context manager.
+
+    The file starts with a header holding the runtime's ``identity`` (bundle digest, scoring
+    config, protector); resuming under another identity is refused, naming the fields that differ.
+    """
+
+    def __init__(self, path: str | Path, items: Sequence[LabelledImage], resume: bool, identity: dict[str, Any],
+                 sync_every: int = 16):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ConfigError(f"--results {self.path} is a folder; name a file (e.g. {self.path / 'results.jsonl'})")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sync_every = max(1, sync_every)
+        self._lock = _lock(self.path)
+        try:
+            self.done, self.todo = self._prepare(items, resume, identity)
+            self._f = open(self.path, "a")
+        except BaseException:
+            self._lock.close()
+            raise
+        self._unsynced = 0
+
+    def _prepare(self, items: Sequence[LabelledImage], resume: bool, identity: dict[str, Any]
+                 ) -> tuple[Records, list[LabelledImage]]:
+        if not resume:
+            self.path.unlink(missing_ok=True)
+        header, done = read_results_file(self.path)
+        if self.path.exists() and (header is not None or done):
+            if header is None:
+                raise ConfigError(f"results file {self.path} has no header (written by an older dbmef): its "
+                                  "configuration cannot be checked; pass --no-resume to start over (or another "
+                                  "--results file)")
+            if header["identity"] != identity:
+                raise ConfigError(f"results file {self.path} was written with another configuration ("
+                                  f"{', '.join(_differences(header['identity'], identity))}); resuming would mix "
+                                  "two configurations in one file: pass --no-resume to start over, or another "
+                                  "--results")
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:  # header + every whole record: drops a torn last line, even a lone one
+                f.write(json.dumps({HEADER_KEY: 1, "identity": identity}) + "\n")
+                for rec in done.values():
+                    f.write(json.dumps(rec) + "\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if done:
+            log.info("resuming: %d of %d images already in %s", len(done), len(items), self.path)
+        return done, [it for it in items if it.path not in done]
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.done[rec["image"]] = rec
+        self._f.write(json.dumps(rec) + "\n")
+        self._unsynced += 1
+        if self._unsynced >= self.sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._unsynced = 0
+
+    def close(self) -> None:
+        try:
+            self.sync()
+            self._f.close()
+        finally:
+            self._lock.close()
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lock(path: Path) -> Any:
+    """An exclusive lock on ``<path>.lock`` for as long as the returned file stays open: two
+    processes never rewrite or append to one results file at once."""
+    import fcntl
+
+    f = open(path.with_name(path.name + ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"another dbmef process is writing {path} (it holds {path.name}.lock); wait for it to "
+                          "finish, or pass another --results file") from None
+    return f
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -131,62 +239,25 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def read_results_file(path: Path) -> tuple[dict[str, Any] | None, Records]:
-    """The header (or None) and the records of a results file, keyed by image; torn or unparseable
-    lines are skipped (their images are redone)."""
-    header: dict[str, Any] | None = None
-    done: Records = {}
-    if not path.is_file():
-        return header, done
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict):
-                continue
-            if HEADER_KEY in rec:
-                header = rec
-            elif "image" in rec:
-                done[rec["image"]] = rec
-    return header, done
-
-
-def read_results(path: Path) -> Records:
-    """The records already in a results file, keyed by image."""
-    return read_results_file(path)[1]
-
-
 def evaluate(runtime: Any, items: Sequence[LabelledImage], results_path: str | Path, resume: bool = True,
              progress: Callable[[int], None] | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Classify every item, appending per-image records to ``results_path`` (JSONL) in the order
     they are answered (``runtime.stream``: a kept answer does not wait for the rethinks of its
-    batch), and return the summary. The file is flushed to disk every ``batch_size`` records, so
-    a crash loses at most those. ``stop_after``: stop after that many new images (tests of resuming)."""
-    path = Path(results_path)
-    done, todo = open_results(path, items, resume, runtime.identity(), progress)
-    new = 0
-    with open(path, "a") as f:
-        for r in runtime.stream([it.path for it in todo]):
+    batch), and return the summary. The file is synced every ``batch_size`` records, so a crash
+    loses at most those. ``stop_after``: stop after that many new images (tests of resuming)."""
+    with ResultsFile(results_path, items, resume, runtime.identity(), runtime.batch_size) as out:
+        if progress and len(out.done):
+            progress(len(items) - len(out.todo))
+        todo = out.todo
+        for new, r in enumerate(runtime.stream([it.path for it in todo]), start=1):
             it = todo[r.index]
-            rec = record(it.path, it.label, r)
-            done[it.path] = rec
-            f.write(json.dumps(rec) + "\n")
-            new += 1
-            if new % runtime.batch_size == 0:
-                _sync(f)
+            out.add(record(it.path, it.label, r))
             if progress:
                 progress(1)
             if stop_after is not None and new >= stop_after:
                 break
-        _sync(f)
+        done = out.done
     return summarize([done[it.path] for it in items if it.path in done], total=len(items))
-
-
-def _sync(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def summarize(records: Sequence[dict[str, Any]], total: int | None = None) -> dict[str, Any]:

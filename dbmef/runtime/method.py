@@ -1,4 +1,4 @@
-"""The DBMEF method as numpy functions, in the order DESIGN.md §1 states it.
+"""The DBMEF method as numpy functions, in the order docs/design.md §1 states it.
 
 1. ``softmax`` and ``top_k``: the backbone's probabilities and its k candidates (§1.1, §1.3).
 2. ``gate``: rethink an image iff its top probability ``S(x) <= threshold`` (§1.2); the threshold
@@ -61,10 +61,9 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Gate:
-    """The fast path's decision for N images: softmax ``probs`` (N, C), candidates ``top`` (N, k) in
-    rank order with their probabilities ``top_p`` (N, k), and ``rethink`` (N,) bool."""
+    """The fast path's decision for N images: candidates ``top`` (N, k) in rank order with their
+    probabilities ``top_p`` (N, k), and ``rethink`` (N,) bool."""
 
-    probs: np.ndarray
     top: np.ndarray
     top_p: np.ndarray
     rethink: np.ndarray
@@ -79,7 +78,7 @@ def gate(logits: np.ndarray, threshold: float, k: int) -> Gate:
     """(N, C) logits -> Gate: softmax, S(x) = max p, ``rethinks``, top-k."""
     probs = softmax(logits)
     top, top_p = top_k(probs, k)
-    return Gate(probs, top, top_p, rethinks(top_p[:, 0], threshold))
+    return Gate(top, top_p, rethinks(top_p[:, 0], threshold))
 
 
 # -- 3: text conditions ----------------------------------------------------------------------
@@ -89,7 +88,7 @@ DEFAULT_NEGATIVE_TEMPLATE = "the features of {names}."
 
 @dataclass(frozen=True)
 class PromptTemplates:
-    """How class names become text conditions (DESIGN.md §1.6).
+    """How class names become text conditions (docs/design.md §1.6).
 
     ``positive`` is formatted with ``name``; ``negative`` with ``names``, the other k-1
     candidates in rank order joined by ``separator``.

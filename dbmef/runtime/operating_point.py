@@ -194,15 +194,30 @@ class Choice:
         return {"rule": self.rule, "value": self.value, "point": self.point.to_dict(), "warnings": list(self.warnings)}
 
 
+def check_rule(rule: str, value: float) -> None:
+    """Refuse a rule or value no pass can satisfy, before any work is done."""
+    flag = "--" + rule.replace("_", "-")
+    if rule not in RULES:
+        raise ConfigError(f"rule {rule!r} is not one of {RULES}")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{flag} {value} must be a finite number")
+    if rule in ("prot", "max_rethink_rate") and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{flag} {value} must lie in [0, 1]" + (" (a share of the traffic)" if rule != "prot" else
+                                                                   " (the paper's Prot = 1 - alpha, e.g. 0.95)"))
+    if rule == "target_accuracy" and not 0.0 < value <= 1.0:
+        raise ConfigError(f"{flag} {value} must lie in (0, 1] (an accuracy, e.g. 0.93)")
+    if rule == "latency_budget_ms" and value <= 0:
+        raise ConfigError(f"{flag} {value} must be a positive number of milliseconds per image")
+
+
 def choose(cp: RethinkAllPass, rule: str, value: float) -> Choice:
     """The threshold ``rule`` picks with ``value`` (see the module docstring), with its warnings."""
+    check_rule(rule, value)
     sw = sweep(cp)
     rate, acc, ms, ts = sw["rethink_rate"], sw["accuracy"], sw["mean_ms"], sw["threshold"]
     if rule == "prot":
         threshold, prot = cp.protector(value).threshold, value
     elif rule == "max_rethink_rate":
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--max-rethink-rate {value} must lie in [0, 1] (a share of the traffic)")
         ok = np.flatnonzero(rate <= value + 1e-12)
         best = ok[acc[ok] == acc[ok].max()]
         threshold, prot = float(ts[best[np.argmin(rate[best])]]), None  # best accuracy, then the cheapest
@@ -212,14 +227,12 @@ def choose(cp: RethinkAllPass, rule: str, value: float) -> Choice:
             raise ConfigError(f"no threshold reaches accuracy {value:.2%} on the calibration set (the best is "
                               f"{acc.max():.2%} at rethink rate {rate[np.argmax(acc)]:.1%}); lower --target-accuracy")
         threshold, prot = float(ts[ok[np.argmin(rate[ok])]]), None
-    elif rule == "latency_budget_ms":
+    else:  # latency_budget_ms
         ok = np.flatnonzero(ms <= value)
         if not len(ok):
             raise ConfigError(f"even rethinking nothing costs {ms.min():.2f} ms per image on average here, over the "
                               f"--latency-budget-ms {value}")
         threshold, prot = float(ts[ok[np.argmax(rate[ok])]]), None
-    else:
-        raise ConfigError(f"rule {rule!r} is not one of {RULES}")
     chosen = point(cp, threshold, prot)
     return Choice(rule, float(value), chosen, _warnings(cp, chosen, rule, value, sw))
 

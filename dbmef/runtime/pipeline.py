@@ -16,7 +16,7 @@ from PIL import Image
 
 from dbmef.errors import ConfigError, DBMEFError, ImageError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import Engine, max_batch
+from dbmef.runtime.engine import Engine, chunked
 from dbmef.runtime.method import negative_prompts, positive_prompt
 from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreprocess, describe, load_image
 from dbmef.runtime.protector import Protector
@@ -60,13 +60,18 @@ class EmbeddingCache:
 class PipelineEngines:
     """The four networks of a DBMEF system, each behind the Engine interface."""
 
-    backbone: Engine
+    backbone: Engine | None  # None: a bundle without a classifier (zero-shot)
     text_encoder: Engine
     vae_encoder: Engine
     scorer: Engine  # a fused scorer or a plain UNet
 
+    def items(self) -> list[tuple[str, Engine]]:
+        named = [("backbone", self.backbone), ("text_encoder", self.text_encoder),
+                 ("vae_encoder", self.vae_encoder), ("scorer", self.scorer)]
+        return [(n, e) for n, e in named if e is not None]
+
     def close(self) -> None:
-        for e in (self.backbone, self.text_encoder, self.vae_encoder, self.scorer):
+        for _, e in self.items():
             e.close()
 
 
@@ -85,7 +90,7 @@ class DBMEFPipeline:
         class_names: Sequence[str],
         config: ScoringConfig,
         protector: Protector,
-        backbone_preprocess: BackbonePreprocess,
+        backbone_preprocess: BackbonePreprocess | None,
         vae_image_size: int,
         latent_shape: tuple[int, int, int],
         positive_embeddings: np.ndarray | None = None,
@@ -93,6 +98,7 @@ class DBMEFPipeline:
         backbone_batch: int = 32,
         cache_size: int = 4096,
         speculate: bool = True,
+        negative_cache: EmbeddingCache | None = None,
     ):
         if config.k > len(class_names):
             raise ConfigError(f"k = {config.k} exceeds the number of classes ({len(class_names)})")
@@ -106,7 +112,7 @@ class DBMEFPipeline:
         self.backbone_batch = backbone_batch
         self.speculate = speculate  # fill a call that would be padded with rows the plans will ask for next
         self.scorer = DiffusionScorer(config, engines.scorer, latent_shape, schedule)
-        self.negative_cache = EmbeddingCache(cache_size)
+        self.negative_cache = negative_cache if negative_cache is not None else EmbeddingCache(cache_size)
         if positive_embeddings is None:
             positive_embeddings = self.encode_text(
                 [positive_prompt(n, config.templates) for n in self.class_names]
@@ -119,22 +125,17 @@ class DBMEFPipeline:
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """texts -> (N, L, D) last hidden states, in text-encoder batches of at most 64."""
-        outs = []
-        step = max_batch(self.engines.text_encoder, 64)
-        for s in range(0, len(texts), step):
-            ids = self.tokenizer(texts[s : s + step])
-            outs.append(self.engines.text_encoder({"input_ids": ids})["last_hidden_state"])
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        ids = self.tokenizer(list(texts))  # (N, L)
+        return chunked(self.engines.text_encoder, "input_ids", ids, "last_hidden_state", 64).astype(np.float32,
+                                                                                                  copy=False)
 
     def encode_latents(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """RGB images -> (M, 4, h, w) VAE latents x0 (DESIGN.md §1.4)."""
+        """RGB images -> (M, 4, h, w) VAE latents x0 (docs/design.md §1.4)."""
         return self._vae(np.stack([self.vae_preprocess(img) for img in images]))
 
     def _vae(self, imgs: np.ndarray) -> np.ndarray:
         """(M, 3, S, S) VAE inputs -> (M, 4, h, w) latents, in calls of at most the engine's batch."""
-        step = max_batch(self.engines.vae_encoder, 8)
-        return np.concatenate([self.engines.vae_encoder({"image": imgs[s : s + step]})["latent"]
-                               for s in range(0, len(imgs), step)])
+        return chunked(self.engines.vae_encoder, "image", imgs, "latent", 8)
 
     def negative_embeddings(self, candidates: np.ndarray) -> np.ndarray:
         """(M,k) candidate ids -> (M,k,L,D): each image's k negatives in one text-encoder call,
@@ -163,19 +164,9 @@ class DBMEFPipeline:
         decodes again. ``errors``: inputs already known to be unreadable (not read again)."""
         batch = Batch.empty([names[i] if names else describe(src) for i, src in enumerate(images)],
                             self.config.k, self.config.votes)
-        pixel: list[np.ndarray] = []
         t0 = time.perf_counter()
         batch.submitted[:] = t0
-        for i, src in enumerate(images):
-            try:
-                if errors is not None and errors[i]:
-                    raise ImageError(str(errors[i]))
-                # One decoded picture at a time, released once preprocessed: a batch of images at the
-                # pixel limit costs one of them, not all (a 64 M-pixel RGBA PNG decodes to 0.25 GB).
-                pixel.append(self.backbone_preprocess(load_image(src)))
-            except DBMEFError as exc:
-                batch.error[i] = str(exc)
-                log.warning("skipping %s: %s", batch.names[i], exc)
+        pixel, batch.error = self._decode(images, errors, batch.names)
         ok = batch.ok
         batch.charge("decode_preprocess", time.perf_counter() - t0, ok)
         if ok.any():
@@ -187,6 +178,12 @@ class DBMEFPipeline:
     def _gate(self, batch: Batch, pixel: np.ndarray, images: Sequence[ImageInput]) -> None:
         ok = batch.ok
         t0 = time.perf_counter()
+        if self.engines.backbone is None:  # zero-shot without a classifier: every class, in class order
+            batch.top[ok] = np.arange(len(self.class_names))
+            batch.rethink[ok] = True
+            batch.label[ok] = 0
+            self._vae_inputs(batch, images)
+            return
         logits = self._backbone(pixel)  # (N_ok, C)
         batch.charge("backbone", time.perf_counter() - t0, ok)
         if logits.shape[1] != len(self.class_names):
@@ -199,6 +196,9 @@ class DBMEFPipeline:
         batch.top[ok], batch.top_p[ok], batch.rethink[ok] = g.top, g.top_p, g.rethink
         batch.label[ok] = g.top[:, 0]
         batch.charge("protector", time.perf_counter() - t0, ok)
+        self._vae_inputs(batch, images)
+
+    def _vae_inputs(self, batch: Batch, images: Sequence[ImageInput]) -> None:
         t0 = time.perf_counter()
         for i in np.flatnonzero(batch.rethink):
             # decoded again, for the rethought images only, rather than every decoded picture held
@@ -217,7 +217,7 @@ class DBMEFPipeline:
                               f"{self.config.k}")
         return idx
 
-    def slow_inputs(self, batch: Batch, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def slow_inputs(self, batch: Batch, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """VAE latents (M, 4, h, w) and negative embeddings (M, k, L, D) of rows ``idx``, their stage
         times charged to those rows; the rows' VAE inputs are released."""
         rows = np.zeros(len(batch), bool)
@@ -228,7 +228,8 @@ class DBMEFPipeline:
         t0 = time.perf_counter()
         latents = self._vae(np.stack(pixels))  # type: ignore[arg-type]
         t1 = time.perf_counter()
-        neg = self.negative_embeddings(batch.top[idx])
+        # zero-shot has no negative condition (positive only, lam = 1): nothing to encode
+        neg = None if self.config.zero_shot else self.negative_embeddings(batch.top[idx])
         batch.charge("vae_encode", t1 - t0, rows)
         batch.charge("text_encoder", time.perf_counter() - t1, rows)
         for i in idx:
@@ -252,7 +253,8 @@ class DBMEFPipeline:
         latents, neg = self.slow_inputs(batch, idx)
         with closing(self.scheduler(len(idx), lockstep, progress)) as sched:
             for j, i in enumerate(idx):
-                sched.submit(int(i), latents[j], batch.top[i], neg[j], submitted=float(batch.submitted[i]))
+                sched.submit(int(i), latents[j], batch.top[i], None if neg is None else neg[j],
+                             submitted=float(batch.submitted[i]))
             for s in sched.drain():
                 batch.settle(s.key, s)
             batch.scoring = sched.stats.to_dict()
@@ -303,25 +305,40 @@ class DBMEFPipeline:
             latents, neg = self.slow_inputs(batch, idx)
             for j, i in enumerate(idx):
                 held[int(batch.index[i])] = (batch, int(i))
-                sched.submit(int(batch.index[i]), latents[j], batch.top[i], neg[j], submitted=float(batch.submitted[i]))
+                sched.submit(int(batch.index[i]), latents[j], batch.top[i], None if neg is None else neg[j],
+                             submitted=float(batch.submitted[i]))
+
+    def _decode(self, images: Sequence[ImageInput], known: Sequence[str | None] | None, names: Sequence[str]
+                ) -> tuple[list[np.ndarray], list[str | None]]:
+        """Each input decoded and preprocessed for the backbone: the arrays of the readable ones, and
+        one error message (or None) per input. ``known``: errors already found (not read again)."""
+        pixel: list[np.ndarray] = []
+        errors: list[str | None] = []
+        for i, src in enumerate(images):
+            try:
+                if known is not None and known[i]:
+                    raise ImageError(str(known[i]))
+                # One decoded picture at a time, released once preprocessed: a batch of images at the
+                # pixel limit costs one of them, not all (a 64 M-pixel RGBA PNG decodes to 0.25 GB).
+                img = load_image(src)
+                # without a classifier (zero-shot) the image is only checked here; the VAE reads it later
+                pixel.append(self.backbone_preprocess(img) if self.backbone_preprocess else np.zeros(0, np.float32))
+                errors.append(None)
+            except DBMEFError as exc:
+                errors.append(str(exc))
+                log.warning("skipping %s: %s", names[i], exc)
+        return pixel, errors
 
     def backbone_logits(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
         """Decode and run the backbone only: (N_ok, C) logits of the readable images, and one error
         message (or None) per input."""
-        pixel: list[np.ndarray] = []
-        errors: list[str | None] = []
-        for src in images:
-            try:
-                pixel.append(self.backbone_preprocess(load_image(src)))
-                errors.append(None)
-            except DBMEFError as exc:
-                errors.append(str(exc))
+        pixel, errors = self._decode(images, None, [describe(s) for s in images])
         if not pixel:
             return np.empty((0, len(self.class_names)), np.float32), errors
         return self._backbone(np.stack(pixel)), errors
 
     def _backbone(self, pixel: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) -> (N, C) logits, in calls of at most the engine's batch."""
-        step = max_batch(self.engines.backbone, self.backbone_batch)
-        return np.concatenate([self.engines.backbone({"pixel_values": pixel[s : s + step]})["logits"]
-                               for s in range(0, len(pixel), step)])
+        if self.engines.backbone is None:
+            raise ConfigError("this bundle has no classifier (a zero-shot bundle): there are no backbone scores")
+        return chunked(self.engines.backbone, "pixel_values", pixel, "logits", self.backbone_batch)

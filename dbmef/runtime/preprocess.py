@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import stat
 import struct
 import warnings
 from collections.abc import Mapping
@@ -94,6 +95,22 @@ def check_size(name: str, width: int, height: int) -> None:
                          f"{MAX_ASPECT_RATIO:.0f}; the classifier's center crop would see almost none of it")
 
 
+def _check_regular_file(p: Path, name: str) -> None:
+    """Only a regular file is read: a FIFO or a device (``/dev/zero``, ``/dev/stdin``) would block or
+    never end, and each is named as what it is."""
+    try:
+        st = p.stat()
+    except OSError:
+        link = " (a dangling or looping symbolic link)" if p.is_symlink() else ""
+        raise ImageError(f"{name}: no such file{link}") from None
+    mode = st.st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    for test, what in kinds:
+        if test(mode):
+            raise ImageError(f"{name}: is {what}, not an image file")
+
+
 def _decode(fp: Any, name: str) -> Image.Image:
     with warnings.catch_warnings():
         # Corrupt metadata makes PIL warn on stderr per file; the image's own error (if any) says enough.
@@ -119,11 +136,9 @@ def load_image(src: ImageInput) -> Image.Image:
     try:
         if isinstance(src, (str, Path)):
             p = Path(src)
-            if p.is_dir():
-                raise ImageError(f"{name}: is a folder, not an image file")
-            if not p.is_file():
-                link = " (a dangling or looping symbolic link)" if p.is_symlink() else ""
-                raise ImageError(f"{name}: no such file{link}")
+            if not str(src):
+                raise ImageError("an empty path is not an image file")
+            _check_regular_file(p, name)
             if p.stat().st_size > MAX_FILE_BYTES:
                 raise ImageError(f"{name}: {p.stat().st_size} bytes is over the limit of {MAX_FILE_BYTES}")
             img = _decode(p, name)
@@ -226,6 +241,11 @@ class BackbonePreprocess:
             crop_mode=mode,
         )
 
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> BackbonePreprocess:
+        """The manifest's record (timm's data config)."""
+        return cls.from_data_config(cfg)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_size": list(self.input_size),
@@ -258,7 +278,7 @@ class BackbonePreprocess:
 
 @dataclass(frozen=True)
 class VaePreprocess:
-    """DESIGN.md §1.4: bicubic resize of the short side to ``size``, center crop, scale to [-1, 1]."""
+    """docs/design.md §1.4: bicubic resize of the short side to ``size``, center crop, scale to [-1, 1]."""
 
     size: int = 512
 

@@ -1,4 +1,4 @@
-"""The confidence protector (DESIGN.md §1.2): which answers of the backbone get rethought."""
+"""The confidence protector (docs/design.md §1.2): which answers of the backbone get rethought."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ class Protector:
     threshold: float
     prot: float | None = None
     n_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        # A NaN compares false with everything: "S <= NaN" would silently switch the slow path off.
+        t = self.threshold
+        if not isinstance(t, (int, float)) or math.isnan(t):
+            raise ConfigError(f"protector threshold {t!r} is not a number; recalibrate with `dbmef calibrate`")
+        if math.isinf(t) and self.prot not in (None, 0.0, 1.0):
+            raise ConfigError(f"protector threshold {t} with prot {self.prot}: only Prot 0 (+inf) and 1 (-inf) have an "
+                              "infinite threshold; recalibrate with `dbmef calibrate`")
+        if math.isfinite(t) and not 0.0 <= t <= 1.0:
+            raise ConfigError(f"protector threshold {t} is not a probability in [0, 1]; recalibrate with "
+                              "`dbmef calibrate`")
+        if self.prot is not None and not (isinstance(self.prot, (int, float)) and 0.0 <= self.prot <= 1.0):
+            raise ConfigError(f"protector prot {self.prot!r} must lie in [0, 1]")
 
     @classmethod
     def calibrate(cls, max_probs: np.ndarray, correct: np.ndarray, prot: float) -> Protector:
@@ -65,7 +79,7 @@ class Protector:
         return rethinks(max_probs, self.threshold)
 
     def gate(self, logits: np.ndarray, k: int) -> Gate:
-        """DESIGN.md §1.1-1.3 in one place: softmax, S(x) = max p, rethink iff S <= threshold, and
+        """docs/design.md §1.1-1.3 in one place: softmax, S(x) = max p, rethink iff S <= threshold, and
         the top-k candidates. (N, C) logits -> Gate."""
         return gate(logits, self.threshold, k)
 

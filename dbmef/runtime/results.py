@@ -153,7 +153,7 @@ class Batch:
         """Record the slow path's answer ``s`` for row i (its latency up to ``clock``, default the
         moment it settled)."""
         self.label[i], self.noise_errors[i], self.votes[i] = s.label, s.errors, s.votes
-        self.unet_evals[i] = 2 * s.rows  # positive and negative per row
+        self.unet_evals[i] = s.unet_evals
         for stage, secs in (("unet_scoring", s.unet_seconds), ("vote", s.vote_seconds)):
             self.seconds[stage][i] = np.nan_to_num(self.seconds[stage][i]) + secs
         self.latency[i] = (s.settled if clock is None else clock) - self.submitted[i]
@@ -164,8 +164,9 @@ class Batch:
         if not np.isnan(self.latency[i]):
             r.latency_s = float(self.latency[i])
         if r.error is None:
-            r.backbone_label, r.max_prob = int(self.top[i, 0]), float(self.top_p[i, 0])
-            r.topk = [(int(c), float(p)) for c, p in zip(self.top[i], self.top_p[i])]
+            if not np.isnan(self.top_p[i, 0]):  # NaN: no classifier ranked the candidates (zero-shot)
+                r.backbone_label, r.max_prob = int(self.top[i, 0]), float(self.top_p[i, 0])
+                r.topk = [(int(c), float(p)) for c, p in zip(self.top[i], self.top_p[i])]
             r.rethought, r.label = bool(self.rethink[i]), int(self.label[i])
             r.class_name = class_names[r.label]
             r.timings = {s: float(v[i]) for s, v in self.seconds.items() if not np.isnan(v[i])}

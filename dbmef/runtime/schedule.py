@@ -1,4 +1,4 @@
-"""The DDPM noise schedule of Stable Diffusion and DBMEF's uniform timestep grid (DESIGN.md §1.5)."""
+"""The DDPM noise schedule of Stable Diffusion and DBMEF's uniform timestep grid (docs/design.md §1.5)."""
 
 from __future__ import annotations
 

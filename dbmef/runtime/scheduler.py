@@ -83,6 +83,7 @@ class Settled:
     submitted: float
     settled: float
     first_sent: float  # when its first row went into an engine call
+    unet_evals: int  # rows x UNet evaluations per row (2: positive and negative; 1 at lam = 1)
 
     @property
     def latency_s(self) -> float:
@@ -92,11 +93,11 @@ class Settled:
 class _Job:
     """An image in the scheduler: its plan, its current stage and its rows evaluated ahead."""
 
-    def __init__(self, key: Any, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray,
+    def __init__(self, key: Any, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None,
                  plan: ImagePlan, submitted: float):
         self.key, self.plan, self.submitted = key, plan, submitted
         self.candidates = np.asarray(candidates, np.int64)
-        self.inputs: tuple[np.ndarray, np.ndarray] | None = (latent, negatives)  # until loaded
+        self.inputs: tuple[np.ndarray, np.ndarray | None] | None = (latent, negatives)  # until loaded
         self.slot = -1
         self.stage = np.empty((0, 3), np.int64)  # (S, 3) rows (v, i, c): to send first, then known
         self.err = np.empty(0, np.float32)  # (S,)
@@ -135,6 +136,7 @@ class RowScheduler:
         self.executor = executor
         self.config = config
         self.B = config.unet_batch
+        self.evals_per_row = executor.scorer.evals_per_row
         self.lockstep = lockstep
         self.speculate = speculate and not lockstep
         self.progress = progress
@@ -148,7 +150,7 @@ class RowScheduler:
         self._t_last = 0.0
 
     # -- intake ------------------------------------------------------------------------------------
-    def submit(self, key: Any, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray,
+    def submit(self, key: Any, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None,
                submitted: float | None = None) -> None:
         """Queue one image; it enters a slot at once if one is free, else when an image leaves."""
         cfg = self.config
@@ -359,4 +361,4 @@ class RowScheduler:
         self.stats.rows_needed += p.rows
         return Settled(job.key, job.candidates, p.winner, int(job.candidates[p.winner]), p.per_vote_errors(),
                        p.vote_counts(), p.rows, p.stages, job.unet_s, job.vote_s, job.submitted, self.clock(),
-                       job.first_sent)
+                       job.first_sent, p.rows * self.evals_per_row)

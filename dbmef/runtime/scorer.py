@@ -26,7 +26,7 @@ import numpy as np
 from dbmef.errors import EngineError
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.early_exit import ExitPolicy, RowPlanner
-from dbmef.runtime.engine import Engine, RowScorer, row_scorer
+from dbmef.runtime.engine import Engine, RowScorer
 from dbmef.runtime.method import add_noise, combine_and_error, error_terms
 from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.schedule import NoiseSchedule
@@ -63,10 +63,12 @@ class ScoreResult:
     def engine_calls(self) -> int:
         return int(self.stats.engine_calls)
 
+    evals_per_row: int = 2
+
     @property
     def unet_evals_per_image(self) -> np.ndarray:
-        """(M,) UNet evaluations each image cost: positive and negative per row."""
-        return 2 * self.rows_per_image
+        """(M,) UNet evaluations each image cost: positive and negative per row (one at lam = 1)."""
+        return self.evals_per_row * self.rows_per_image
 
 
 class RowExecutor:
@@ -110,16 +112,21 @@ class HostRows(RowExecutor):
         k = scorer.config.k
         self.latents = np.zeros((self.capacity, *scorer.latent_shape), np.float32)  # (S, 4, h, w)
         self.candidates = np.zeros((self.capacity, k), np.int64)  # (S, k)
-        self.negatives = np.zeros((self.capacity, k, *self.positive.shape[1:]), np.float32)  # (S, k, L, D)
+        # (S, k, L, D); none in zero-shot mode, whose positive-only kernel reads no negative condition
+        self.negatives = (None if scorer.config.zero_shot else
+                          np.zeros((self.capacity, k, *self.positive.shape[1:]), np.float32))
 
-    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None:
-        self.latents[slot], self.candidates[slot], self.negatives[slot] = latent, candidates, negatives
+    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None) -> None:
+        self.latents[slot], self.candidates[slot] = latent, candidates
+        if self.negatives is not None:
+            self.negatives[slot] = negatives
 
     def launch(self, rows: np.ndarray) -> np.ndarray:
         s, v, i, c = rows.T  # rows (B, 4): slot, vote, grid position, candidate position
         sc = self.scorer
-        return sc.kernel_on(self.kernel, self.latents[s], sc.noise.eps[v, i], sc.timesteps[i],
-                            self.positive[self.candidates[s, c]], self.negatives[s, c])
+        pos = self.positive[self.candidates[s, c]]  # (B, L, D)
+        neg = pos if self.negatives is None else self.negatives[s, c]
+        return sc.kernel_on(self.kernel, self.latents[s], sc.noise.eps[v, i], sc.timesteps[i], pos, neg)
 
     def collect(self, ticket: np.ndarray) -> np.ndarray:
         return ticket
@@ -173,12 +180,19 @@ class DiffusionScorer:
         self.sqrt_one_minus_abar = np.sqrt(1.0 - self.abar).astype(np.float32)  # (T,)
         self.noise = NoiseBank(config.votes, config.n_timesteps, self.latent_shape, config.seed)
         names = set(engine.input_names)
+        self.evals_per_row = 2  # UNet evaluations one row costs: the positive and the negative condition
         if {"x0", "eps", "emb_pos", "emb_neg"} <= names:
+            if config.zero_shot:
+                raise EngineError("zero-shot mode scores the positive condition alone, which the fused scorer graph "
+                                  "cannot: use the bundle's plain UNet graph (export with --scorer unet or both)")
             self.mode = "fused"
             self.kernel: RowKernel = self._fused_kernel
         elif {"sample", "timestep", "encoder_hidden_states"} <= names:
             self.mode = "unet"
             self.kernel = self._unet_kernel
+            if config.lam == 1.0:
+                # eps_hat = neg + 1 * (pos - neg) = pos: the negative condition cannot change the error
+                self.kernel, self.evals_per_row = self._positive_kernel, 1
         else:
             raise EngineError(
                 f"engine '{engine.name}' has inputs {list(engine.input_names)}: neither a fused "
@@ -189,7 +203,7 @@ class DiffusionScorer:
 
     def executor(self, positive_table: np.ndarray, capacity: int) -> RowExecutor:
         """The executor for this scorer's engine: on the device when it gathers rows there."""
-        device = row_scorer(self.engine) if self.mode == "fused" else None
+        device = self.engine.rows() if self.mode == "fused" else None
         if device is not None:
             return DeviceRows(self, device, positive_table, capacity)
         return HostRows(self, positive_table, capacity)
@@ -207,6 +221,12 @@ class DiffusionScorer:
     def _unet_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
         pos, neg = self._unet_predictions(x0, eps, t, emb_pos, emb_neg)
         return combine_and_error(eps, pos, neg, self.config.lam)
+
+    def _positive_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+        x_t = add_noise(x0, eps, self.sqrt_abar[t], self.sqrt_one_minus_abar[t])  # (B,4,h,w)
+        pos = self.engine({"sample": x_t, "timestep": t, "encoder_hidden_states": emb_pos})["noise_pred"]
+        diff = eps.astype(np.float32) - pos
+        return np.asarray(np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64), dtype=np.float32)
 
     def terms_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
         """Per-row ``error_terms`` (B, 3) float64 instead of one error (plain UNet engines only)."""
@@ -310,4 +330,4 @@ class DiffusionScorer:
                 errors[s.key], votes[s.key], labels[s.key], rows[s.key] = s.errors, s.votes, s.label, s.rows
         finally:
             ex.close()
-        return ScoreResult(errors, votes, labels, rows, sched.stats)
+        return ScoreResult(errors, votes, labels, rows, sched.stats, self.evals_per_row)

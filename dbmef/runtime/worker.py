@@ -98,7 +98,7 @@ class _SlowItem:
     batch: Batch
     row: int
     latent: np.ndarray
-    negatives: np.ndarray
+    negatives: np.ndarray | None  # None in zero-shot mode (no negative condition)
     handed: float  # when the fast path handed it over
 
 
@@ -271,7 +271,8 @@ class ClassifierWorker:
             latents, neg = pipe.slow_inputs(batch, np.array(keep, np.int64))
             with self._lock:
                 for j, i in enumerate(keep):
-                    self._handoff.append(_SlowItem(reqs[i], batch, i, latents[j], neg[j], self.clock()))
+                    self._handoff.append(_SlowItem(reqs[i], batch, i, latents[j], None if neg is None else neg[j],
+                                                   self.clock()))
                 self.stats.slow_queue = len(self._handoff)
                 self._lock.notify_all()
 
@@ -344,7 +345,7 @@ class ClassifierWorker:
             item.batch.settle(item.row, s)
             self.observer.slow_wait(s.first_sent - item.handed)
             self.stats.rethought += 1
-            self.stats.unet_evals += 2 * s.rows
+            self.stats.unet_evals += s.unet_evals
             self._answer(item.req, item.batch.result(item.row, self.pipe.class_names))
         if sched.stats.engine_calls > calls:
             secs = (self.clock() - t0) / ((sched.stats.engine_calls - calls) * sched.B)

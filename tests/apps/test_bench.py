@@ -67,13 +67,13 @@ def test_bench_with_a_source_runs_the_torch_baselines_and_a_profile(tiny_bundle,
 @needs_torch
 def test_paper_scripts_baseline_answers_like_dbmef(tiny_system, sample_images):
     """Equal work must mean equal answers: the baseline is the same method, only slower."""
-    from dbmef.reference.baselines import PaperScriptsBaseline
     from dbmef.reference.engines import reference_pipeline
+    from dbmef.reference.paper_scripts import PaperScripts
     from dbmef.runtime import Protector, ScoringConfig
 
     cfg = ScoringConfig(n_timesteps=3, votes=2, unet_batch=8)
     ours = reference_pipeline(tiny_system, cfg, Protector(float("inf"), 0.0)).classify(sample_images[:3])
-    paper = PaperScriptsBaseline(tiny_system, cfg).classify(sample_images[:3])
+    paper = PaperScripts.on_torch(tiny_system, cfg).classify(sample_images[:3])
     assert [r.label for r in ours] == paper
 
 
@@ -91,7 +91,7 @@ def test_gpu_check_picks_a_scorer_batch_that_fits():
 
     from benchmarks.gpu_check import fitting_unet_batch
 
-    sd15 = SimpleNamespace(vae={"latent_shape": [4, 64, 64]}, precision="fp16",
+    sd15 = SimpleNamespace(vae=SimpleNamespace(latent_shape=(4, 64, 64)), precision="fp16",
                            sources={"sd": {"unet_config": {"attention_head_dim": 8}}})
     assert fitting_unet_batch(sd15, 80 << 30) == 32
     assert fitting_unet_batch(sd15, 24 << 30) == 12  # 2 samples x 8 heads x 4096^2 x 2 B x 2 = 1 GiB a row

@@ -90,7 +90,7 @@ def test_training_script_runs_end_to_end(tmp_path):
         bundle = tmp_path / "run" / f"bundle-{name}"
         with DBMEFRuntime(bundle) as rt:
             assert rt.protector.prot == (0.99 if name == "strong" else 0.95) and rt.config.k == 3
-            assert rt.manifest.vae["latent_shape"] == [4, 8, 8]
+            assert rt.manifest.vae.latent_shape == (4, 8, 8)
             assert set(rt.manifest.components) >= {"scorer", "unet"}
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["unet_steps"] == 3

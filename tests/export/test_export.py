@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dbmef.errors import BundleError, ExportError, ValidationError
-from dbmef.runtime.bundle import BundleManifest, load_manifest, verify_files
+from dbmef.runtime.bundle import Bundle, BundleManifest, load_manifest
 from tests.conftest import needs_ort, needs_torch
 
 pytestmark = [needs_torch, needs_ort]
@@ -27,10 +27,10 @@ def test_bundle_layout_and_checker(tiny_bundle):
     for rec in m.components.values():
         onnx.checker.check_model(str(tiny_bundle / rec.file))
         assert rec.validation["status"] == "passed"
-    assert m.tokenizer["file"] == "tokenizer.json" and (tiny_bundle / "tokenizer.json").is_file()
+    assert m.tokenizer.file == "tokenizer.json" and (tiny_bundle / "tokenizer.json").is_file()
     emb = np.load(tiny_bundle / "positive_embeddings.npy")
     assert emb.shape == (10, 77, 32) and emb.dtype == np.float32
-    assert m.vae["latent_shape"] == [4, 8, 8]
+    assert m.vae.latent_shape == (4, 8, 8)
     assert m.components["scorer"].validation["decision_check"]["cases"] == 8
     assert "torch" in m.tools and "onnx" in m.tools
     assert json.loads((tiny_bundle / "export_config.json").read_text())["sd"] == "tiny"
@@ -96,18 +96,17 @@ def test_manifest_roundtrip(tiny_bundle):
 def test_missing_and_altered_files_detected(tiny_bundle, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
-    m = load_manifest(b)
-    verify_files(b, m)
+    bundle = Bundle.open(b)
     with open(b / "vae_encoder.onnx", "r+b") as f:  # flip one byte
         f.seek(100)
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(BundleError, match=r"vae_encoder\.onnx does not match the sha256"):
-        verify_files(b, m)
+        bundle.verify()
     (b / "tokenizer.json").unlink()
     with pytest.raises(BundleError, match=r"tokenizer\.json is missing"):
-        verify_files(b, m, hashes=False)
+        bundle.verify(hashes=False)
 
 
 def test_unknown_format_version_refused(tiny_bundle, tmp_path):
@@ -128,7 +127,7 @@ def test_cli_resnet18_random_init_tiny_sd(tmp_path):
     m = load_manifest(out)
     assert len(m.class_names) == 1000 and m.class_names[0] == "tench"
     assert m.sources["class_wnids"][0] == "n01440764"
-    assert m.backbone_preprocess["input_size"] == [3, 224, 224]
+    assert m.backbone_preprocess.input_size == (3, 224, 224)
 
 
 def test_fp16_export_validates(tmp_path):
@@ -185,3 +184,16 @@ def test_bad_sources_and_class_names(tmp_path):
     with pytest.raises(ExportError, match="precision"):
         ExportConfig(precision="int8")
     assert Path(tmp_path / "o").exists() is False or not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_clear_decision_needs_every_vote_and_the_tie_break_clear():
+    """Hand-worked (V, k) per-vote errors against ``vote``'s rule: each vote's own margin, then the
+    tie-break among tied counts, must exceed twice the tolerance."""
+    from dbmef.export.checks import clear_decision
+
+    assert clear_decision(np.array([[1.0, 2.0], [1.0, 2.0]]), 0.1)
+    # mean over votes leads by 0.5 (clear on the old criterion), but vote 0 is a near tie: 1.0 vs 1.01
+    assert not clear_decision(np.array([[1.0, 1.01, 3.0], [1.0, 2.0, 3.0]]), 0.1)
+    # a 1-1 split: the tie-break's means are 2.0 and 1.5 (margin 0.5)
+    split = np.array([[1.0, 2.0], [3.0, 1.0]])
+    assert clear_decision(split, 0.2) and not clear_decision(split, 0.3)

@@ -16,35 +16,40 @@ from tests.conftest import needs_ort, needs_torch, write_images
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class RecordingEngine:
-    """A toy backend's engine: ONNX Runtime with every graph optimisation off, recording its calls."""
+def recording_engine(path: Path, name: str, log: list[str]):  # type: ignore[no-untyped-def]
+    """A toy backend's engine: ONNX Runtime with every graph optimisation off, recording its calls;
+    it implements ``run`` only, as README says a backend does."""
+    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
+    from dbmef.runtime.engine import Engine
 
-    def __init__(self, path: Path, name: str, log: list[str]):
-        from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
+    class RecordingEngine(Engine):
+        def __init__(self) -> None:
+            self._inner = OrtEngine(path, name, OrtOptions(device="cpu", graph_optimization="disable"))
+            self.name, self.input_names, self.output_names = name, self._inner.input_names, self._inner.output_names
 
-        self._inner = OrtEngine(path, name, OrtOptions(device="cpu", graph_optimization="disable"))
-        self.name, self.input_names, self.output_names = name, self._inner.input_names, self._inner.output_names
-        self._log = log
+        def run(self, feeds):  # type: ignore[no-untyped-def]
+            log.append(self.name)
+            return self._inner(feeds)
 
-    def __call__(self, feeds):  # type: ignore[no-untyped-def]
-        self._log.append(self.name)
-        return self._inner(feeds)
+        def close(self) -> None:
+            self._inner.close()
 
-    def close(self) -> None:
-        self._inner.close()
+    return RecordingEngine()
 
 
 @needs_ort
 @needs_torch
-def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_images, tmp_path):
+def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_images, tmp_path, monkeypatch):
     from dbmef.apps.cli import main
     from dbmef.runtime import DBMEFRuntime, Protector, register_backend
+    from dbmef.runtime.backends import _REGISTRY
 
     calls: list[str] = []
 
-    def open_recording(bundle_dir, manifest, component, options):  # type: ignore[no-untyped-def]
-        return RecordingEngine(bundle_dir / manifest.components[component].file, component, calls)
+    def open_recording(bundle, component, options):  # type: ignore[no-untyped-def]
+        return recording_engine(bundle.path(bundle.manifest.components[component].file), component, calls)
 
+    monkeypatch.setattr("dbmef.runtime.backends._REGISTRY", dict(_REGISTRY))  # removed again after the test
     register_backend("recording", open_recording)  # the one line README shows
     every = Protector(float("inf"), 0.0, None)
     with DBMEFRuntime(tiny_bundle, backend="recording", protector=every) as toy, \
@@ -62,12 +67,13 @@ def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_ima
 
 
 @needs_ort
-def test_classify_never_imports_ray_or_the_cluster_package():
+def test_classify_never_imports_ray_or_the_cluster_package(tmp_path):
     from dbmef.apps.digits import demo_bundle_dir
 
+    z = str(tmp_path / "z.png")
     code = ("import sys, numpy as np; from dbmef.apps.cli import main; "
-            f"from PIL import Image; Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save('/tmp/dbmef-z.png'); "
-            f"rc = main(['-q', 'classify', '--json', '--bundle', {str(demo_bundle_dir())!r}, '/tmp/dbmef-z.png']); "
+            f"from PIL import Image; Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save({z!r}); "
+            f"rc = main(['-q', 'classify', '--json', '--bundle', {str(demo_bundle_dir())!r}, {z!r}]); "
             "print('MODULES', [m for m in sys.modules if m.startswith(('dbmef.cluster', 'ray'))], rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -75,7 +75,10 @@ def test_rules_pick_what_they_promise():
     c = choose(cp, "latency_budget_ms", budget)
     assert c.point.mean_ms <= budget + 1e-9  # the sweep sums in another order than point()
     assert (sw["mean_ms"][sw["rethink_rate"] > c.point.rethink_rate] > budget).all()
+    assert sw["accuracy"].max() < 1.0  # so a perfect score is out of reach
     with pytest.raises(ConfigError, match="no threshold reaches"):
+        choose(cp, "target_accuracy", 1.0)
+    with pytest.raises(ConfigError, match=r"must lie in \(0, 1\]"):
         choose(cp, "target_accuracy", 1.01)
     with pytest.raises(ConfigError, match="latency-budget-ms"):
         choose(cp, "latency_budget_ms", 1e-6)

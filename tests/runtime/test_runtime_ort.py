@@ -13,6 +13,7 @@ from PIL import Image
 
 from dbmef.errors import BundleError, ConfigError
 from dbmef.runtime import Protector, ScoringConfig
+from dbmef.runtime.engine import Engine
 from dbmef.runtime.system import DBMEFRuntime
 from tests.conftest import needs_ort, needs_torch
 
@@ -81,15 +82,12 @@ def test_only_rethought_images_are_encoded_and_negatives_cached(tiny_bundle, man
     vae = rt.pipeline.engines.vae_encoder
     orig = vae.__call__
 
-    class Spy:
+    class Spy(Engine):
         name, input_names, output_names = vae.name, vae.input_names, vae.output_names
 
-        def __call__(self, feeds):
+        def run(self, feeds):
             seen.append(len(feeds["image"]))
             return orig(feeds)
-
-        def close(self):
-            pass
 
     rt.pipeline.engines.vae_encoder = Spy()  # type: ignore[assignment]
     res = rt.classify(images)

@@ -1,4 +1,4 @@
-"""Golden values for the schedule and grid, written from the method (DESIGN.md §1.5)."""
+"""Golden values for the schedule and grid, written from the method (docs/design.md §1.5)."""
 
 import numpy as np
 import pytest

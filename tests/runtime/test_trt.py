@@ -18,7 +18,7 @@ from dbmef.runtime.backends.tensorrt import buffer_bytes
 from dbmef.runtime.backends.trt_engines import ShapeProfile, engine_file_name, engine_key, shape_profile
 from dbmef.runtime.bundle import load_manifest
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import FunctionEngine
+from dbmef.runtime.engine import FunctionEngine, RowScorer
 from dbmef.runtime.scorer import DiffusionScorer
 from tests.conftest import needs_ort, needs_torch
 
@@ -212,7 +212,10 @@ def test_device_row_path_of_the_scorer_matches_the_host_path():
     neg = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
     inner = make_fused_engine([])
 
-    class DeviceEngine(FunctionEngine):
+    class DeviceEngine(FunctionEngine, RowScorer):
+        def rows(self):
+            return self
+
         def open_rows(self, noise, timesteps, positive, lam, batch, capacity, k):
             self.t = {"noise": noise, "timesteps": timesteps, "positive": positive,
                       "latents": np.zeros((capacity, *noise.shape[2:]), np.float32),
@@ -276,20 +279,22 @@ def test_backend_fallback_order(tiny_bundle, tmp_path, caplog):
     from dbmef.runtime import DBMEFRuntime
     from dbmef.runtime.backends import open_engine
     from dbmef.runtime.backends.onnxruntime import OrtEngine
+    from dbmef.runtime.bundle import Bundle, EngineRecord, TensorRTRecord
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
-    m = load_manifest(b)
+    bundle = Bundle.open(b)
     # no engines recorded
-    assert isinstance(open_engine(b, m, "backbone", "auto", None), OrtEngine)
+    assert isinstance(open_engine(bundle, "backbone", "auto", None), OrtEngine)
     with pytest.raises(BundleError, match="build-engines"):
-        open_engine(b, m, "backbone", "tensorrt", None)
+        open_engine(bundle, "backbone", "tensorrt", None)
     # engines recorded (as on a GPU machine), but this machine cannot run them
-    m.tensorrt = {"engines": {"backbone": {"file": "trt/backbone-x.engine", "key": "x"}}}
+    rec = EngineRecord("trt/backbone-x.engine", "x", "", "10.0", "GPU", "9.0", "fp32", {}, 1.0)
+    bundle = Bundle(b, bundle.manifest.replace(tensorrt=TensorRTRecord({"backbone": rec})))
     if device_count() == 0:
-        assert isinstance(open_engine(b, m, "backbone", "auto", None), OrtEngine)
+        assert isinstance(open_engine(bundle, "backbone", "auto", None), OrtEngine)
         with pytest.raises(BackendUnavailableError):
-            open_engine(b, m, "backbone", "tensorrt", None)
+            open_engine(bundle, "backbone", "tensorrt", None)
     rt = DBMEFRuntime(b, backend="auto")
     # issue 14.3: on a machine with a working onnxruntime-gpu, auto's fallback runs on CUDA
     from dbmef.runtime.backends.onnxruntime import CUDA, available_providers

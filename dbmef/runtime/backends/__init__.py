@@ -1,14 +1,15 @@
 """The engine backends the runtime can open a bundle's components with, by name.
 
-A backend is one function ``open(bundle_dir, manifest, component, options) -> Engine`` registered
-under a name. ``options`` is whatever the caller passed: the backend's own options object, or a
+A backend is one function ``open(bundle, component, options) -> Engine`` registered under a name
+(``bundle``: an opened ``dbmef.runtime.bundle.Bundle``). ``options`` is whatever the caller passed:
+the backend's own options object, or a
 plain dict (what a ``RuntimeSpec`` ships to Ray workers), or None for its defaults; each backend
 turns it into its own settings, so no other module builds backend options. Adding a backend::
 
     from dbmef.runtime.backends import register
 
-    def open_openvino(bundle_dir, manifest, component, options):
-        return MyOpenVinoEngine(bundle_dir / manifest.components[component].file, component, options)
+    def open_openvino(bundle, component, options):
+        return MyOpenVinoEngine(bundle.path(bundle.manifest.components[component].file), component, options)
 
     register("openvino", open_openvino)
 
@@ -24,15 +25,15 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dbmef.errors import BundleError, ConfigError
+from dbmef.runtime.bundle import Bundle, BundleManifest
 from dbmef.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
-Opener = Callable[[Path, Any, str, Any], Engine]
+Opener = Callable[[Bundle, str, Any], Engine]
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,32 @@ class Backend:
     name: str
     open: Opener
     description: str = ""
+    # options -> the backend's own settings, raising ConfigError for a bad value; run by
+    # ``check_options`` when a runtime is specified, so a bad flag fails before any data is read
+    settings: Callable[[Any], Any] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
 
 
-def register(name: str, opener: Opener, description: str = "") -> None:
-    """Make ``opener`` available as backend ``name`` (replacing any backend of that name)."""
+def register(name: str, opener: Opener, description: str = "",
+             settings: Callable[[Any], Any] | None = None) -> None:
+    """Make ``opener`` available as backend ``name`` (replacing any backend of that name);
+    ``settings`` (optional) checks options before anything is opened."""
     if not name or name == "auto":
         raise ConfigError(f"backend name {name!r} is reserved or empty")
-    _REGISTRY[name] = Backend(name, opener, description)
+    _REGISTRY[name] = Backend(name, opener, description, settings)
+
+
+def check_options(backend: str, options: Any) -> None:
+    """Refuse an unknown backend or options it would refuse, before any work (``auto`` falls back
+    to ONNX Runtime, so its options are ONNX Runtime's)."""
+    name = "onnxruntime" if backend == "auto" else backend
+    if name not in _REGISTRY:
+        raise ConfigError(f"backend {backend!r} is not registered; known backends: {list(names())}")
+    settings = _REGISTRY[name].settings
+    if settings is not None:
+        settings(options)
 
 
 def names() -> tuple[str, ...]:
@@ -57,41 +74,53 @@ def names() -> tuple[str, ...]:
     return (*_REGISTRY, "auto")
 
 
-def open_engine(bundle_dir: Path, manifest: Any, component: str, backend: str, options: Any = None) -> Engine:
+def open_engine(bundle: Bundle, component: str, backend: str, options: Any = None) -> Engine:
     """One component of a bundle on the named backend."""
+    if component not in bundle.manifest.components:
+        raise BundleError(f"bundle {bundle.dir} has no component {component!r} (it has "
+                          f"{sorted(bundle.manifest.components)})")
     if backend == "auto":
-        return _open_auto(bundle_dir, manifest, component, options)
+        return _open_auto(bundle, component, options)
     if backend not in _REGISTRY:
         raise ConfigError(f"backend {backend!r} is not registered; known backends: {list(names())}")
-    return _REGISTRY[backend].open(Path(bundle_dir), manifest, component, options)
+    return _REGISTRY[backend].open(bundle, component, options)
 
 
-def _open_auto(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:
-    if manifest.tensorrt.get("engines", {}).get(component):
+def _open_auto(bundle: Bundle, component: str, options: Any) -> Engine:
+    if component in bundle.manifest.tensorrt.engines:
         try:
-            return open_engine(bundle_dir, manifest, component, "tensorrt", None)
+            return open_engine(bundle, component, "tensorrt", None)
         except Exception as exc:  # any reason TensorRT cannot serve: say it loudly, then fall back
             log.warning("backend auto: native TensorRT engine for '%s' could not be used (%s); running it on "
                         "ONNX Runtime instead", component, exc)
-    return open_engine(bundle_dir, manifest, component, "onnxruntime", options)
+    return open_engine(bundle, component, "onnxruntime", options)
 
 
 # -- built-in backends -------------------------------------------------------------------------------
-def _open_onnxruntime(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:
-    from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
+def _ort_settings(options: Any) -> Any:
+    """``OrtOptions`` from None, a dict of its fields, or an ``OrtOptions`` (checked by its
+    ``__post_init__``)."""
+    from dbmef.runtime.backends.onnxruntime import OrtOptions
 
     if options is None or isinstance(options, dict):
         try:
-            options = OrtOptions(**(options or {}))
+            return OrtOptions(**(options or {}))
         except TypeError as exc:
             raise ConfigError(f"onnxruntime backend options {options}: {exc}") from exc
+    return options
+
+
+def _open_onnxruntime(bundle: Bundle, component: str, options: Any) -> Engine:
+    from dbmef.runtime.backends.onnxruntime import OrtEngine
+
+    options = _ort_settings(options)
     if options.device == "tensorrt" and not options.trt_profile_shapes:
-        options = dataclasses.replace(options, trt_profile_shapes=ort_trt_profile(manifest, component))
-    return OrtEngine(bundle_dir / manifest.components[component].file, component, options)
+        options = dataclasses.replace(options, trt_profile_shapes=ort_trt_profile(bundle.manifest, component))
+    return OrtEngine(bundle.path(bundle.manifest.components[component].file), component, options)
 
 
-def ort_trt_profile(manifest: Any, component: str) -> dict[str, str]:
-    """The component's TensorRT shape profile (``trt_build.shape_profile``) in the TensorRT
+def ort_trt_profile(manifest: BundleManifest, component: str) -> dict[str, str]:
+    """The component's TensorRT shape profile (``trt_engines.shape_profile``) in the TensorRT
     execution provider's ``name:AxBxC,...`` form, keyed min / opt / max."""
     from dbmef.runtime.backends.trt_engines import shape_profile
 
@@ -103,16 +132,16 @@ def ort_trt_profile(manifest: Any, component: str) -> dict[str, str]:
     return {"min": fmt(0), "opt": fmt(1), "max": fmt(2)}
 
 
-def _open_tensorrt(bundle_dir: Path, manifest: Any, component: str, options: Any) -> Engine:
-    if not manifest.tensorrt.get("engines", {}).get(component):
+def _open_tensorrt(bundle: Bundle, component: str, options: Any) -> Engine:
+    if component not in bundle.manifest.tensorrt.engines:
         raise BundleError(
-            f"bundle {bundle_dir} has no TensorRT engine for '{component}'; build them with "
-            f"`dbmef build-engines --bundle {bundle_dir}` on the target GPU, or use --backend onnxruntime"
+            f"bundle {bundle.dir} has no TensorRT engine for '{component}'; build them with "
+            f"`dbmef build-engines --bundle {bundle.dir}` on the target GPU, or use --backend onnxruntime"
         )
     from dbmef.runtime.backends.tensorrt import TrtEngine
 
-    return TrtEngine.from_bundle(bundle_dir, manifest, component)
+    return TrtEngine.from_bundle(bundle, component)
 
 
-register("onnxruntime", _open_onnxruntime, "ONNX Runtime: CPU, CUDA or TensorRT execution provider")
+register("onnxruntime", _open_onnxruntime, "ONNX Runtime: CPU, CUDA or TensorRT execution provider", _ort_settings)
 register("tensorrt", _open_tensorrt, "native TensorRT engines built by `dbmef build-engines`")

@@ -31,6 +31,11 @@ def cudart() -> Any:
     return runtime
 
 
+def _error_name(err: Any) -> str:
+    _, name = cudart().cudaGetErrorName(err)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def check(result: Any) -> Any:
     """cuda-python returns (error, *values): raise on error, return the values."""
     rt = cudart()
@@ -61,6 +66,15 @@ def require_gpu() -> None:
             "no NVIDIA GPU is visible (cudaGetDeviceCount found none, or the CUDA driver / cuda-python "
             "is missing); use the ONNX Runtime backend (`--backend onnxruntime --device cpu`)"
         )
+
+
+def set_device(device: int) -> None:
+    """Make ``device`` this thread's current CUDA device: what TensorRT builds on and where every
+    allocation and stream after this lands."""
+    if not 0 <= device < device_count():
+        raise BackendUnavailableError(f"CUDA device {device} does not exist here ({device_count()} visible); pass "
+                                      "--device-id 0..N-1")
+    check(cudart().cudaSetDevice(device))
 
 
 def device_info(device: int = 0) -> dict[str, Any]:
@@ -115,8 +129,13 @@ class PinnedArray:
 
 
 class Stream:
+    """A non-blocking stream: it never synchronises with the legacy default stream, so other
+    libraries' work on that stream (ONNX Runtime, a garbage-collected buffer) neither waits for it nor
+    breaks a capture on it."""
+
     def __init__(self) -> None:
-        self.handle = check(cudart().cudaStreamCreate())
+        rt = cudart()
+        self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
 
     @property
     def ptr(self) -> int:
@@ -174,27 +193,53 @@ def memcpy_dtod_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
     check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle))
 
 
+class CaptureFailed(EngineError):
+    """A CUDA graph capture did not succeed; the work runs without a graph (the cause is kept)."""
+
+
 class CudaGraph:
     """Capture the kernels one ``enqueue()`` launches on ``stream`` and replay them with one launch:
-    removes the per-kernel launch overhead of a UNet's several hundred kernels."""
+    removes the per-kernel launch overhead of a UNet's several hundred kernels.
+
+    Thread-local capture mode: an unsafe CUDA call from another thread (a buffer freed by the
+    garbage collector, ONNX Runtime, a service thread) does not invalidate this capture. A failed
+    capture (``enqueue`` raises, or CUDA invalidated it) is ended, its partial graph destroyed, the
+    sticky error cleared, and ``CaptureFailed`` raised with the cause, as trtexec does; the caller
+    then runs without a graph."""
 
     def __init__(self, stream: Stream, enqueue: Any):
         rt = cudart()
-        check(rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        self.graph: Any = None
+        self.exec: Any = None
+        check(rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        cause: BaseException | None = None
         try:
             enqueue()
-        finally:
-            self.graph = check(rt.cudaStreamEndCapture(stream.handle))
-        self.exec = check(rt.cudaGraphInstantiate(self.graph, 0))
+        except BaseException as exc:  # ended below whatever happened: a capture left open breaks the stream
+            cause = exc
+        err, graph = rt.cudaStreamEndCapture(stream.handle)
+        if cause is not None or int(err) != int(rt.cudaError_t.cudaSuccess):
+            if graph is not None and int(err) == int(rt.cudaError_t.cudaSuccess):
+                rt.cudaGraphDestroy(graph)
+            rt.cudaGetLastError()  # clear the capture's error so the next call does not inherit it
+            detail = cause if cause is not None else f"cudaStreamEndCapture: {_error_name(err)}"
+            raise CaptureFailed(f"CUDA graph capture failed ({detail}); running without a graph") from cause
+        self.graph = graph
+        try:
+            self.exec = check(rt.cudaGraphInstantiate(graph, 0))
+        except EngineError as exc:
+            rt.cudaGraphDestroy(graph)
+            self.graph = None
+            raise CaptureFailed(f"CUDA graph instantiation failed ({exc}); running without a graph") from exc
 
     def launch(self, stream: Stream) -> None:
         check(cudart().cudaGraphLaunch(self.exec, stream.handle))
 
     def destroy(self) -> None:
         rt = cudart()
-        if getattr(self, "exec", None) is not None:
+        if self.exec is not None:
             check(rt.cudaGraphExecDestroy(self.exec))
             self.exec = None
-        if getattr(self, "graph", None) is not None:
+        if self.graph is not None:
             check(rt.cudaGraphDestroy(self.graph))
             self.graph = None

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.errors import BackendUnavailableError, EngineError
-from dbmef.runtime.engine import check_feeds
+from dbmef.errors import BackendUnavailableError, ConfigError, EngineError
+from dbmef.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,18 @@ class OrtOptions:
     strict: bool = False  # raise instead of warn when a GPU provider is not really used
     extra_session_config: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # More threads than cores only makes the pool thrash (1000 threads turned 0.55 s into 105 s).
+        cores = os.cpu_count() or 1
+        for name in ("intra_op_threads", "inter_op_threads"):
+            n = getattr(self, name)
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= cores:
+                flag = " (--threads)" if name == "intra_op_threads" else ""
+                raise ConfigError(f"{name}{flag} = {n!r} is invalid: 0 lets ONNX Runtime decide, 1..{cores} (this "
+                                  "machine's cores) sets it")
+        if self.device not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise ConfigError(f"device = {self.device!r} is not one of auto, cpu, cuda, tensorrt (--device)")
+
 
 def available_providers() -> list[str]:
     return list(import_onnxruntime().get_available_providers())
@@ -111,7 +123,7 @@ def resolve_providers(opts: OrtOptions) -> list[Any]:
     raise EngineError(f"unknown device {opts.device!r}; use cpu, cuda, tensorrt or auto")
 
 
-class OrtEngine:
+class OrtEngine(Engine):
     """One ONNX model in an InferenceSession, behind the Engine interface."""
 
     @classmethod
@@ -141,11 +153,11 @@ class OrtEngine:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=requested)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime could not load {self.path}: {exc}") from exc
-        self.providers: list[str] = list(self.session.get_providers())
+        self._providers: list[str] = list(self.session.get_providers())
         wanted = [p if isinstance(p, str) else p[0] for p in requested]
-        if wanted[0] != CPU and self.providers[0] != wanted[0]:
+        if wanted[0] != CPU and self._providers[0] != wanted[0]:
             msg = (
-                f"engine '{self.name}': asked for {wanted[0]} but ONNX Runtime runs it on {self.providers[0]}. "
+                f"engine '{self.name}': asked for {wanted[0]} but ONNX Runtime runs it on {self._providers[0]}. "
                 "onnxruntime-gpu falls back to the CPU when CUDA/cuDNN/TensorRT libraries are missing or "
                 "mismatched; check `python -c \"import onnxruntime; onnxruntime.preload_dlls()\"` and the "
                 "CUDA version onnxruntime-gpu was built for"
@@ -156,16 +168,19 @@ class OrtEngine:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._in_dtypes = {i.name: _NP_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
-        on_gpu = self.providers[0] in (CUDA, TRT)
+        on_gpu = self._providers[0] in (CUDA, TRT)
         self.io_binding = on_gpu if opts.io_binding is None else (opts.io_binding and on_gpu)
         self.calls = 0
 
     @property
-    def device(self) -> str:
-        return {CUDA: "cuda", TRT: "tensorrt"}.get(self.providers[0], "cpu")
+    def device(self) -> str:  # type: ignore[override]
+        return {CUDA: "cuda", TRT: "tensorrt"}.get(self._providers[0], "cpu")
 
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self, feeds)
+    @property
+    def providers(self) -> list[str]:
+        return self._providers
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
         inputs = {n: np.ascontiguousarray(feeds[n], dtype=self._in_dtypes[n]) for n in self.input_names}
         try:
@@ -188,9 +203,3 @@ class OrtEngine:
 
     def close(self) -> None:
         self.session = None
-
-    def __enter__(self) -> OrtEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

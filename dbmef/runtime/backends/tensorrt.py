@@ -22,7 +22,8 @@ from dbmef.errors import EngineError
 from dbmef.runtime.backends import cuda
 from dbmef.runtime.backends.row_gather import plan_chunk
 from dbmef.runtime.backends.trt_engines import import_tensorrt, trt_logger, usable_engine
-from dbmef.runtime.engine import check_feeds
+from dbmef.runtime.bundle import Bundle
+from dbmef.runtime.engine import Engine, RowScorer
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ SCORER_DTYPES = {"x0": np.float32, "eps": np.float32, "timestep": np.int64, "emb
                  "emb_neg": np.float32, "lam": np.float32}
 
 
-class TrtEngine:
+class TrtEngine(Engine, RowScorer):
     """A deserialized TensorRT engine with persistent buffers, behind the Engine interface."""
 
     def __init__(self, path: str | Path, name: str | None = None, use_cuda_graph: bool = True):
@@ -125,7 +126,7 @@ class TrtEngine:
                               "for another GPU? Rebuild with `dbmef build-engines`")
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
-        self.providers = ["TensorRT"]
+        self.device = "tensorrt"
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_in = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = tuple(n for n in names if is_in[n])
@@ -160,14 +161,21 @@ class TrtEngine:
         self._batch = self._n_timesteps = 0
         self.calls = 0
         self.syncs = 0  # host synchronisations (gpu_check reports them per batch)
+        self.warmup_syncs = 0  # of those, the one before each graph capture (not part of steady state)
 
     @classmethod
-    def from_bundle(cls, bundle_dir: Path, manifest: Any, component: str) -> TrtEngine:
-        return cls(usable_engine(Path(bundle_dir), manifest, component), component)
+    def from_bundle(cls, bundle: Bundle, component: str) -> TrtEngine:
+        return cls(usable_engine(bundle, component), component)
 
     # -- the Engine interface ---------------------------------------------------------------------
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self, feeds)
+    @property
+    def providers(self) -> list[str]:
+        return ["TensorRT"]
+
+    def rows(self) -> RowScorer | None:
+        return self if set(self.input_names) == set(SCORER_DTYPES) else None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for n in self.input_names:
             self._upload(n, feeds[n])
         self._execute()
@@ -210,7 +218,14 @@ class TrtEngine:
             self._enqueue()
             self.stream.synchronize()  # once per engine (and per input-shape change), not per batch
             self.syncs += 1
-            self.graph = cuda.CudaGraph(self.stream, self._enqueue)
+            self.warmup_syncs += 1
+            try:
+                self.graph = cuda.CudaGraph(self.stream, self._enqueue)
+            except cuda.CaptureFailed as exc:
+                log.warning("engine '%s': %s", self.name, exc)
+                self.use_cuda_graph = False
+                self._enqueue()  # this call's work, uncaptured
+                return
         self.graph.launch(self.stream)
 
     def _drop_graph(self) -> None:
@@ -310,7 +325,16 @@ class TrtEngine:
         return self._rows
 
     def close(self) -> None:
+        """Release everything now, in dependency order (an execution context holds GBs of activation
+        memory for the UNet: it must not wait for the garbage collector): the graph, the context, the
+        engine, the runtime, then the buffers and the stream. Calling it twice is harmless."""
+        if self.stream.handle is None:
+            return
+        self.stream.synchronize()  # nothing of ours may still run on what is freed below
         self._drop_graph()
+        del self.context  # the context before the engine, the engine before the runtime
+        del self.engine
+        del self.runtime
         for slot in self.slots.values():
             slot.device.free()
             slot.host.free()
@@ -321,9 +345,3 @@ class TrtEngine:
             self._rows = None
         self._resident.clear()
         self.stream.destroy()
-
-    def __enter__(self) -> TrtEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from dbmef.errors import BackendUnavailableError, BundleError
-from dbmef.runtime.bundle import BundleManifest
+from dbmef.runtime.bundle import ENGINE_DIR, Bundle, BundleManifest
 
 log = logging.getLogger(__name__)
 
-ENGINE_DIR = "trt"
 # Batch profiles per component: (min, opt, max), or a static batch for the scorer/unet.
 DEFAULT_BATCH_PROFILES: dict[str, tuple[int, int, int]] = {
     "backbone": (1, 16, 64),
@@ -66,14 +65,14 @@ class ShapeProfile:
 
 def symbol_values(manifest: BundleManifest, component: str) -> dict[str, int]:
     """Concrete sizes for the symbolic dims of a component's contract."""
-    emb = manifest.embeddings_spec.shape  # (C, L, D)
-    _, h, w = manifest.vae_spec.latent_shape
+    emb = manifest.positive_embeddings.shape  # (C, L, D)
+    _, h, w = manifest.vae.latent_shape
     sizes = {"L": int(emb[1]), "D": int(emb[2]), "C": len(manifest.class_names), "h": int(h), "w": int(w)}
-    if component == "backbone":
-        _, hh, ww = manifest.backbone_preprocess["input_size"]
+    if component == "backbone" and manifest.backbone_preprocess is not None:
+        _, hh, ww = manifest.backbone_preprocess.input_size
         sizes.update(H=int(hh), W=int(ww))
     elif component == "vae_encoder":
-        sizes.update(H=manifest.vae_spec.image_size, W=manifest.vae_spec.image_size)
+        sizes.update(H=manifest.vae.image_size, W=manifest.vae.image_size)
     return sizes
 
 
@@ -134,8 +133,20 @@ def engine_file_name(component: str, key: str) -> str:
     return f"{ENGINE_DIR}/{component}-{key}.engine"
 
 
+_LOGGER: Any = None
+
+
 def trt_logger() -> Any:
-    """A TensorRT logger that routes its messages to ``logging`` (TensorRT's INFO becomes DEBUG)."""
+    """The process's one TensorRT logger, routing messages to ``logging`` (TensorRT's INFO becomes
+    DEBUG). One for the process and never dropped: TensorRT requires the logger to outlive every
+    builder, runtime, engine and parser made with it (NVIDIA's demo and Polygraphy keep one too)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = _make_logger()
+    return _LOGGER
+
+
+def _make_logger() -> Any:
     import_tensorrt()
     import tensorrt as trt
 
@@ -152,30 +163,31 @@ def trt_logger() -> Any:
     return _Logger()
 
 
-def usable_engine(bundle_dir: Path, manifest: BundleManifest, component: str) -> Path:
+def usable_engine(bundle: Bundle, component: str) -> Path:
     """The engine file for ``component`` if it was built for this GPU and TensorRT; otherwise a
     BundleError that says to run build-engines (never a silent stale engine)."""
     from dbmef.runtime.backends.cuda import device_info
 
     import_tensorrt()
     import tensorrt as trt
-    rec = manifest.tensorrt.get("engines", {}).get(component)
-    if not rec:
+    manifest, bundle_dir = bundle.manifest, bundle.dir
+    rec = manifest.tensorrt.engines.get(component)
+    if rec is None:
         raise BundleError(f"no TensorRT engine for {component}; run `dbmef build-engines --bundle {bundle_dir}`")
     gpu = device_info()
     want = (trt.__version__, gpu["name"], gpu["compute_capability"], manifest.components[component].sha256)
-    have = (rec["trt_version"], rec["gpu"], rec["compute_capability"], None)
+    have = (rec.trt_version, rec.gpu, rec.compute_capability, None)
     if want[:3] != have[:3]:
         raise BundleError(
             f"the TensorRT engine for {component} was built for {have[:3]} but this machine has {want[:3]}; "
             f"rebuild with `dbmef build-engines --bundle {bundle_dir}`"
         )
     profile = ShapeProfile(tuple((n, tuple(d["min"]), tuple(d["opt"]), tuple(d["max"]))
-                                 for n, d in rec["profile"].items()))
-    settings = BuildSettings(**rec.get("settings", {}))
+                                 for n, d in rec.profile.items()))
+    settings = BuildSettings(**rec.settings)
     key = engine_key(want[3], trt.__version__, gpu["name"], gpu["compute_capability"],
                      manifest.components[component].precision, profile, settings)
-    if key != rec["key"]:
+    if key != rec.key:
         raise BundleError(f"the TensorRT engine for {component} is stale (its ONNX changed); rebuild with "
                           f"`dbmef build-engines --bundle {bundle_dir}`")
-    return bundle_dir / rec["file"]
+    return bundle.path(rec.file)

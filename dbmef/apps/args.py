@@ -1,0 +1,88 @@
+"""The command-line options every runtime command shares, and the runtime they describe.
+
+One place turns flags into a ``RuntimeSpec`` (which Ray workers and ``dbmef serve`` replicas
+rebuild too), so ``classify``, ``calibrate``, ``eval``, ``serve`` and ``bench`` read a bundle,
+a backend and scoring overrides the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
+                 "exit_min_rows", "exit_keep", "exit_samples")
+
+
+def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -> None:
+    """The options every runtime command shares. ``prot_help``: calibrate's meaning of --prot."""
+    from dbmef.runtime.backends import names
+
+    p.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
+    p.add_argument("--backend", choices=list(names()), default="onnxruntime")
+    p.add_argument("--device", choices=["cpu", "cuda", "tensorrt", "auto"], default="auto",
+                   help="ONNX Runtime execution provider")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    p.add_argument("--no-verify", action="store_true", help="skip the bundle's file-hash check")
+    p.add_argument("--scorer-graph", choices=["scorer", "unet"],
+                   help="with a bundle exported --scorer both: the fused graph (default) or the plain UNet")
+    p.add_argument("--expect-digest", metavar="SHA256",
+                   help="refuse any bundle whose digest (printed by `dbmef info`) is not this one")
+    g = p.add_argument_group("scoring overrides (default: the bundle's)")
+    g.add_argument("--k", type=int)
+    g.add_argument("--timesteps", type=int, dest="n_timesteps")
+    g.add_argument("--votes", type=int)
+    g.add_argument("--lam", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--unet-batch", type=int)
+    g.add_argument("--early-exit", choices=["off", "exact", "adaptive", "schedule"],
+                   help="off: every UNet row (the paper); exact (default): stop voting once the majority is "
+                        "settled, same decisions; adaptive: also drop clearly losing candidates; schedule: Li et "
+                        "al.'s fixed pruning (--exit-keep, --exit-samples)")
+    g.add_argument("--exit-z", type=float, help="adaptive: drop a candidate this many standard errors behind")
+    g.add_argument("--exit-interval", type=int, help="adaptive: timesteps per vote between checkpoints")
+    g.add_argument("--exit-min-rows", type=int, help="adaptive: paired rows needed before any drop")
+    g.add_argument("--exit-keep", type=int, nargs="+", metavar="N", help="schedule: candidates kept after each stage")
+    g.add_argument("--exit-samples", type=int, nargs="+", metavar="N", help="schedule: timesteps done by each stage")
+    g.add_argument("--zero-shot", action="store_true",
+                   help="Diffusion Classifier mode: every class a candidate, the positive condition only (lam 1), "
+                        "no protector")
+    if prot_help:
+        g.add_argument("--prot", type=float, default=0.95, help=prot_help)
+    else:
+        g.add_argument("--prot", type=float, help="rethink everything (0) or nothing (1) regardless of calibration")
+
+
+def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
+    """The command line's runtime as a ``RuntimeSpec`` (what Ray workers rebuild, too). Backend
+    options travel as a dict the backend turns into its own settings."""
+    from dbmef.runtime import RuntimeSpec
+
+    overrides = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
+    for k in ("exit_keep", "exit_samples"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    if getattr(args, "zero_shot", False):
+        overrides.update(zero_shot=True, lam=overrides.get("lam", 1.0))
+    options = {"device": args.device, "intra_op_threads": args.threads}  # checked by the backend's options
+    return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, options=options, verify=not args.no_verify,
+                       batch_size=args.batch_size, scoring=overrides,
+                       prot=getattr(args, "prot", None) if prot_override else None,
+                       expect_digest=args.expect_digest, scorer=args.scorer_graph)
+
+
+def make_runtime(args: argparse.Namespace) -> Any:
+    """The runtime the command line asks for."""
+    return runtime_spec(args).build()
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("Ray Data (pip install 'dbmef[ray]')")
+    r.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run as a Ray Data pipeline: on a local Ray instance, or join ADDRESS (e.g. auto, "
+                        "ray://head:10001); image paths must be readable from every node")
+    r.add_argument("--ray-fast-actors", type=int, default=1, help="backbone + protector actors")
+    r.add_argument("--ray-rethink-actors", type=int, default=1, help="rethink (VAE + text + UNet) actors")
+    r.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
+                   help="GPUs per rethink actor (1: one per GPU, 0.5: two per GPU)")
