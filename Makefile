@@ -35,9 +35,11 @@ check-trt: $(BIN)/.installed
 
 # PYTHONFAULTHANDLER keeps a crash's Python stacks on stderr even after pytest has unconfigured
 # (a native crash at interpreter exit would otherwise print nothing but "Segmentation fault").
-# The multi-node Ray tests run in a process of their own: see tests/cluster/conftest.py.
+# The service and multi-node Ray tests run in processes of their own: see tests/cluster/conftest.py.
 unit: $(BIN)/.installed
-	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q --ignore=tests/cluster/test_multinode.py
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q --ignore=tests/cluster/test_serve.py \
+	    --ignore=tests/cluster/test_multinode.py
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_serve.py
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_multinode.py
 
 test: lint typecheck check-imports check-trt unit

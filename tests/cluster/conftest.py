@@ -16,19 +16,19 @@ SPEC = RuntimeSpec(str(demo_bundle_dir()), batch_size=8)
 
 # Ray cannot be shut down and started again safely in one process: threads of the first session
 # can touch its freed core worker later, up to a crash at interpreter exit after every test passed
-# (ray-project/ray#31145). So the local tests share one Ray session, and the multi-node tests,
-# which need a cluster of their own, run in a process of their own (`make unit` runs them apart).
-OWN_PROCESS = "test_multinode.py"
+# (ray-project/ray#31145); and a Serve application started on a session Ray Data has used can
+# fail to get its proxy up on a loaded 2-core machine. So the service tests and the multi-node
+# tests (a cluster of their own) each run in a pytest process of their own (`make unit` runs
+# them apart), and the rest share one local Ray session.
+OWN_PROCESS = ("test_serve.py", "test_multinode.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    own = [i for i in items if i.path.name == OWN_PROCESS]
-    local = [i for i in items if i.path.parent.name == "cluster" and i.path.name != OWN_PROCESS]
-    if own and local:
-        skip = pytest.mark.skip(reason=f"needs a Ray cluster of its own: run `pytest tests/cluster/{OWN_PROCESS}` "
-                                       "in a separate process (`make unit` does)")
-        for item in own:
-            item.add_marker(skip)
+    files = {i.path for i in items}
+    for item in items:
+        if item.path.name in OWN_PROCESS and item.path.parent.name == "cluster" and len(files) > 1:
+            item.add_marker(pytest.mark.skip(reason=f"starts Ray of its own: run `pytest tests/cluster/"
+                                                    f"{item.path.name}` in a separate process (`make unit` does)"))
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def request(url: str, body: bytes | None = None, method: str = "POST") -> tuple[
         return status, {}, raw
 
 
-def wait_ready(base: str, timeout: float = 180) -> None:
+def wait_ready(base: str, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -76,7 +76,11 @@ def wait_ready(base: str, timeout: float = 180) -> None:
         except (urllib.error.URLError, ConnectionError):
             pass
         time.sleep(0.5)
-    raise AssertionError("service did not become ready")
+    said = ""
+    if proc is not None:  # what the service printed, to say why
+        proc.kill()
+        said = (proc.communicate(timeout=30)[0] or "")[-3000:]
+    raise AssertionError(f"service did not become ready in {timeout:.0f} s {said}")
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +255,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_ray_process(digits):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, timeout=240)
+        wait_ready(base, timeout=240, proc=proc)
         slow = [b for b, r in zip(bodies, rethink) if r][:4]  # rethinks at k = 5, V = 5: seconds each
         with cf.ThreadPoolExecutor(len(slow)) as ex:
             inflight = [ex.submit(request, base + "/classify", b) for b in slow]
