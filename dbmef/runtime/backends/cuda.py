@@ -86,26 +86,38 @@ def device_info(device: int = 0) -> dict[str, Any]:
             "total_memory": int(props.totalGlobalMem)}
 
 
-class DeviceBuffer:
-    """``nbytes`` of device memory; freed on ``free()`` or garbage collection."""
+class _Allocation:
+    """A CUDA allocation at ``ptr``: released once, by ``free()`` or garbage collection."""
 
-    def __init__(self, nbytes: int):
-        self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(check(cudart().cudaMalloc(self.nbytes)))
+    ptr = 0
+
+    def _release(self, ptr: int) -> None:
+        raise NotImplementedError
 
     def free(self) -> None:
         if self.ptr:
-            check(cudart().cudaFree(self.ptr))
+            self._release(self.ptr)
             self.ptr = 0
 
     def __del__(self) -> None:
         try:
             self.free()
-        except Exception:
+        except Exception:  # at interpreter exit the CUDA runtime may already be gone
             pass
 
 
-class PinnedArray:
+class DeviceBuffer(_Allocation):
+    """``nbytes`` of device memory."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(cudart().cudaMalloc(self.nbytes)))
+
+    def _release(self, ptr: int) -> None:
+        check(cudart().cudaFree(ptr))
+
+
+class PinnedArray(_Allocation):
     """A numpy array in page-locked host memory: asynchronous copies from and to it do not make
     the host wait (copies from pageable memory do)."""
 
@@ -116,16 +128,8 @@ class PinnedArray:
         raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
         self.array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)
 
-    def free(self) -> None:
-        if self.ptr:
-            check(cudart().cudaFreeHost(self.ptr))
-            self.ptr = 0
-
-    def __del__(self) -> None:
-        try:
-            self.free()
-        except Exception:
-            pass
+    def _release(self, ptr: int) -> None:
+        check(cudart().cudaFreeHost(ptr))
 
 
 class Stream:
