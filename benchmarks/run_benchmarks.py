@@ -67,35 +67,37 @@ def export(name: str, system: Path, out: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def section(name: str, r: dict[str, Any], cmd: str) -> str:
-    st = r["dbmef"]["stages"]
-    sc = r["scoring"]
+    sc, d = r["scoring"], r["data"]
     lines = [f"## {name}", "",
-             f"Bundle `{r['bundle']}` ({r['precision']}), k={sc['k']}, n={sc['n_timesteps']}, "
-             f"V={sc['votes']}, lam={sc['lam']}, scorer batch {sc['unet_batch']}; {st['images']} images, every one "
-             f"rethought; {st['unet_evaluations']} UNet evaluations per method. Command: `{cmd}`", "",
-             "| slow path, equal work | wall s (p50) | speed-up of dbmef | fraction of matmul peak |",
-             "|---|---:|---:|---:|"]
+             f"Bundle `{r['bundle']}` ({r['precision']}), k={sc['k']}, n={sc['n_timesteps']}, V={sc['votes']}, "
+             f"lam={sc['lam']}, scorer batch {sc['unet_batch']}; {d['images']} images from {d['source']}, "
+             f"{d['rethought']} rethought. Command: `{cmd}`", "",
+             "| slow path | wall s (p50) | speed-up of dbmef | fraction of matmul peak |", "|---|---:|---:|---:|"]
     roof = r["roofline"]
-    walls = {"dbmef (ONNX Runtime)": (st["wall_s"]["p50"], None, roof.get("dbmef", {}).get("fraction_of_peak"))}
+    eq = r.get("dbmef_equal_work_wall_s")
+    if eq is not None:
+        lines.append(f"| dbmef, equal work (early exit off) | {eq:.3f} | - | - |")
     for b in ("paper_scripts", "torch_batched"):
         if b in r.get("baselines", {}):
-            walls[f"{b} (torch eager)"] = (r["baselines"][b]["wall_s"]["p50"], r.get(f"speedup_vs_{b}"),
-                                           roof.get(b, {}).get("fraction_of_peak"))
-    for k, (w, s, f) in walls.items():
-        lines.append(f"| {k} | {w:.3f} | {'-' if s is None else f'{s:.2f}x'} | "
-                     f"{'-' if f is None else f'{f:.1%}'} |")
-    lines += ["", "| dbmef stage | p50 ms/image | p95 ms/image |", "|---|---:|---:|"]
-    for s, v in st["stages_s_per_image"].items():
-        lines.append(f"| {s} | {v['p50'] * 1e3:.2f} | {v['p95'] * 1e3:.2f} |")
-    lines += ["", "| rethink rate | images/s |", "|---|---:|"]
-    for k, v in r["dbmef"]["throughput"].items():
-        lines.append(f"| {k} (actual {v['rethink_rate']:.0%}) | {v['images_per_s']:.3g} |")
+            w = r["baselines"][b]["wall_s"]["p50"]
+            f = roof.get(b, {}).get("fraction_of_peak")
+            lines.append(f"| {b} (torch eager) | {w:.3f} | {r[f'speedup_vs_{b}']:.2f}x | "
+                         f"{'-' if f is None else f'{f:.1%}'} |")
+    lines += ["", "| mode | all rethought at once: wall s | UNet evals / image | rows sent / needed (stream) |",
+              "|---|---:|---:|---:|"]
+    for m, v in r["modes"].items():
+        lines.append(f"| {m} | {v['all_at_once']['wall_s']['p50']:.3f} | "
+                     f"{v['all_at_once']['unet_evals_per_rethought_image']:.0f} | "
+                     f"{v['stream']['scheduler']['rows']['rows_sent_per_row_needed']:.3f} |")
+    main = r["modes"].get(r["early_exit"]) or next(iter(r["modes"].values()))
+    st = main["all_at_once"]["stages_s_per_image"]
+    lines += ["", "| dbmef stage (default mode) | ms/image |", "|---|---:|"]
+    lines += [f"| {k} | {v * 1e3:.2f} |" for k, v in st.items()]
     rates = roof["matmul_flops_per_s"]
-    lines += ["", f"Scorer rows/s {st['scorer_rows_per_s']:.3g}; "
-              f"UNet evaluations/s {st['unet_evaluations_per_s']:.3g}; "
-              f"{roof['flops_per_unet_evaluation'] / 1e9:.3g} GFLOP per UNet evaluation (analytic); machine matmul "
-              f"rate (float32 GEMM 2048, best of numpy/torch/ONNX Runtime) {rates['peak'] / 1e9:.1f} GFLOP/s; "
-              f"the dbmef UNet stage alone reaches {roof['dbmef_unet_stage']['fraction_of_peak']:.1%} of it."]
+    if roof.get("flops_per_unet_evaluation"):
+        lines += ["", f"{roof['flops_per_unet_evaluation'] / 1e9:.3g} GFLOP per UNet evaluation (analytic); machine "
+                  f"matmul rate (float32 GEMM 2048, best of numpy/torch/ONNX Runtime) {rates['peak'] / 1e9:.1f} "
+                  f"GFLOP/s; dbmef's slow path reaches {roof['dbmef']['fraction_of_peak']:.1%} of it."]
     if "scorer_profile" in r:
         share = list(r["scorer_profile"]["share"].items())[:8]
         lines += ["", "Scorer time by ONNX Runtime op type: " + ", ".join(f"{k} {v:.0%}" for k, v in share)]
@@ -113,6 +115,7 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from results/*.json")
     args = ap.parse_args()
     from dbmef.apps.bench import plot, run_bench
+    from dbmef.runtime import RuntimeSpec
 
     results = HERE / "results"
     results.mkdir(exist_ok=True)
@@ -124,7 +127,8 @@ def main() -> int:
         system = build_system(name, work / "system")
         bundle, exp = export(name, system, work / "bundle")
         print(f"[{name}] benchmarking", file=sys.stderr)
-        r = run_bench(bundle, source=system, n_images=cfg["images"], repeats=cfg["repeats"], scoring=cfg["scoring"],
+        spec = RuntimeSpec(str(bundle), scoring=cfg["scoring"], prot=0.0)  # random weights: rethink every image
+        r = run_bench(spec, source=system, n_images=cfg["images"], repeats=cfg["repeats"], modes=("off", "exact"),
                       profile=True, progress=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr))
         r["export"] = exp
         r["command"] = cmd

@@ -36,9 +36,9 @@ def main() -> int:
     if not {"scorer", "unet"} <= set(m.components):
         sys.exit("export the bundle with --scorer both")
     cfg = m.scoring.replace(unet_batch=args.unet_batch, n_timesteps=10, votes=2)
-    latent = tuple(m.vae["latent_shape"])
+    latent = m.vae.latent_shape
     rng = np.random.default_rng(0)
-    pos = np.load(b / m.positive_embeddings["file"])
+    pos = np.load(b / m.positive_embeddings.file)
     lat = rng.standard_normal((args.images, *latent)).astype(np.float32)
     cands = np.stack([rng.permutation(len(pos))[: cfg.k] for _ in range(args.images)])
     neg = pos[rng.integers(0, len(pos), (args.images, cfg.k))]

@@ -58,8 +58,8 @@ def full_errors(bundle: Path, split: DigitsSplit, k: int, votes: int, all_images
         sel = np.flatnonzero(rethink)
         latents = pipe.encode_latents([images[j] for j in sel])
         neg = pipe.negative_embeddings(top[sel])
-        unet = open_engine(Path(bundle), rt.manifest, "unet", "onnxruntime", None)
-        scorer = DiffusionScorer(cfg, unet, tuple(rt.manifest.vae["latent_shape"]), rt.manifest.schedule)
+        unet = open_engine(rt.bundle, "unet", "onnxruntime", None)
+        scorer = DiffusionScorer(cfg, unet, rt.manifest.vae.latent_shape, rt.manifest.schedule)
         with tqdm(total=len(sel) * votes * cfg.n_timesteps * k, desc="full error tensor", unit="row",
                   mininterval=2) as bar:
             terms = scorer.score_terms(latents, top[sel], pipe.positive_embeddings, neg, bar.update)
@@ -169,7 +169,7 @@ def markdown(report: dict[str, Any]) -> str:
              "UNet evaluations are counted by the scorer (padding excluded) and are the same on every machine. "
              "The wall column is one run each, taken while another job (digits training) shared the 2 cores: "
              "it is not a speed measurement; `dbmef bench` measures speed (medians of repeats, ratios in one "
-             "run, benchmarks/digits/BENCH.md).", ""]
+             "run, benchmarks/digits/STREAM.md).", ""]
     if rt:
         lines += ["## The runtime (fused scorer, stage-wise), every test digit", "",
                   "| mode | accuracy | rethought | UNet evals / rethought image | x off | decisions != off | wall s |",

@@ -82,7 +82,7 @@ def report(r: dict[str, Any]) -> str:
                      f"{a.get('latency_s', {}).get('p50', float('nan')):.1f} / "
                      f"{a.get('latency_s', {}).get('p95', float('nan')):.1f} |")
     lines += ["", "Headline keys of the JSON: " + ", ".join(
-        f"`{k}` = {r[k]:.3g}" for k in ("rows_sent_per_row_needed", "speedup_vs_paper_scripts_equal_decisions",
+        f"`{k}` = {r[k]:.4g}" for k in ("rows_sent_per_row_needed", "speedup_vs_paper_scripts_equal_decisions",
                                         "speedup_vs_paper_scripts_equal_work", "speedup_vs_paper_scripts_adaptive")
         if k in r) + ".", "", "![row scheduler](stream.png)", ""]
     return "\n".join(lines)

@@ -62,8 +62,8 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
         latents = pipe.encode_latents([render(a) for a in split.images])
         neg = pipe.negative_embeddings(top)
         pos = pipe.positive_embeddings
-        unet = open_engine(Path(bundle), rt.manifest, "unet", "onnxruntime", None)
-        shape = tuple(rt.manifest.vae["latent_shape"])
+        unet = open_engine(rt.bundle, "unet", "onnxruntime", None)
+        shape = rt.manifest.vae.latent_shape
         rows1 = len(y) * n * k
         with tqdm(total=rows1, desc=f"{Path(bundle).name} k={k} V=1", unit="row", mininterval=2) as bar:
             t0 = time.perf_counter()
@@ -183,16 +183,17 @@ def measure_seconds_per_eval(bundle: Path, rows: int = 64, seconds: float = 5.0)
     """Seconds per UNet evaluation of the bundle's plain UNet on ONNX Runtime (CPU), 2*rows
     samples per call as the scorer sends them, median of repeated calls."""
     from dbmef.runtime.backends import open_engine
-    from dbmef.runtime.bundle import load_manifest
+    from dbmef.runtime.bundle import Bundle
 
-    m = load_manifest(bundle)
-    c, h, w = m.vae["latent_shape"]
-    d = int(np.load(bundle / m.positive_embeddings["file"]).shape[-1])
+    b = Bundle.open(bundle, verify=False)
+    m = b.manifest
+    c, h, w = m.vae.latent_shape
+    d = int(m.positive_embeddings.shape[-1])
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2 * rows, c, h, w)).astype(np.float32),
              "timestep": np.full(2 * rows, 500, np.int64),
              "encoder_hidden_states": rng.standard_normal((2 * rows, 77, d)).astype(np.float32)}
-    eng = open_engine(bundle, m, "unet", "onnxruntime", None)
+    eng = open_engine(b, "unet", "onnxruntime", None)
     eng(feeds)
     times = []
     t_end = time.perf_counter() + seconds

@@ -405,7 +405,8 @@ def export_and_calibrate(cfg: TrainConfig, system: Path, backbone: str, bundle: 
     prot = cfg.prot_strong if backbone == "strong" else cfg.prot
     with DBMEFRuntime(bundle) as rt:
         protector, stats = calibrate(rt, labelled(calib), prot)
-    write_protector(bundle, protector, stats, "digits calibration split (200 images of load_digits' train split)")
+    data = "digits calibration split (200 images of load_digits' train split)"
+    write_protector(bundle, protector, {**stats, "data": data})
     return bundle
 
 
