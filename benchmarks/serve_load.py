@@ -52,6 +52,21 @@ def post(url: str, body: bytes) -> tuple[float, int, dict[str, Any]]:
     return time.perf_counter() - t0, status, out
 
 
+def wait_ready(url: str, timeout: float = 300) -> None:
+    """Until ``/v2/health/ready`` answers 200 (the replica opens its engines in the background)."""
+    ready = url.rsplit("/", 1)[0] + "/v2/health/ready"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(ready, timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{ready} did not answer 200 within {timeout:.0f} s")
+
+
 def ms(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q)) if xs else float("nan")
 
@@ -95,18 +110,35 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class RssSampler:
+    """The replica's resident set, sampled every ``period`` seconds while in the ``with`` block."""
+
+    def __init__(self, period: float = 1.0) -> None:
+        self.pid, self.period = replica_pid(), period
+        self.samples = [rss_mb(self.pid)]
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RssSampler:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.samples.append(rss_mb(self.pid))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.samples.append(rss_mb(self.pid))
+
+    def summary(self) -> dict[str, float]:
+        return {"before": self.samples[0], "peak": max(self.samples), "after": self.samples[-1]}
+
+
 def overload(url: str, slow_bodies: list[bytes], fast_bodies: list[bytes], rate: float, seconds: float
              ) -> dict[str, Any]:
     """Open-loop rethought arrivals at ``rate``/s and a 10/s confident probe for ``seconds``."""
-    pid = replica_pid()
-    rss = [rss_mb(pid)]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(1.0):
-            rss.append(rss_mb(pid))
-
-    threading.Thread(target=sample, daemon=True).start()
+    rss = RssSampler()
+    rss.__enter__()
     futures: list[tuple[str, cf.Future]] = []
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(256) as ex:
@@ -121,8 +153,7 @@ def overload(url: str, slow_bodies: list[bytes], fast_bodies: list[bytes], rate:
             time.sleep(0.005)
         done = [(kind, f.result()) for kind, f in futures]
     drained = time.perf_counter() - t0
-    stop.set()
-    rss.append(rss_mb(pid))
+    rss.__exit__()
     statuses: dict[str, int] = {}
     skipped: dict[str, int] = {}
     for _, (_, status, out) in done:
@@ -135,11 +166,38 @@ def overload(url: str, slow_bodies: list[bytes], fast_bodies: list[bytes], rate:
             "rethought": len(slow_done), "rethink_skipped": skipped, "drained_after_s": drained,
             "confident_probe_ms": {"p50": ms(fast, 50), "p95": ms(fast, 95), "max": ms(fast, 100)},
             "rethought_ms": {"p50": ms(slow_done, 50), "p95": ms(slow_done, 95)},
-            "replica_rss_mb": {"before": rss[0], "peak": max(rss), "after": rss[-1]}}
+            "replica_rss_mb": rss.summary()}
+
+
+def big_images(url: str, good: bytes, n: int = 16, side: int = 8192) -> dict[str, Any]:
+    """``n`` concurrent ``side`` x ``side`` RGBA PNGs (exactly the 64 M-pixel limit at 8192) with a
+    good digit posted every 0.25 s beside them: every big one answered, the good ones' latency,
+    the replica's peak memory (issue 27)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (side, side), (20, 40, 60, 128)).save(buf, "PNG", compress_level=9)
+    big = buf.getvalue()
+    with RssSampler(period=0.2) as rss, cf.ThreadPoolExecutor(n + 1) as ex:
+        t0 = time.perf_counter()
+        bigs = [ex.submit(post, url, big) for _ in range(n)]
+        probe = []
+        while not all(f.done() for f in bigs):
+            probe.append(post(url, good))
+            time.sleep(0.25)
+        answers = [f.result() for f in bigs]
+        wall = time.perf_counter() - t0
+    statuses: dict[str, int] = {}
+    for _, status, _ in answers:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    good_ms = [dt for dt, status, _ in probe if status == 200]
+    return {"images": n, "side": side, "png_kb": len(big) / 1024, "statuses": statuses, "wall_s": wall,
+            "good_requests": len(probe), "good_ok": len(good_ms),
+            "good_ms": {"p50": ms(good_ms, 50), "max": ms(good_ms, 100)}, "replica_rss_mb": rss.summary()}
 
 
 def section(r: dict[str, Any]) -> str:
-    a, b, o = r["nothing_rethought"], r["protector"], r["overload"]
+    a, b, o, g = r["nothing_rethought"], r["protector"], r["overload"], r["big_images"]
     lines = [
         "# dbmef serve under load", "",
         f"`{r['command']}` on {r['machine']}, {r['date']}. Bundle `{r['bundle']}`, one replica; PNG test digits "
@@ -165,7 +223,15 @@ def section(r: dict[str, Any]) -> str:
         f"{o['confident_probe_ms']['p95']:.0f} / {o['confident_probe_ms']['max']:.0f} ms",
         f"- rethought latency p50 / p95: {o['rethought_ms']['p50']:.0f} / {o['rethought_ms']['p95']:.0f} ms",
         f"- replica resident memory: {o['replica_rss_mb']['before']:.0f} MB before, "
-        f"{o['replica_rss_mb']['peak']:.0f} MB peak, {o['replica_rss_mb']['after']:.0f} MB after", ""]
+        f"{o['replica_rss_mb']['peak']:.0f} MB peak, {o['replica_rss_mb']['after']:.0f} MB after", "",
+        f"## {g['images']} concurrent {g['side']} x {g['side']} RGBA PNGs ({g['png_kb']:.0f} KB each, at the "
+        "64 M-pixel limit), a confident digit every 0.25 s beside them", "",
+        f"- the big ones answered with status {g['statuses']} in {g['wall_s']:.1f} s",
+        f"- the digits beside them: {g['good_ok']} of {g['good_requests']} answered 200, p50 / max "
+        f"{g['good_ms']['p50']:.0f} / {g['good_ms']['max']:.0f} ms",
+        f"- replica resident memory: {g['replica_rss_mb']['before']:.0f} MB before, "
+        f"{g['replica_rss_mb']['peak']:.0f} MB peak, {g['replica_rss_mb']['after']:.0f} MB after "
+        "(before issue 27: 260 MB -> 3.1 GB peak, 1.8 GB after; a good request waited 20.6 s)", ""]
     return "\n".join(lines)
 
 
@@ -204,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, prot in (("nothing_rethought", 1.0), ("protector", None)):
             start(RuntimeSpec(bundle, prot=prot), cfg, port=port)
+            wait_ready(url)
             closed_loop(url, bodies[-48:], a.concurrency, 48)  # warm-up
             r[name] = closed_loop(url, bodies, a.concurrency, a.requests)
             print(name, r[name], file=sys.stderr)
             serve.delete("dbmef")
         start(RuntimeSpec(bundle), cfg, port=port)
+        wait_ready(url)
         closed_loop(url, bodies[-48:], a.concurrency, 48)
         answers = [post(url, b) for b in bodies[:200]]
         slow_bodies = [b for b, (_, _, out) in zip(bodies, answers) if out["rethought"]]
@@ -217,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = a.overload_factor * r["slow_capacity_per_s"]
         r["overload"] = overload(url, slow_bodies, fast_bodies, rate, a.overload_s)
         print("overload", r["overload"], file=sys.stderr)
+        r["big_images"] = big_images(url, fast_bodies[0])
+        print("big_images", r["big_images"], file=sys.stderr)
     finally:
         serve.shutdown()
         ray.shutdown()

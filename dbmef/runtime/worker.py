@@ -102,6 +102,9 @@ class _SlowItem:
     handed: float  # when the fast path handed it over
 
 
+FILL_WAIT_S = 0.05  # the longest a slow-path call waits for rows the fast path is producing
+
+
 class ClassifierWorker:
     """``submit(image) -> Future[ImageResult]`` over ``pipeline`` (a ``DBMEFPipeline``; a
     ``DBMEFRuntime``'s is ``runtime.pipeline``). Start on construction; ``close`` drains.
@@ -316,6 +319,7 @@ class ClassifierWorker:
 
     def _slow_loop(self) -> None:
         sched = self.sched
+        fill_until: float | None = None  # how long this call may still wait to be fuller
         while True:
             with self._lock:
                 while not self._handoff and not sched.busy:
@@ -334,8 +338,15 @@ class ClassifierWorker:
             with self._lock:
                 coming = bool(self._intake or self._fast_busy)
                 if coming and not sched.in_flight and sched.waiting_rows < sched.B and sched.has_room:
-                    self._lock.wait(0.05)  # the fast thread is about to hand over rows: a fuller call
-                    continue
+                    # The fast thread may be about to hand over rows: a fuller call. But only for
+                    # FILL_WAIT_S per call: under steady load the fast path is always busy, and an
+                    # unbounded wait would starve the rows already waiting.
+                    now = self.clock()
+                    fill_until = now + FILL_WAIT_S if fill_until is None else fill_until
+                    if now < fill_until:
+                        self._lock.wait(fill_until - now)
+                        continue
+            fill_until = None
             self._step(sched)
 
     def _step(self, sched: Any) -> None:

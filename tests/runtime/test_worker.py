@@ -86,3 +86,36 @@ def test_close_answers_everything_already_taken(digits):
     assert [f.result().label for f in futures] == [r.label for r in want[:16]]
     with pytest.raises(OverloadedError, match="shutting down"):
         w.submit(images[0])
+
+
+def test_a_busy_fast_path_does_not_starve_a_rethink(digits):
+    """Confident images keep the fast path busy without pause; the one rethought image still gets
+    its engine calls (the slow path waits for a fuller call only briefly) and is answered while
+    the confident traffic goes on."""
+    import threading
+
+    rt, images, want = digits
+    slow = next(im for im, r in zip(images, want) if r.rethought)
+    kept = [im for im, r in zip(images, want) if not r.rethought]
+    stop = threading.Event()
+    with ClassifierWorker(rt.pipeline, batch_size=8) as w:
+
+        def feed() -> None:
+            pending: list = []
+            while not stop.is_set():
+                pending = [f for f in pending if not f.done()]
+                if len(pending) < 16:
+                    pending += w.submit_many(kept[:8])
+            for f in pending:
+                f.result(timeout=300)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        try:
+            answer = w.submit(slow).result(timeout=120)  # starved, it would wait until the feeding stops
+            still_feeding = feeder.is_alive() and not stop.is_set()
+        finally:
+            stop.set()
+            feeder.join()
+    assert answer.rethought and still_feeding
+    assert answer.label == next(r.label for r in want if r.rethought)
