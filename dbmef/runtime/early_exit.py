@@ -90,7 +90,7 @@ class ImagePlan:
         self.alive = np.ones(k, dtype=bool)
         self.done = False
         self.winner = -1  # candidate position once settled
-        self.rows = 0  # rows evaluated (each 2 UNet evaluations)
+        self.rows = 0  # rows evaluated (each 2 UNet evaluations, 1 positive-only at lam = 1)
         self.stages = 0  # stages fed
         self.opened = votes if policy.mode == "off" else votes // 2 + 1  # votes opened so far
         self.cursor = np.zeros(votes, dtype=np.int64)  # timesteps visited per vote
@@ -214,7 +214,7 @@ class ImagePlan:
         the timesteps so far go on (ties to the better rank); the last stage keeps the winner."""
         alive = np.flatnonzero(self.alive)
         j = self.policy.samples.index(int(self.cursor[0]))
-        means = self.errors[0][: , alive].astype(np.float64)
+        means = self.errors[0][:, alive].astype(np.float64)
         means = np.nanmean(means, axis=0)  # (|alive|,) over the timesteps evaluated for all of them
         best = alive[np.argsort(means, kind="stable")[: self.policy.keep[j]]]
         self.alive[:] = False

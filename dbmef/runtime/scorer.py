@@ -225,8 +225,7 @@ class DiffusionScorer:
     def _positive_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
         x_t = add_noise(x0, eps, self.sqrt_abar[t], self.sqrt_one_minus_abar[t])  # (B,4,h,w)
         pos = self.engine({"sample": x_t, "timestep": t, "encoder_hidden_states": emb_pos})["noise_pred"]
-        diff = eps.astype(np.float32) - pos
-        return np.asarray(np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64), dtype=np.float32)
+        return combine_and_error(eps, pos, pos, 1.0)  # eps_hat = pos + 1 * (pos - pos) = pos, exactly
 
     def terms_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
         """Per-row ``error_terms`` (B, 3) float64 instead of one error (plain UNet engines only)."""
