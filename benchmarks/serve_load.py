@@ -6,16 +6,23 @@
 Starts a local Ray instance and the service on loopback; clients POST PNG test digits to
 ``/classify`` (the 597 of the digits test split, in order, round and round):
 
-1. **closed loop, nothing rethought** (``--prot 1``): ``--concurrency`` clients, each sending its
-   next request as soon as its answer arrives.
-2. **closed loop, the bundle's protector** (about 13 % rethought): the same clients; latency of
-   confident and of rethought requests separately.
-3. **overload**: open-loop arrivals of rethought digits at ``--overload-factor`` times the slow
-   path's capacity (measured in scenario 2) for ``--overload-s`` seconds, with a probe of
+1. **three deployments**: nothing rethought (``--prot 1``); the bundle's protector (about 13 %
+   rethought) with the bundle's early exit; the same with ``--early-exit adaptive``. Each under a
+   **closed loop** of ``--concurrency`` clients (each sends its next request as soon as its answer
+   arrives) and, with the protector, **open loops** at ``--open-rates`` requests/s (40/s: what the
+   batch-synchronous service sustained), since in a closed loop the clients the fast path frees
+   pile up behind the slow path (Little's law). Latency of confident and of rethought requests
+   separately, and the service's own work counts from ``/metrics`` (UNet evaluations, rows sent
+   and needed).
+2. **overload**: open-loop arrivals of rethought digits at ``--overload-factor`` times the slow
+   path's capacity (measured on the second deployment) for ``--overload-s`` seconds, with a probe of
    confident digits at 10 requests/s beside them: every request must be answered (no loss, no
    hang), rethinks the slow path cannot finish in time are answered with the fast label
    (``rethink_skipped``), confident answers stay fast, the replica's memory stays bounded
    (resident set sampled every second from /proc).
+
+The deployments run with the service's default deadline (60 s, so no rethink is skipped); the
+service is then redeployed with ``--deadline-s`` for the overload and the big-image probe.
 
 Writes ``benchmarks/results/serve.json`` and ``benchmarks/SERVE.md``.
 """
@@ -33,6 +40,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +79,11 @@ def ms(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q)) if xs else float("nan")
 
 
+def lat(xs: list[float]) -> dict[str, float]:
+    """p50 / p95 / mean in milliseconds."""
+    return {"p50": ms(xs, 50), "p95": ms(xs, 95), "mean": float(np.mean(xs) * 1e3) if xs else float("nan")}
+
+
 def closed_loop(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict[str, Any]:
     """``concurrency`` clients, each posting its next digit when its answer arrives, ``n`` in all."""
     conf: list[float] = []
@@ -82,8 +95,24 @@ def closed_loop(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict
             (slow if out["rethought"] else conf).append(dt)
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
-            "rethought": len(slow), "confident_ms": {"p50": ms(conf, 50), "p95": ms(conf, 95)},
-            "rethought_ms": {"p50": ms(slow, 50), "p95": ms(slow, 95)}}
+            "rethought": len(slow), "confident_ms": lat(conf), "rethought_ms": lat(slow)}
+
+
+def open_loop(url: str, bodies: list[bytes], rate: float, n: int) -> dict[str, Any]:
+    """``n`` requests (``bodies`` in order) arriving every ``1 / rate`` seconds, whatever the answers."""
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(256) as ex:
+        futures = []
+        for i in range(n):
+            time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            futures.append(ex.submit(post, url, bodies[i % len(bodies)]))
+        done = [f.result() for f in futures]
+    wall = time.perf_counter() - t0
+    assert all(status == 200 for _, status, _ in done), [out for _, status, out in done if status != 200][:3]
+    conf = [dt for dt, _, out in done if not out["rethought"]]
+    slow = [dt for dt, _, out in done if out["rethought"]]
+    return {"rate_per_s": rate, "requests": n, "wall_s": wall, "requests_per_s": n / wall, "rethought": len(slow),
+            "confident_ms": lat(conf), "rethought_ms": lat(slow)}
 
 
 def slow_capacity(url: str, slow_bodies: list[bytes], n: int = 32) -> float:
@@ -96,11 +125,44 @@ def slow_capacity(url: str, slow_bodies: list[bytes], n: int = 32) -> float:
 
 
 def replica_pid() -> int:
-    from ray.util.state import list_actors
+    """The replica's process (Ray titles it ``ray::ServeReplica:dbmef:...``), found in /proc: the Ray
+    state API would need the dashboard, which this benchmark does not start."""
+    pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+            and b"ServeReplica:dbmef" in _cmdline(d)]
+    if len(pids) != 1:
+        raise RuntimeError(f"expected one dbmef replica process, found {pids}")
+    return pids[0]
 
-    (actor,) = [a for a in list_actors(detail=True) if "ServeReplica:dbmef" in (a.class_name or "")
-                and a.state == "ALIVE"]
-    return int(actor.pid)
+
+def _cmdline(d: Path) -> bytes:
+    try:
+        return (d / "cmdline").read_bytes()
+    except OSError:  # the process ended while the directory was listed
+        return b""
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The service's work counters from ``/metrics``: scorer rows by kind (``rows_sent``,
+    ``rows_needed``, ``rows_padding``, ...) and ``unet_evals``."""
+    with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("dbmef_engine_rows_total{"):
+            kind = line.split('kind="', 1)[1].split('"', 1)[0]
+            out[f"rows_{kind}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dbmef_unet_evaluations_total "):
+            out["unet_evals"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def measured(url: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()``'s latencies with the service's work during it (counter differences)."""
+    before = scrape(url)
+    out = run()
+    after = scrape(url)
+    out["work"] = {k: after[k] - before.get(k, 0.0) for k in after}
+    return out
 
 
 def rss_mb(pid: int) -> float:
@@ -196,25 +258,52 @@ def big_images(url: str, good: bytes, n: int = 16, side: int = 8192) -> dict[str
             "good_ms": {"p50": ms(good_ms, 50), "max": ms(good_ms, 100)}, "replica_rss_mb": rss.summary()}
 
 
+def _row(c: dict[str, Any]) -> str:
+    w, cm, sm = c["work"], c["confident_ms"], c["rethought_ms"]
+    slow = f"{sm['p50']:.0f} / {sm['p95']:.0f}" if c["rethought"] else "-"
+    evals = f"{w['unet_evals'] / c['rethought']:.0f}" if c["rethought"] else "-"
+    rows = f"{w['rows_sent']:.0f} / {w['rows_needed']:.0f}" if c["rethought"] else "-"
+    return (f"| {c['deployment']} | {c['load']} | {cm['p50']:.0f} / {cm['p95']:.0f} | {slow} | "
+            f"{c['requests_per_s']:.1f} | {c['rethought'] / c['requests']:.0%} | {evals} | {rows} |")
+
+
+def in_slow_path(c: dict[str, Any]) -> float:
+    """Little's law: rethought requests in the service on average (their rate times their mean latency)."""
+    return c["rethought"] / c["wall_s"] * c["rethought_ms"]["mean"] / 1e3
+
+
 def section(r: dict[str, Any]) -> str:
-    a, b, o, g = r["nothing_rethought"], r["protector"], r["overload"], r["big_images"]
+    sc, o, g = r["scenarios"], r["overload"], r["big_images"]
+    none, mixed = sc[0], sc[1]
+    closed = [c for c in sc if c["load"].startswith("closed") and c["rethought"]]
     lines = [
         "# dbmef serve under load", "",
         f"`{r['command']}` on {r['machine']}, {r['date']}. Bundle `{r['bundle']}`, one replica; PNG test digits "
-        f"posted to `/classify` over loopback HTTP. Closed loop: {a['concurrency']} clients, {a['requests']} requests "
-        "per scenario after a warm-up.", "",
-        "| load | confident p50 / p95 ms | rethought p50 / p95 ms | requests/s |", "|---|---:|---:|---:|",
-        f"| nothing rethought (`--prot 1`) | {a['confident_ms']['p50']:.0f} / {a['confident_ms']['p95']:.0f} | - | "
-        f"{a['requests_per_s']:.0f} |",
-        f"| the bundle's protector ({b['rethought'] / b['requests']:.0%} rethought) | {b['confident_ms']['p50']:.0f}"
-        f" / {b['confident_ms']['p95']:.0f} | {b['rethought_ms']['p50']:.0f} / {b['rethought_ms']['p95']:.0f} | "
-        f"{b['requests_per_s']:.0f} |", "",
-        f"Confident p50 under mixed load is **{b['confident_ms']['p50'] / a['confident_ms']['p50']:.2f}x** the "
-        "nothing-rethought p50 (before the two-path worker: 321 ms vs 74 ms, 4.3x; rethought p50 was 484 ms).", "",
+        f"(the {none['requests']} of the digits test split, in order) posted to `/classify` over loopback HTTP by "
+        "clients on the same 2 cores, after a warm-up. Closed loop: each client posts its next digit when its "
+        "answer arrives. Open loop: a digit every 1/rate seconds whatever the answers. The service's default "
+        "60 s deadline: no rethink is skipped in these rows.", "",
+        "| deployment | load | confident p50 / p95 ms | rethought p50 / p95 ms | requests/s | rethought | "
+        "UNet evals / rethink | rows sent / needed |", "|---|---|---:|---:|---:|---:|---:|---:|",
+        *[_row(c) for c in sc], "",
+        f"**Confident answers**: under the issue's load (closed loop, {none['load'].split(', ')[1]}) their p50 is "
+        f"**{mixed['confident_ms']['p50'] / none['confident_ms']['p50']:.2f}x** the nothing-rethought p50 "
+        "(required <= 1.5x; the batch-synchronous service: 321 ms against 74 ms, 4.3x).", "",
+        "**Rethought answers** (the batch-synchronous service: p50 484 ms at 40 requests/s in the closed loop). "
+        "Throughput is what the slow path sustains, and the work per rethink is the same as before (the "
+        "UNet evaluations column), so the time rethought requests spend in the service is set by how many "
+        "of them are in it at once (Little's law: rate x mean latency): "
+        + "; ".join(f"{c['deployment']}, {c['load']}: {in_slow_path(c):.1f} of {r['concurrency']} clients"
+                    for c in closed)
+        + ". In a closed loop the clients the fast path now frees at once post again, until nearly all of "
+          "them wait behind the slow path; before, every client waited for its batch's rethinks, so the "
+          "queue was spread over confident requests too. The open-loop rows compare at a fixed arrival rate; "
+          "`--early-exit adaptive` (agreement with the exhaustive answer, not identity: see "
+          "benchmarks/digits/STREAM.md) cuts the work per rethink.", "",
         f"## Overload: rethought digits at {o['rethought_rate_per_s']:.1f}/s ({r['overload_factor']:g}x the "
         f"{r['slow_capacity_per_s']:.2f}/s the slow path sustains: 32 rethought digits posted at once) "
         f"for {o['seconds']:.0f} s, plus confident "
-        "digits at 10/s", "",
+        f"digits at 10/s; the service redeployed with a {r['deadline_s']:g} s rethink deadline", "",
         f"- requests: {o['requests']}, answered with status {o['statuses']}; the last answered "
         f"{o['drained_after_s'] - o['seconds']:.1f} s after the load stopped (none lost, none hung)",
         f"- rethought {o['rethought']}, answered with the fast label instead: {o['rethink_skipped']} "
@@ -240,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", default=None, help="default: the committed digits bundle")
     ap.add_argument("--requests", type=int, default=597)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--open-rates", type=float, nargs="+", default=[20.0, 40.0],
+                    help="open-loop arrivals per second (40: the batch-synchronous service's throughput)")
     ap.add_argument("--overload-factor", type=float, default=10.0)
     ap.add_argument("--overload-s", type=float, default=60.0)
     ap.add_argument("--deadline-s", type=float, default=5.0, help="the service's rethink deadline during overload")
@@ -264,24 +355,35 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/classify"
-    cfg = ServeConfig(deadline_s=a.deadline_s)
-    r: dict[str, Any] = {}
+    deployments = [("nothing rethought (`--prot 1`)", RuntimeSpec(bundle, prot=1.0)),
+                   ("the bundle's protector, its early exit", RuntimeSpec(bundle)),
+                   ("the bundle's protector, `--early-exit adaptive`",
+                    RuntimeSpec(bundle, scoring={"early_exit": "adaptive"}))]
+    r: dict[str, Any] = {"scenarios": []}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
-        for name, prot in (("nothing_rethought", 1.0), ("protector", None)):
-            start(RuntimeSpec(bundle, prot=prot), cfg, port=port)
+        for j, (name, spec) in enumerate(deployments):
+            start(spec, ServeConfig(), port=port)
             wait_ready(url)
             closed_loop(url, bodies[-48:], a.concurrency, 48)  # warm-up
-            r[name] = closed_loop(url, bodies, a.concurrency, a.requests)
-            print(name, r[name], file=sys.stderr)
+            loads: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                (f"closed loop, {a.concurrency} clients", lambda: closed_loop(url, bodies, a.concurrency, a.requests))]
+            if j > 0:
+                loads += [(f"open loop, {rate:g} req/s", lambda rate=rate: open_loop(url, bodies, rate, a.requests))
+                          for rate in a.open_rates]
+            for load, run in loads:
+                res = {"deployment": name, "load": load, **measured(url, run)}
+                r["scenarios"].append(res)
+                print(json.dumps(res), file=sys.stderr)
+            if j == 1:
+                answers = [post(url, b) for b in bodies[:200]]
+                slow_bodies = [b for b, (_, _, out) in zip(bodies, answers) if out["rethought"]]
+                fast_bodies = [b for b, (_, _, out) in zip(bodies, answers) if not out["rethought"]]
+                r["slow_capacity_per_s"] = slow_capacity(url, slow_bodies)
             serve.delete("dbmef")
-        start(RuntimeSpec(bundle), cfg, port=port)
+        start(RuntimeSpec(bundle), ServeConfig(deadline_s=a.deadline_s), port=port)
         wait_ready(url)
         closed_loop(url, bodies[-48:], a.concurrency, 48)
-        answers = [post(url, b) for b in bodies[:200]]
-        slow_bodies = [b for b, (_, _, out) in zip(bodies, answers) if out["rethought"]]
-        fast_bodies = [b for b, (_, _, out) in zip(bodies, answers) if not out["rethought"]]
-        r["slow_capacity_per_s"] = slow_capacity(url, slow_bodies)
         rate = a.overload_factor * r["slow_capacity_per_s"]
         r["overload"] = overload(url, slow_bodies, fast_bodies, rate, a.overload_s)
         print("overload", r["overload"], file=sys.stderr)
@@ -293,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     r.update({"command": "python benchmarks/serve_load.py " + " ".join(argv or sys.argv[1:]), "bundle": bundle,
               "machine": f"{platform.platform()}, 2 cores, no GPU",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "overload_factor": a.overload_factor,
+              "concurrency": a.concurrency,
               "deadline_s": a.deadline_s})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2) + "\n")

@@ -98,9 +98,11 @@ class _WorkCollector:
                         ("ahead", sc.rows_speculative), ("ahead_used", sc.rows_speculative_used)):
             rows.add_metric([kind], v)
         yield rows
-        depth = GaugeMetricFamily("dbmef_queue_depth", "images waiting: fast (for the fast path), slow (for a "
-                                  "scheduler slot), open (in the scheduler)", labels=["queue"])
-        for q, v in (("fast", st.fast_queue), ("slow", st.slow_queue), ("open", st.slow_open)):
+        depth = GaugeMetricFamily("dbmef_queue_depth", "images waiting: fast (for the fast path), decode (large "
+                                  "images in the decode lane), slow (for a scheduler slot), open (in the scheduler)",
+                                  labels=["queue"])
+        for q, v in (("fast", st.fast_queue), ("decode", st.decode_queue), ("slow", st.slow_queue),
+                     ("open", st.slow_open)):
             depth.add_metric([q], v)
         yield depth
         ready = GaugeMetricFamily("dbmef_ready", "1 once the engines are open and warmed up")

@@ -18,7 +18,14 @@ from dbmef.errors import ConfigError, DBMEFError, ImageError
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import Engine, chunked
 from dbmef.runtime.method import negative_prompts, positive_prompt
-from dbmef.runtime.preprocess import BackbonePreprocess, ImageInput, VaePreprocess, describe, load_image
+from dbmef.runtime.preprocess import (
+    BackbonePreprocess,
+    ImageInput,
+    Preprocessed,
+    VaePreprocess,
+    describe,
+    load_image,
+)
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import Batch, ImageResult
 from dbmef.runtime.schedule import NoiseSchedule
@@ -157,7 +164,7 @@ class DBMEFPipeline:
         gets ``error`` set and does not stop the others. ``progress`` receives UNet rows done."""
         return self.rethink(self.fast_path(images, names), progress).results(self.class_names)
 
-    def fast_path(self, images: Sequence[ImageInput], names: Sequence[str] | None = None,
+    def fast_path(self, images: Sequence[ImageInput | Preprocessed], names: Sequence[str] | None = None,
                   errors: Sequence[str | None] | None = None) -> Batch:
         """Decode, backbone and gate: the first half of ``classify``. Rows not rethought are final;
         rethought rows carry their VAE input, so ``rethink`` (here or in another process) never
@@ -175,7 +182,7 @@ class DBMEFPipeline:
         batch.latency[done] = time.perf_counter() - t0  # kept answers (and unreadable inputs) are final now
         return batch
 
-    def _gate(self, batch: Batch, pixel: np.ndarray, images: Sequence[ImageInput]) -> None:
+    def _gate(self, batch: Batch, pixel: np.ndarray, images: Sequence[ImageInput | Preprocessed]) -> None:
         ok = batch.ok
         t0 = time.perf_counter()
         if self.engines.backbone is None:  # zero-shot without a classifier: every class, in class order
@@ -198,13 +205,14 @@ class DBMEFPipeline:
         batch.charge("protector", time.perf_counter() - t0, ok)
         self._vae_inputs(batch, images)
 
-    def _vae_inputs(self, batch: Batch, images: Sequence[ImageInput]) -> None:
+    def _vae_inputs(self, batch: Batch, images: Sequence[ImageInput | Preprocessed]) -> None:
         t0 = time.perf_counter()
         for i in np.flatnonzero(batch.rethink):
             # decoded again, for the rethought images only, rather than every decoded picture held
             # until the gate: the same pixels, and the memory of one picture at a time
+            src = images[int(i)]
             try:
-                batch.vae_pixels[i] = self.vae_preprocess(load_image(images[int(i)]))
+                batch.vae_pixels[i] = src.vae if isinstance(src, Preprocessed) else self.vae_preprocess(load_image(src))
             except DBMEFError as exc:  # the file changed or vanished since the first read
                 batch.error[i], batch.rethink[i] = f"{exc} (on the second read, for the VAE)", False
         batch.charge("vae_encode", time.perf_counter() - t0, batch.rethink)  # its preprocessing, done once here
@@ -308,8 +316,8 @@ class DBMEFPipeline:
                 sched.submit(int(batch.index[i]), latents[j], batch.top[i], None if neg is None else neg[j],
                              submitted=float(batch.submitted[i]))
 
-    def _decode(self, images: Sequence[ImageInput], known: Sequence[str | None] | None, names: Sequence[str]
-                ) -> tuple[list[np.ndarray], list[str | None]]:
+    def _decode(self, images: Sequence[ImageInput | Preprocessed], known: Sequence[str | None] | None,
+                names: Sequence[str]) -> tuple[list[np.ndarray], list[str | None]]:
         """Each input decoded and preprocessed for the backbone: the arrays of the readable ones, and
         one error message (or None) per input. ``known``: errors already found (not read again)."""
         pixel: list[np.ndarray] = []
@@ -318,6 +326,12 @@ class DBMEFPipeline:
             try:
                 if known is not None and known[i]:
                     raise ImageError(str(known[i]))
+                if isinstance(src, Preprocessed):  # decoded by a decode lane: no pixel is read again
+                    if src.error or src.pixel is None:
+                        raise ImageError(src.error or f"{src.name}: not preprocessed")
+                    pixel.append(src.pixel)
+                    errors.append(None)
+                    continue
                 # One decoded picture at a time, released once preprocessed: a batch of images at the
                 # pixel limit costs one of them, not all (a 64 M-pixel RGBA PNG decodes to 0.25 GB).
                 img = load_image(src)
@@ -328,6 +342,17 @@ class DBMEFPipeline:
                 errors.append(str(exc))
                 log.warning("skipping %s: %s", names[i], exc)
         return pixel, errors
+
+    def preprocess(self, src: ImageInput, name: str | None = None) -> Preprocessed:
+        """Decode ``src`` once and preprocess it for the backbone and the VAE (for a decode lane:
+        the fast path then reads no pixels; the arrays are the ones ``classify`` computes)."""
+        name = name or describe(src)
+        try:
+            img = load_image(src)
+            pixel = self.backbone_preprocess(img) if self.backbone_preprocess else np.zeros(0, np.float32)
+            return Preprocessed(name, pixel, self.vae_preprocess(img))
+        except DBMEFError as exc:
+            return Preprocessed(name, None, None, str(exc))
 
     def backbone_logits(self, images: Sequence[ImageInput]) -> tuple[np.ndarray, list[str | None]]:
         """Decode and run the backbone only: (N_ok, C) logits of the readable images, and one error

@@ -43,8 +43,36 @@ _FILTERS = {
 }
 
 
-def describe(src: ImageInput) -> str:
+@dataclass(frozen=True)
+class Preprocessed:
+    """An input decoded once and preprocessed for both models (``DBMEFPipeline.preprocess``): what
+    a service's decode lane hands the fast path, which then reads no pixels. ``error`` instead of
+    the arrays when the input could not be read."""
+
+    name: str
+    pixel: np.ndarray | None  # the backbone's input (C, H, W); empty without a classifier
+    vae: np.ndarray | None  # the VAE encoder's input (3, H, W)
+    error: str | None = None
+
+
+def header_pixels(src: Any) -> int:
+    """Width x height an encoded image (bytes) declares in its header, read without decoding; 0 for
+    every other input and for bytes that are not a readable header (decoding reports those)."""
+    if not isinstance(src, bytes):
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(src)) as im:
+                return int(im.size[0]) * int(im.size[1])
+    except Exception:  # anything unreadable is the decoder's to report, with its own message
+        return 0
+
+
+def describe(src: ImageInput | Preprocessed) -> str:
     """A short name for an input, for results and error messages."""
+    if isinstance(src, Preprocessed):
+        return src.name
     if isinstance(src, (str, Path)):
         return str(src)
     if isinstance(src, bytes):

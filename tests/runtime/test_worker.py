@@ -121,3 +121,53 @@ def test_a_rethink_is_answered_while_confident_traffic_goes_on(digits):
             feeder.join()
     assert answer.rethought and still_feeding
     assert answer.label == next(r.label for r in want if r.rethought)
+
+
+def _png(a: np.ndarray, side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).resize((side, side), Image.Resampling.NEAREST).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_large_image_is_decoded_in_its_lane_and_small_ones_do_not_wait(digits, monkeypatch):
+    """An image over HEAVY_PIXELS is decoded by the decode lane: while its decoding is held back,
+    small requests submitted after it are answered; once released, its answer is classify's for
+    the same bytes (the fast path read no pixels of it), and a truncated large PNG gets an error."""
+    import threading
+
+    import dbmef.runtime.worker as worker_mod
+
+    rt, images, want = digits
+    monkeypatch.setattr(worker_mod, "HEAVY_PIXELS", 40 * 40)
+    rethought = next(im for im, r in zip(images, want) if r.rethought)
+    big = [_png(rethought, 64), _png(images[0], 48)]
+    truncated = big[0][: len(big[0]) // 2]
+    release = threading.Event()
+    real = rt.pipeline.preprocess
+
+    def held(src, name=None):
+        release.wait(120)
+        return real(src, name)
+
+    monkeypatch.setattr(rt.pipeline, "preprocess", held)
+    with ClassifierWorker(rt.pipeline, batch_size=8) as w:
+        large = w.submit_many([*big, truncated])
+        small = w.submit_many(images[:8])
+        got = [f.result(timeout=300) for f in small]  # answered while the large ones are held
+        held_back = [f.done() for f in large]
+        queued = w.stats.decode_queue
+        release.set()
+        got_large = [f.result(timeout=300) for f in large]
+    assert held_back == [False, False, False] and queued == 3
+    assert [g.label for g in got] == [r.label for r in want[:8]]
+    monkeypatch.undo()
+    ref = rt.classify(big)
+    assert ref[0].rethought  # the rethought digit, upscaled, is still rethought: the VAE input came from the lane
+    for g, r in zip(got_large, ref):
+        assert (g.label, g.rethought, g.unet_evals, g.topk) == (r.label, r.rethought, r.unet_evals, r.topk)
+        assert g.noise_errors == r.noise_errors
+    assert got_large[2].error and "not a readable image" in got_large[2].error
