@@ -258,6 +258,19 @@ def big_images(url: str, good: bytes, n: int = 16, side: int = 8192) -> dict[str
             "good_ms": {"p50": ms(good_ms, 50), "max": ms(good_ms, 100)}, "replica_rss_mb": rss.summary()}
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each number the median over ``runs`` (dicts of the same keys, nested)."""
+    out: dict[str, Any] = {}
+    for k, v in runs[0].items():
+        if isinstance(v, dict):
+            out[k] = median_of([r[k] for r in runs])
+        elif isinstance(v, (int, float)):
+            out[k] = float(np.median([r[k] for r in runs]))
+        else:
+            out[k] = v
+    return out
+
+
 def _row(c: dict[str, Any]) -> str:
     w, cm, sm = c["work"], c["confident_ms"], c["rethought_ms"]
     slow = f"{sm['p50']:.0f} / {sm['p95']:.0f}" if c["rethought"] else "-"
@@ -272,6 +285,39 @@ def in_slow_path(c: dict[str, Any]) -> float:
     return c["rethought"] / c["wall_s"] * c["rethought_ms"]["mean"] / 1e3
 
 
+def infeasible(c: dict[str, Any], clients: int, target_s: float = 0.484, before_s: float = 0.074) -> str:
+    """Why the closed loop cannot meet both targets on this machine: with ``clients`` clients,
+    throughput X and a fraction f rethought, clients = X ((1 - f) W_conf + f W_rethought), and
+    X <= C / f, C the rethinks per second the slow path sustains under this load."""
+    f = c["rethought"] / c["requests"]
+    cap = c["rethought"] / c["wall_s"]
+    w_conf = (clients * f / cap - f * target_s) / (1 - f)
+    need = clients * f / ((1 - f) * 1.5 * before_s + f * target_s)
+    return (f"**Both targets at once are out of reach in this closed loop here.** With {clients} clients, throughput "
+            f"X and a fraction f = {f:.2f} rethought, {clients} = X ((1 - f) W_confident + f W_rethought), and X <= "
+            f"C / f, where C = {cap:.1f} rethinks/s is what the slow path sustained in this loop. A rethought mean "
+            f"of {target_s * 1e3:.0f} ms would then force a confident mean of at least {w_conf * 1e3:.0f} ms, "
+            f"{w_conf / before_s:.1f}x the issue's nothing-rethought {before_s * 1e3:.0f} ms; both (confident at 1.5x, "
+            f"rethought at {target_s * 1e3:.0f} ms) need C >= {need:.1f}/s, {need / cap:.1f}x this slow path. The "
+            "service spends the slow path's capacity on rethinks and answers confident requests at once: the "
+            "trade the two-path design makes.")
+
+
+def adaptive_note(sc: list[dict[str, Any]]) -> str:
+    """What the adaptive rows say, beside the bundle's early exit at the same loads."""
+    pairs = [(b, c) for b in sc for c in sc if b["deployment"].endswith("its early exit")
+             and "adaptive" in c["deployment"] and b["load"] == c["load"]]
+    evals = [(b["work"]["unet_evals"] / b["rethought"], c["work"]["unet_evals"] / c["rethought"]) for b, c in pairs]
+    return ("**`--early-exit adaptive`** needs fewer UNet evaluations per rethink ("
+            + ", ".join(f"{x:.0f} -> {y:.0f}" for x, y in evals[:1])
+            + ") but runs a rethink's stages one after another, each waiting for the errors of the call "
+              "before, so a rethink takes more engine round trips. Rethought p50 beside the bundle's early exit: "
+            + "; ".join(f"{b['load']}: {c['rethought_ms']['p50']:.0f} ms against {b['rethought_ms']['p50']:.0f} ms"
+                        for b, c in pairs)
+            + ". On this machine it saves work, not latency; its agreement with the full method is measured in "
+              "benchmarks/digits/STREAM.md.")
+
+
 def section(r: dict[str, Any]) -> str:
     sc, o, g = r["scenarios"], r["overload"], r["big_images"]
     none, mixed = sc[0], sc[1]
@@ -279,8 +325,9 @@ def section(r: dict[str, Any]) -> str:
     lines = [
         "# dbmef serve under load", "",
         f"`{r['command']}` on {r['machine']}, {r['date']}. Bundle `{r['bundle']}`, one replica; PNG test digits "
-        f"(the {none['requests']} of the digits test split, in order) posted to `/classify` over loopback HTTP by "
-        "clients on the same 2 cores, after a warm-up. Closed loop: each client posts its next digit when its "
+        f"(the {none['requests']:.0f} of the digits test split, in order) posted to `/classify` over loopback HTTP by "
+        "clients on the same 2 cores, after a warm-up; each figure the median of "
+        f"{r['repeats']} runs. Closed loop: each client posts its next digit when its "
         "answer arrives. Open loop: a digit every 1/rate seconds whatever the answers. The service's default "
         "60 s deadline: no rethink is skipped in these rows.", "",
         "| deployment | load | confident p50 / p95 ms | rethought p50 / p95 ms | requests/s | rethought | "
@@ -288,7 +335,9 @@ def section(r: dict[str, Any]) -> str:
         *[_row(c) for c in sc], "",
         f"**Confident answers**: under the issue's load (closed loop, {none['load'].split(', ')[1]}) their p50 is "
         f"**{mixed['confident_ms']['p50'] / none['confident_ms']['p50']:.2f}x** the nothing-rethought p50 "
-        "(required <= 1.5x; the batch-synchronous service: 321 ms against 74 ms, 4.3x).", "",
+        "(required <= 1.5x; the batch-synchronous service: 321 ms against 74 ms, 4.3x). With nothing rethought "
+        "all the clients queue for the fast path, so that p50 is mostly queueing; with the protector most of "
+        "them wait in the slow path and the fast path is nearly idle.", "",
         "**Rethought answers** (the batch-synchronous service: p50 484 ms at 40 requests/s in the closed loop). "
         "Throughput is what the slow path sustains, and the work per rethink is the same as before (the "
         "UNet evaluations column), so the time rethought requests spend in the service is set by how many "
@@ -297,9 +346,9 @@ def section(r: dict[str, Any]) -> str:
                     for c in closed)
         + ". In a closed loop the clients the fast path now frees at once post again, until nearly all of "
           "them wait behind the slow path; before, every client waited for its batch's rethinks, so the "
-          "queue was spread over confident requests too. The open-loop rows compare at a fixed arrival rate; "
-          "`--early-exit adaptive` (agreement with the exhaustive answer, not identity: see "
-          "benchmarks/digits/STREAM.md) cuts the work per rethink.", "",
+          "queue was spread over confident requests too. The open-loop rows compare at a fixed arrival rate.", "",
+        infeasible(mixed, r["concurrency"]), "",
+        adaptive_note(sc), "",
         f"## Overload: rethought digits at {o['rethought_rate_per_s']:.1f}/s ({r['overload_factor']:g}x the "
         f"{r['slow_capacity_per_s']:.2f}/s the slow path sustains: 32 rethought digits posted at once) "
         f"for {o['seconds']:.0f} s, plus confident "
@@ -331,11 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--open-rates", type=float, nargs="+", default=[20.0, 40.0],
                     help="open-loop arrivals per second (40: the batch-synchronous service's throughput)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each load; the tables show medians")
     ap.add_argument("--overload-factor", type=float, default=10.0)
     ap.add_argument("--overload-s", type=float, default=60.0)
     ap.add_argument("--deadline-s", type=float, default=5.0, help="the service's rethink deadline during overload")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve.json")
+    ap.add_argument("--from-json", type=Path, help="only write SERVE.md again from a results file")
     a = ap.parse_args(argv)
+    if a.from_json:
+        (HERE / "SERVE.md").write_text(section(json.loads(a.from_json.read_text())))
+        return 0
 
     import ray
     from ray import serve
@@ -372,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                 loads += [(f"open loop, {rate:g} req/s", lambda rate=rate: open_loop(url, bodies, rate, a.requests))
                           for rate in a.open_rates]
             for load, run in loads:
-                res = {"deployment": name, "load": load, **measured(url, run)}
+                runs = [measured(url, run) for _ in range(a.repeats)]
+                res = {"deployment": name, "load": load, **median_of(runs), "runs": runs}
                 r["scenarios"].append(res)
                 print(json.dumps(res), file=sys.stderr)
             if j == 1:
@@ -395,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     r.update({"command": "python benchmarks/serve_load.py " + " ".join(argv or sys.argv[1:]), "bundle": bundle,
               "machine": f"{platform.platform()}, 2 cores, no GPU",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "overload_factor": a.overload_factor,
-              "concurrency": a.concurrency,
+              "concurrency": a.concurrency, "repeats": a.repeats,
               "deadline_s": a.deadline_s})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2) + "\n")

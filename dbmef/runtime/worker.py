@@ -100,9 +100,11 @@ class ClassifierWorker:
         self.deadline_s, self.on_overload, self.clock = deadline_s, on_overload, clock
         self.observer = observer or WorkerObserver()
         self.stats = WorkerStats()
-        self._lock = threading.Condition()
+        mutex = threading.RLock()  # one lock, two wait sets: the decode lane is not woken by every request
+        self._lock = threading.Condition(mutex)
         self._intake: deque[_Request] = deque()
         self._heavy: deque[_Request] = deque()  # for the decode lane
+        self._heavy_ready = threading.Condition(mutex)
         self._decoding = 0  # requests the decode lane holds (queued or being decoded)
         self._handoff: deque[_SlowItem] = deque()
         self._fast_busy = False
@@ -140,6 +142,7 @@ class ClassifierWorker:
             if heavy:
                 self._heavy.append(req)
                 self._decoding += 1
+                self._heavy_ready.notify()
             else:
                 self._intake.append(req)
             self.stats.fast_queue, self.stats.decode_queue = len(self._intake), self._decoding
@@ -166,6 +169,7 @@ class ClassifierWorker:
         with self._lock:
             self._closing = True
             self._lock.notify_all()
+            self._heavy_ready.notify_all()
         for t in self._threads:
             t.join(timeout)
         self.sched.close()
@@ -195,6 +199,7 @@ class ClassifierWorker:
             self._heavy.clear()
             self._handoff.clear()
             self._lock.notify_all()
+            self._heavy_ready.notify_all()
         for f in pending + [item.req.future for item in list(self._open_items.values())]:
             if not f.done():
                 f.set_exception(exc)
@@ -222,7 +227,7 @@ class ClassifierWorker:
                 while not self._heavy:
                     if self._closing:
                         return
-                    self._lock.wait()
+                    self._heavy_ready.wait()
                 req = self._heavy.popleft()
             t0 = self.clock()
             req.image = self.pipe.preprocess(req.image, req.name)  # type: ignore[arg-type]
