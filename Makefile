@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck check-imports check-trt unit clean
+.PHONY: demo test lint typecheck check-imports check-trt unit device-wheels clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,19 @@ unit: $(BIN)/.installed
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_multinode.py
 
 test: lint typecheck check-imports check-trt unit
+
+# What benchmarks/device_check.py needs on the GPU machine beyond its torch, onnx and CUDA (it has no
+# package registry): diffusers and what it imports, at this venv's versions, pure-python or abi3
+# wheels plus regex for Python 3.10-3.13. A few MB, unpacked there by the check itself.
+DEVICE_WHEELS := diffusers huggingface[-_]hub safetensors requests urllib3 idna certifi charset[-_]normalizer \
+	tqdm pyyaml packaging filelock fsspec importlib[-_]metadata zipp anyio sniffio h11 httpcore2 httpx2
+device-wheels: $(BIN)/.installed
+	mkdir -p .device/wheels
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .device/wheels \
+	    $$($(BIN)/python -m pip freeze | grep -iE '^($(shell echo $(DEVICE_WHEELS) | tr ' ' '|'))==')
+	for v in 3.10 3.11 3.12 3.13; do $(BIN)/python -m pip download -q --no-deps --only-binary=:all: \
+	    --python-version $$v -d .device/wheels $$($(BIN)/python -m pip freeze | grep -iE '^(regex|pyyaml|charset[-_]normalizer|pillow)=='); done
+	du -sh .device/wheels
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -17,7 +17,12 @@ graph, and only the behaviours below are modelled, each after the documentation 
 * Stream capture records work instead of running it; ``execute_async_v3`` must have run once
   outside a capture before it is captured (TensorRT allocates lazily on the first enqueue, which a
   capture cannot contain: NVIDIA's TensorRT best-practices guide, "CUDA Graphs").
-* ``cudaGraphLaunch`` replays what was captured, reading the buffers as they are at launch time.
+* ``execute_async_v3`` fails while an input shape or a tensor address is unset, and its kernels
+  take the shapes and addresses of the enqueue; ``cudaGraphLaunch`` replays what was captured
+  (those shapes and addresses), reading the buffers' contents as they are when it runs.
+* Strict as CUDA is (issue 24; ``SimDevice`` lists it): queued work runs at synchronisation only;
+  an unsafe call inside a capture fails and breaks it, by capture mode and thread; copies check
+  pointer kinds and bounds; ``cudaMalloc`` past the device's memory fails; handles are distinct.
 """
 
 from __future__ import annotations
@@ -25,45 +30,126 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
+import threading
 import types
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SUCCESS = 0
-INVALID = 1
+INVALID = 1  # cudaErrorInvalidValue
+NO_MEMORY = 2  # cudaErrorMemoryAllocation
+BAD_HANDLE = 400  # cudaErrorInvalidResourceHandle
+CAPTURE_UNSUPPORTED = 900  # cudaErrorStreamCaptureUnsupported: an unsafe call while a capture is open
+CAPTURE_INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated: cudaStreamEndCapture of a broken capture
+ERROR_NAMES = {SUCCESS: "cudaSuccess", INVALID: "cudaErrorInvalidValue", NO_MEMORY: "cudaErrorMemoryAllocation",
+               BAD_HANDLE: "cudaErrorInvalidResourceHandle", CAPTURE_UNSUPPORTED: "cudaErrorStreamCaptureUnsupported",
+               CAPTURE_INVALIDATED: "cudaErrorStreamCaptureInvalidated"}
+GLOBAL, THREAD_LOCAL, RELAXED = 0, 1, 2  # cudaStreamCaptureMode
+
+
+class Capture:
+    """An open stream capture: the work recorded so far, its mode and thread, whether CUDA broke it."""
+
+    def __init__(self, mode: int):
+        self.work: list[Any] = []
+        self.mode, self.thread, self.invalid = mode, threading.get_ident(), False
 
 
 class SimDevice:
-    """The state behind both fake modules: allocations, streams, captures, counters."""
+    """The state behind both fake modules: allocations, streams, captures, counters.
+
+    Strict where CUDA is (issue 24): work on a stream is queued and runs only when the host
+    synchronises with it (a stream or event sync, or a free, which synchronises the device), so an
+    early read of an output sees stale memory; an unsafe call while a capture is open (a sync, an
+    allocation or free, a blocking copy, an asynchronous copy from pageable memory) fails with
+    ``cudaErrorStreamCaptureUnsupported`` and breaks the capture (in global mode from any thread,
+    in thread-local mode from the capturing thread); a graph replays the copies and kernels with
+    the addresses and shapes they were captured with; every copy's pointers must lie inside
+    allocations of the kinds its direction names (pageable host memory is any address outside the
+    device's allocations); handles are distinct and a destroyed one is refused.
+    """
+
+    MEMORY = 80 << 30  # "device memory": an allocation past it fails as cudaMalloc does
 
     def __init__(self, name: str = "Simulated GPU", cc: tuple[int, int] = (9, 0), count: int = 1):
         self.name, self.cc, self.count = name, cc, count
-        self.memory: dict[int, Any] = {}
+        self.memory: dict[int, Any] = {}  # address -> buffer
+        self.kinds: dict[int, tuple[int, str]] = {}  # address -> (size, "device" | "pinned")
         self.calls: Counter[str] = Counter()
         self.syncs: Counter[int] = Counter()
-        self.capturing: dict[int, list[Any]] = {}
-        self.graphs: dict[int, list[Any]] = {}
+        self.capturing: dict[int, Capture] = {}
+        self.graphs: dict[int, list[Any]] = {}  # captured graphs
+        self.execs: dict[int, list[Any]] = {}  # instantiated graphs
+        self.streams: set[int] = set()
+        self.pending: dict[int, deque[Any]] = {}  # stream -> work not yet run
+        self.queued: Counter[int] = Counter()  # stream -> work items ever queued
+        self.done: Counter[int] = Counter()  # stream -> work items run
         self._next = 1
 
     def new_id(self) -> int:
         self._next += 1
         return self._next
 
-    def alloc(self, nbytes: int) -> int:
+    def alloc(self, nbytes: int, kind: str = "device") -> int:
         buf = ctypes.create_string_buffer(max(int(nbytes), 1))
         addr = ctypes.addressof(buf)
         self.memory[addr] = buf
+        self.kinds[addr] = (max(int(nbytes), 1), kind)
         return addr
 
+    def release(self, ptr: int, kind: str) -> int:
+        if self.kinds.get(int(ptr), (0, ""))[1] != kind:
+            return INVALID  # not an allocation of this kind (cudaFree of a pinned pointer, twice, ...)
+        self.synchronize_all()  # cudaFree and cudaFreeHost synchronise the device
+        del self.memory[int(ptr)], self.kinds[int(ptr)]
+        return SUCCESS
+
+    def kind_of(self, ptr: int, nbytes: int) -> str | None:
+        """"device" / "pinned" when [ptr, ptr + nbytes) lies in one allocation, "host" when it touches
+        none, None when it starts in one and runs past its end (out of bounds)."""
+        for addr, (size, kind) in self.kinds.items():
+            if addr <= ptr < addr + size:
+                return kind if ptr + nbytes <= addr + size else None
+        return "host"
+
+    # -- streams ---------------------------------------------------------------------------------------
     def submit(self, stream: int, work: Any) -> None:
-        """Run ``work`` now, or record it when ``stream`` is being captured."""
+        """Queue ``work`` on ``stream`` (it runs at the next synchronisation), or record it when the
+        stream is being captured."""
         if stream in self.capturing:
-            self.capturing[stream].append(work)
-        else:
-            work()
+            self.capturing[stream].work.append(work)
+            return
+        self.pending.setdefault(stream, deque()).append(work)
+        self.queued[stream] += 1
+
+    def run_until(self, stream: int, count: int) -> None:
+        """Run ``stream``'s queued work until ``count`` items have run in all."""
+        q = self.pending.get(stream, deque())
+        while self.done[stream] < count and q:
+            q.popleft()()
+            self.done[stream] += 1
+
+    def synchronize(self, stream: int) -> None:
+        self.run_until(stream, self.queued[stream])
+
+    def synchronize_all(self) -> None:
+        for s in list(self.pending):
+            self.synchronize(s)
+
+    def unsafe_call(self, name: str, stream: int | None = None) -> bool:
+        """Whether ``name`` breaks an open capture (and so fails): a call on the capturing stream
+        always, any other in global mode from any thread and in thread-local mode from the
+        capturing thread."""
+        broken = [c for s, c in self.capturing.items() if s == stream or c.mode == GLOBAL
+                  or (c.mode == THREAD_LOCAL and c.thread == threading.get_ident())]
+        for c in broken:
+            c.invalid = True
+        if broken:
+            self.calls[f"unsafe_in_capture_{name}"] += 1
+        return bool(broken)
 
 
 def fake_cudart(dev: SimDevice) -> types.ModuleType:
@@ -77,45 +163,135 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
         cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
 
     class cudaStreamCaptureMode:
-        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed = 0, 1, 2
+        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed = (
+            GLOBAL, THREAD_LOCAL, RELAXED)
 
     kinds = {1: "htod", 2: "dtoh", 3: "dtod"}
+    sides = {1: (("host", "pinned"), ("device",)), 2: (("device",), ("host", "pinned")), 3: (("device",), ("device",))}
+
+    def check_copy(dst: int, src: int, n: int, kind: int) -> int:
+        src_ok, dst_ok = sides[int(kind)]
+        if dev.kind_of(int(src), int(n)) not in src_ok or dev.kind_of(int(dst), int(n)) not in dst_ok:
+            dev.calls["bad_copy"] += 1
+            return INVALID  # a pointer of the wrong kind for this direction, or past its allocation's end
+        return SUCCESS
 
     def memcpy(dst: int, src: int, n: int, kind: int, stream: int) -> tuple[int]:
+        if (err := check_copy(dst, src, n, kind)) != SUCCESS:
+            return (err,)
+        host = int(dst) if int(kind) == 2 else int(src) if int(kind) == 1 else None
+        if host is not None and dev.kind_of(host, int(n)) == "host" and dev.unsafe_call("pageable_copy", int(stream)):
+            return (CAPTURE_UNSUPPORTED,)  # pageable memory cannot be captured into a graph
         dev.calls[f"memcpy_{kinds[kind]}"] += 1
         dev.submit(int(stream), lambda: ctypes.memmove(int(dst), int(src), int(n)))
         return (SUCCESS,)
 
-    def end_capture(stream: int) -> tuple[int, int]:
+    def memcpy_blocking(dst: int, src: int, n: int, kind: int) -> tuple[int]:
+        if dev.unsafe_call("cudaMemcpy"):
+            return (CAPTURE_UNSUPPORTED,)
+        if (err := check_copy(dst, src, n, kind)) != SUCCESS:
+            return (err,)
+        dev.calls[f"memcpy_{kinds[kind]}"] += 1
+        ctypes.memmove(int(dst), int(src), int(n))  # the legacy stream: it does not wait for non-blocking ones
+        return (SUCCESS,)
+
+    def malloc(kind: str) -> Any:
+        def f(n: int) -> tuple[int, int]:
+            if dev.unsafe_call(f"malloc_{kind}"):
+                return CAPTURE_UNSUPPORTED, 0
+            if int(n) > SimDevice.MEMORY:
+                return NO_MEMORY, 0
+            dev.calls[f"malloc_{kind}"] += 1
+            return SUCCESS, dev.alloc(n, kind)
+        return f
+
+    def free(kind: str) -> Any:
+        def f(p: int) -> tuple[int]:
+            if dev.unsafe_call(f"free_{kind}"):
+                return (CAPTURE_UNSUPPORTED,)
+            return (dev.release(int(p), kind),)
+        return f
+
+    def stream_create(*flags: int) -> tuple[int, int]:
+        s = dev.new_id()
+        dev.streams.add(s)
+        return SUCCESS, s
+
+    def stream_destroy(s: int) -> tuple[int]:
+        if int(s) not in dev.streams:
+            return (BAD_HANDLE,)
+        dev.synchronize(int(s))
+        dev.streams.discard(int(s))
+        return (SUCCESS,)
+
+    def begin_capture(s: int, mode: int) -> tuple[int]:
+        if int(s) not in dev.streams or int(s) in dev.capturing:
+            return (BAD_HANDLE,)
+        dev.capturing[int(s)] = Capture(int(mode))
+        return (SUCCESS,)
+
+    def end_capture(stream: int) -> tuple[int, Any]:
+        cap = dev.capturing.pop(int(stream))
+        if cap.invalid:
+            return CAPTURE_INVALIDATED, None
         graph = dev.new_id()
-        dev.graphs[graph] = dev.capturing.pop(int(stream))
+        dev.graphs[graph] = cap.work
         dev.calls["graph_capture"] += 1
         return SUCCESS, graph
 
+    def instantiate(graph: int, flags: int) -> tuple[int, int]:
+        if int(graph) not in dev.graphs:
+            return BAD_HANDLE, 0
+        exec_id = dev.new_id()
+        dev.execs[exec_id] = list(dev.graphs[int(graph)])
+        return SUCCESS, exec_id
+
     def launch(exec_id: int, stream: int) -> tuple[int]:
+        if int(exec_id) not in dev.execs:
+            return (BAD_HANDLE,)
         dev.calls["graph_launch"] += 1
-        for work in dev.graphs[exec_id]:
+        for work in dev.execs[int(exec_id)]:
             dev.submit(int(stream), work)
         return (SUCCESS,)
 
+    def drop(table: dict[int, Any]) -> Any:
+        return lambda h: ((SUCCESS,) if table.pop(int(h), None) is not None else (BAD_HANDLE,))
+
     def sync(stream: int) -> tuple[int]:
+        if dev.unsafe_call("stream_sync", int(stream)):
+            return (CAPTURE_UNSUPPORTED,)
         dev.syncs[int(stream)] += 1
+        dev.synchronize(int(stream))
         return (SUCCESS,)
 
-    events: dict[int, int] = {}  # event -> the stream it was last recorded on
+    events: dict[int, tuple[int, int] | None] = {}  # event -> (stream, work queued before it) at its last record
+
+    def event_create(flags: int) -> tuple[int, int]:
+        e = dev.new_id()
+        events[e] = None
+        return SUCCESS, e
 
     def event_record(event: int, stream: int) -> tuple[int]:
-        events[int(event)] = int(stream)
+        if int(event) not in events:
+            return (BAD_HANDLE,)
+        if int(stream) not in dev.capturing:  # (a record inside a capture is not modelled: dbmef makes none)
+            events[int(event)] = (int(stream), dev.queued[int(stream)])
         return (SUCCESS,)
 
     def event_sync(event: int) -> tuple[int]:
-        dev.syncs[events[int(event)]] += 1  # waits for that stream's work up to the record
+        if int(event) not in events:
+            return (BAD_HANDLE,)
+        if dev.unsafe_call("event_sync"):
+            return (CAPTURE_UNSUPPORTED,)
+        mark = events[int(event)]
+        if mark is not None:
+            stream, count = mark
+            dev.syncs[stream] += 1
+            dev.run_until(stream, count)  # that stream's work up to the record, and no further
         return (SUCCESS,)
 
-    def memcpy_blocking(dst: int, src: int, n: int, kind: int) -> tuple[int]:
-        dev.calls[f"memcpy_{kinds[kind]}"] += 1
-        ctypes.memmove(int(dst), int(src), int(n))
-        return (SUCCESS,)
+    def event_destroy(e: int) -> tuple[int]:
+        return (SUCCESS,) if events.pop(int(e), 0) != 0 else (BAD_HANDLE,)
 
     props = types.SimpleNamespace(name=dev.name.encode(), major=dev.cc[0], minor=dev.cc[1], totalGlobalMem=80 << 30)
     rt.__dict__.update(
@@ -123,31 +299,29 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
         cudaGetDeviceCount=lambda: (SUCCESS, dev.count),
         cudaSetDevice=lambda d: (dev.calls.update({f"set_device_{d}": 1}), (SUCCESS,))[1],
         cudaGetDeviceProperties=lambda device: (SUCCESS, props),
-        cudaGetErrorName=lambda err: (SUCCESS, b"cudaErrorSimulated"),
+        cudaGetErrorName=lambda err: (SUCCESS, ERROR_NAMES.get(int(err), f"cudaError{int(err)}").encode()),
         cudaGetErrorString=lambda err: (SUCCESS, b"simulated failure"),
-        cudaMalloc=lambda n: (SUCCESS, dev.alloc(n)),
-        cudaMallocHost=lambda n: (SUCCESS, dev.alloc(n)),
-        cudaFree=lambda p: (SUCCESS if dev.memory.pop(int(p), None) is not None else INVALID,),
-        cudaFreeHost=lambda p: (SUCCESS if dev.memory.pop(int(p), None) is not None else INVALID,),
-        cudaStreamCreate=lambda: (SUCCESS, dev.new_id()),
+        cudaMalloc=malloc("device"), cudaMallocHost=malloc("pinned"),
+        cudaFree=free("device"), cudaFreeHost=free("pinned"),
+        cudaStreamCreate=stream_create,
         cudaStreamNonBlocking=1,
-        cudaStreamCreateWithFlags=lambda flags: (SUCCESS, dev.new_id()),
+        cudaStreamCreateWithFlags=stream_create,
         cudaGetLastError=lambda: (SUCCESS,),
-        cudaStreamDestroy=lambda s: (SUCCESS,),
+        cudaStreamDestroy=stream_destroy,
         cudaStreamSynchronize=sync,
         cudaMemcpyAsync=memcpy,
         cudaMemcpy=memcpy_blocking,
         cudaEventDisableTiming=2,
-        cudaEventCreateWithFlags=lambda flags: (SUCCESS, dev.new_id()),
+        cudaEventCreateWithFlags=event_create,
         cudaEventRecord=event_record,
         cudaEventSynchronize=event_sync,
-        cudaEventDestroy=lambda e: (SUCCESS,),
-        cudaStreamBeginCapture=lambda s, mode: (dev.capturing.__setitem__(int(s), []), (SUCCESS,))[1],
+        cudaEventDestroy=event_destroy,
+        cudaStreamBeginCapture=begin_capture,
         cudaStreamEndCapture=end_capture,
-        cudaGraphInstantiate=lambda graph, flags: (SUCCESS, graph),
+        cudaGraphInstantiate=instantiate,
         cudaGraphLaunch=launch,
-        cudaGraphExecDestroy=lambda g: (SUCCESS,),
-        cudaGraphDestroy=lambda g: (SUCCESS,),
+        cudaGraphExecDestroy=drop(dev.execs),
+        cudaGraphDestroy=drop(dev.graphs),
     )
     return rt
 
@@ -304,7 +478,9 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
     class Context:
         def __init__(self, engine: Engine):
             self.engine = engine
-            self.shapes = {n: tuple(engine.profile[n][1]) for n in engine.inputs}  # opt
+            # only the static inputs have a shape before set_input_shape (TensorRT: -1 until set)
+            self.shapes = {n: tuple(engine.profile[n][0]) for n in engine.inputs
+                           if engine.profile[n][0] == engine.profile[n][2]}
             self.addresses: dict[str, int] = {}
             self.out_shapes: dict[tuple[Any, ...], dict[str, tuple[int, ...]]] = {}
             self.enqueued = 0
@@ -326,7 +502,9 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
             return self.out_shapes[key]
 
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            return self.shapes[name] if name in self.shapes else self._outputs()[name]
+            if name in self.engine.inputs:
+                return self.shapes.get(name, self.engine.get_tensor_shape(name))
+            return self._outputs()[name]
 
         def set_tensor_address(self, name: str, ptr: int) -> bool:
             self.addresses[name] = int(ptr)
@@ -335,22 +513,27 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
         def execute_async_v3(self, stream: int) -> bool:
             if int(stream) in dev.capturing and self.enqueued == 0:
                 return False  # a capture must not contain TensorRT's first, lazily allocating enqueue
+            if set(self.shapes) != set(self.engine.inputs) or set(self.addresses) != set(self.engine.names):
+                dev.calls["enqueue_unset"] += 1
+                return False  # an input shape or a tensor address was never set
             self.enqueued += 1
             dev.calls["enqueue"] += 1
-            dev.submit(int(stream), self._run)
+            # the kernels take the shapes and addresses of now: a graph replays them, whatever is set later
+            shapes, addresses = dict(self.shapes), dict(self.addresses)
+            dev.submit(int(stream), lambda: self._run(shapes, addresses))
             return True
 
-        def _run(self) -> None:
+        def _run(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
             dev.calls["kernel_run"] += 1
             feeds = {}
-            for n, s in self.shapes.items():
+            for n, s in shapes.items():
                 dt = np.dtype(_NP[self.engine.inputs[n].type])
                 count = int(np.prod(s))
-                raw = (ctypes.c_byte * (count * dt.itemsize)).from_address(self.addresses[n])
+                raw = (ctypes.c_byte * (count * dt.itemsize)).from_address(addresses[n])
                 feeds[n] = np.frombuffer(raw, dtype=dt, count=count).reshape(s).copy()
             for n, out in zip(self.engine.outputs, self.engine.session.run(None, feeds)):
                 out = np.ascontiguousarray(out)
-                ctypes.memmove(self.addresses[n], out.ctypes.data, out.nbytes)
+                ctypes.memmove(addresses[n], out.ctypes.data, out.nbytes)
 
     class Runtime:
         def __init__(self, logger: Any):

@@ -1,0 +1,180 @@
+"""The simulated device is strict where CUDA is (issue 24): each strictness catches a planted fault
+that the lenient device let pass. The fault is written here, against dbmef's own cuda layer or the
+fake TensorRT context, and the device must refuse it or show its wrong result."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from tests.simdevice import install
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    from dbmef.runtime.backends import cuda as cuda_mod
+
+    dev = install(monkeypatch)
+    return cuda_mod, dev
+
+
+def test_work_runs_at_synchronisation_so_an_early_read_is_stale(cuda):
+    cu, _ = cuda
+    s = cu.Stream()
+    a = np.arange(8, dtype=np.float32)
+    buf, out = cu.DeviceBuffer(a.nbytes), cu.PinnedArray(a.shape, np.float32)
+    cu.memcpy_htod(buf.ptr, a)
+    cu.memcpy_dtoh_async(out.array, buf.ptr, s)
+    assert not out.array.any()  # planted fault: read before the sync
+    s.synchronize()
+    np.testing.assert_array_equal(out.array, a)
+
+
+def test_an_event_waits_for_the_work_before_its_record_only(cuda):
+    cu, _ = cuda
+    s, e = cu.Stream(), cu.Event()
+    a = np.arange(4, dtype=np.float32) + 1
+    buf = cu.DeviceBuffer(a.nbytes)
+    first, second = cu.PinnedArray(a.shape, np.float32), cu.PinnedArray(a.shape, np.float32)
+    cu.memcpy_htod(buf.ptr, a)
+    cu.memcpy_dtoh_async(first.array, buf.ptr, s)
+    e.record(s)
+    cu.memcpy_dtoh_async(second.array, buf.ptr, s)
+    e.synchronize()
+    np.testing.assert_array_equal(first.array, a)
+    assert not second.array.any()  # queued after the record: reading it needs another wait
+
+
+@pytest.mark.parametrize("fault", ["sync", "malloc", "pageable_copy", "blocking_copy"])
+def test_an_unsafe_call_inside_a_capture_fails_it(cuda, fault):
+    cu, dev = cuda
+    s = cu.Stream()
+    a = np.ones(4, np.float32)
+    buf = cu.DeviceBuffer(a.nbytes)
+    held = []
+    enqueue = {"sync": s.synchronize, "malloc": lambda: held.append(cu.DeviceBuffer(16)),
+               "pageable_copy": lambda: cu.memcpy_htod_async(buf.ptr, a, s),
+               "blocking_copy": lambda: cu.memcpy_htod(buf.ptr, a)}[fault]
+    with pytest.raises(cu.CaptureFailed, match="cudaErrorStreamCapture"):
+        cu.CudaGraph(s, enqueue)
+    assert not dev.capturing  # ended
+    pinned = cu.PinnedArray(a.shape, np.float32)
+    cu.memcpy_dtoh_async(pinned.array, buf.ptr, s)  # the stream works afterwards
+    s.synchronize()
+
+
+def test_capture_modes_decide_whether_another_thread_breaks_a_capture(cuda):
+    """An allocation on another thread breaks a global-mode capture (what dbmef used before issue
+    24) but not the thread-local one dbmef uses now."""
+    cu, _ = cuda
+    rt = cu.cudart()
+    s = cu.Stream()
+    for mode, broken in ((rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal, True),
+                         (rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal, False)):
+        cu.check(rt.cudaStreamBeginCapture(s.handle, mode))
+        errors: list[int] = []
+        t = threading.Thread(target=lambda out=errors: out.append(rt.cudaMalloc(64)[0]))
+        t.start()
+        t.join()
+        err, _ = rt.cudaStreamEndCapture(s.handle)
+        assert (err != 0) == broken and (errors[0] != 0) == broken
+
+
+def test_a_graph_replays_the_addresses_and_shapes_it_captured(tmp_path, monkeypatch):
+    """Planted fault: rebinding a tensor address after capture without capturing again. The replay
+    still writes where it was captured to write; the new buffer stays empty. An unset input shape
+    fails the enqueue."""
+    from dbmef.apps.digits import demo_bundle_dir
+    from dbmef.runtime.backends import cuda as cu
+    from tests.simdevice import fake_tensorrt
+
+    dev = install(monkeypatch)
+    trt = fake_tensorrt(dev)
+    profile = {"pixel_values": [[1, 3, 16, 16], [2, 3, 16, 16], [4, 3, 16, 16]]}
+    spec = {"sim_engine": 1, "onnx": str(demo_bundle_dir() / "backbone.onnx"), "profile": profile}
+    engine = trt.Runtime(None).deserialize_cuda_engine(json.dumps(spec).encode())
+    ctx = engine.create_execution_context()
+    s = cu.Stream()
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    xin, out_a, out_b = cu.DeviceBuffer(x.nbytes), cu.DeviceBuffer(2 * 10 * 4), cu.DeviceBuffer(2 * 10 * 4)
+    ctx.set_tensor_address("pixel_values", xin.ptr)
+    ctx.set_tensor_address("logits", out_a.ptr)
+    assert not ctx.execute_async_v3(s.ptr)  # planted fault: the dynamic input's shape was never set
+    assert ctx.set_input_shape("pixel_values", x.shape)
+    cu.memcpy_htod(xin.ptr, x)
+    assert ctx.execute_async_v3(s.ptr)
+    s.synchronize()
+    graph = cu.CudaGraph(s, lambda: ctx.execute_async_v3(s.ptr))
+    ctx.set_tensor_address("logits", out_b.ptr)  # the planted fault: no new capture
+    graph.launch(s)
+    got_a, got_b = cu.PinnedArray((2, 10), np.float32), cu.PinnedArray((2, 10), np.float32)
+    cu.memcpy_dtoh_async(got_a.array, out_a.ptr, s)
+    cu.memcpy_dtoh_async(got_b.array, out_b.ptr, s)
+    s.synchronize()
+    assert got_a.array.any() and not got_b.array.any()
+
+
+def test_copies_check_pointer_kinds_and_bounds(cuda):
+    from dbmef.errors import EngineError
+
+    cu, _ = cuda
+    s = cu.Stream()
+    buf = cu.DeviceBuffer(16)
+    pinned = cu.PinnedArray((8,), np.float32)  # 32 bytes: more than the device buffer holds
+    with pytest.raises(EngineError, match="cudaErrorInvalidValue"):
+        cu.memcpy_dtoh_async(pinned.array, buf.ptr, s)  # reads past the end of the allocation
+    with pytest.raises(EngineError, match="cudaErrorInvalidValue"):
+        cu.memcpy_dtod_async(buf.ptr, pinned.ptr, 16, s)  # a host pointer as a device source
+    with pytest.raises(EngineError, match="cudaErrorInvalidValue"):
+        cu.check(cu.cudart().cudaFree(pinned.ptr))  # pinned memory freed as device memory
+    with pytest.raises(EngineError, match="cudaErrorMemoryAllocation"):
+        cu.DeviceBuffer(1 << 60)
+
+
+def test_handles_are_distinct_and_a_destroyed_graph_is_refused(cuda):
+    from dbmef.errors import EngineError
+
+    cu, _ = cuda
+    s = cu.Stream()
+    a, b = cu.DeviceBuffer(16), cu.DeviceBuffer(16)
+    g = cu.CudaGraph(s, lambda: cu.memcpy_dtod_async(b.ptr, a.ptr, 16, s))
+    assert g.exec != g.graph and s.ptr not in (g.exec, g.graph)
+    exec_id = g.exec
+    g.destroy()
+    g.exec = exec_id  # planted fault: launching what was destroyed
+    with pytest.raises(EngineError, match="cudaErrorInvalidResourceHandle"):
+        g.launch(s)
+
+
+def test_a_missing_wait_in_the_row_path_is_caught(tmp_path, monkeypatch):
+    """Planted fault in dbmef's own TensorRT row path: collect_rows reads the pinned errors without
+    waiting for its event. On the strict device the errors read are not the call's (the copy back
+    has not run), so the rethink's noise errors differ from ONNX Runtime's; with the wait they agree."""
+    import shutil
+
+    from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime import RuntimeSpec
+    from dbmef.runtime.backends import cuda as cu
+
+    bundle = tmp_path / "b"
+    shutil.copytree(demo_bundle_dir(), bundle)
+    install(monkeypatch)
+    build_engines(bundle)
+    images = [np.asarray(render(a)) for a in demo_test_split().images[:4]]
+    scoring = {"k": 3, "votes": 1, "n_timesteps": 8, "early_exit": "off"}
+
+    def errors(backend: str) -> np.ndarray:
+        rt = RuntimeSpec(str(bundle), backend=backend, scoring=scoring, prot=0.0, batch_size=4).build()
+        try:
+            return np.array([r.noise_errors for r in rt.classify(images)], float)
+        finally:
+            rt.close()
+
+    want = errors("onnxruntime")
+    np.testing.assert_allclose(errors("tensorrt"), want, rtol=1e-5)
+    monkeypatch.setattr(cu.Event, "synchronize", lambda self: None)  # the planted fault
+    assert not np.allclose(errors("tensorrt"), want, rtol=1e-3)
