@@ -22,7 +22,10 @@ graph, and only the behaviours below are modelled, each after the documentation 
   (those shapes and addresses), reading the buffers' contents as they are when it runs.
 * Strict as CUDA is (issue 24; ``SimDevice`` lists it): queued work runs at synchronisation only;
   an unsafe call inside a capture fails and breaks it, by capture mode and thread; copies check
-  pointer kinds and bounds; ``cudaMalloc`` past the device's memory fails; handles are distinct.
+  pointer kinds and bounds; ``cudaMalloc`` past the device's memory fails; handles are distinct;
+  the parser takes only ONNX files, and a build fails (None) without a valid profile for every
+  dynamic input. Not modelled: fp16 kernels (a strongly typed fp16 graph runs in fp16 on ONNX
+  Runtime already; an fp32 graph is not built in fp16 here).
 """
 
 from __future__ import annotations
@@ -361,20 +364,37 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
         TF32 = 7
 
     class Network:
-        path: str = ""
+        def __init__(self) -> None:
+            self.path = ""
+            self.inputs: dict[str, list[int]] = {}  # input -> dims, -1 where dynamic (set by the parser)
 
     class OnnxParser:
-        num_errors = 0
-
         def __init__(self, network: Network, logger: Any):
             self.network = network
+            self.errors: list[str] = []
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
 
         def parse_from_file(self, path: str) -> bool:
+            """Only a readable ONNX model parses (TensorRT's parser refuses anything else)."""
+            import onnx
+
+            try:
+                model = onnx.load(str(path), load_external_data=False)
+            except Exception as exc:  # not a file, not protobuf, not ONNX
+                self.errors.append(f"could not parse {path}: {type(exc).__name__}")
+                return False
             self.network.path = str(Path(path).resolve())
-            return Path(path).is_file()
+            inits = {i.name for i in model.graph.initializer}
+            self.network.inputs = {i.name: [d.dim_value if d.HasField("dim_value") else -1
+                                            for d in i.type.tensor_type.shape.dim]
+                                   for i in model.graph.input if i.name not in inits}
+            return True
 
         def get_error(self, i: int) -> str:
-            return ""
+            return self.errors[i]
 
     class TimingCache:
         def __init__(self, data: bytes):
@@ -434,7 +454,20 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
         def create_optimization_profile(self) -> OptimizationProfile:
             return OptimizationProfile()
 
-        def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes:
+        def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
+            """None (TensorRT's build failure) unless every input has a profile that fits it:
+            min <= opt <= max, the network's static dimensions kept, its rank."""
+            for name, dims in network.inputs.items():
+                shapes = config.profile.get(name)
+                if shapes is None and -1 in dims:
+                    dev.calls["bad_profile"] += 1
+                    return None  # a dynamic input without a profile
+                for mn, opt, mx in ([shapes] if shapes else []):
+                    if not (len(mn) == len(opt) == len(mx) == len(dims)) or any(
+                            not a <= b <= c or (d != -1 and not a == b == c == d)
+                            for a, b, c, d in zip(mn, opt, mx, dims)):
+                        dev.calls["bad_profile"] += 1
+                        return None
             dev.calls["engine_build"] += 1
             return json.dumps({"sim_engine": 1, "onnx": network.path, "profile": config.profile,
                                "tf32_cleared": BuilderFlag.TF32 in config.flags_cleared}).encode()

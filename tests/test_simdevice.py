@@ -178,3 +178,31 @@ def test_a_missing_wait_in_the_row_path_is_caught(tmp_path, monkeypatch):
     np.testing.assert_allclose(errors("tensorrt"), want, rtol=1e-5)
     monkeypatch.setattr(cu.Event, "synchronize", lambda self: None)  # the planted fault
     assert not np.allclose(errors("tensorrt"), want, rtol=1e-3)
+
+
+def test_the_parser_and_the_profiles_are_checked(tmp_path, monkeypatch):
+    """Planted faults: an engine built from a file that is not ONNX, and a profile whose minimum is
+    above its maximum. Both were accepted before; now build_engines refuses each by name."""
+    import shutil
+
+    from dbmef.apps.digits import demo_bundle_dir
+    from dbmef.errors import EngineError
+    from dbmef.export import trt_build
+    from dbmef.export.trt_build import build_engines
+
+    bundle = tmp_path / "b"
+    shutil.copytree(demo_bundle_dir(), bundle)
+    install(monkeypatch)
+    (bundle / "backbone.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(EngineError, match="could not parse"):
+        build_engines(bundle)
+    shutil.copy(demo_bundle_dir() / "backbone.onnx", bundle / "backbone.onnx")
+    real = trt_build.EngineBytesFromNetwork.__init__
+
+    def inverted(self, loader, profile, settings, cache=None):
+        bad = type(profile)(tuple((n, mx, opt, mn) for n, mn, opt, mx in profile.inputs))
+        real(self, loader, bad, settings, cache)
+
+    monkeypatch.setattr(trt_build.EngineBytesFromNetwork, "__init__", inverted)
+    with pytest.raises(EngineError, match="failed to build an engine"):
+        build_engines(bundle)
