@@ -61,6 +61,7 @@ def compare_scorers(out: Path, manifest: BundleManifest, reference: Any, scoring
                     cases: int, what: str) -> dict[str, Any]:
     """The bundle's scorer (ONNX Runtime, CPU) against ``reference`` (any engine with a scorer or
     UNet contract) on random cases: the same candidate wherever the reference's margin is clear."""
+    from dbmef.export.onnx_io import release_memory
     from dbmef.runtime.backends.onnxruntime import OrtEngine
     from dbmef.runtime.scorer import DiffusionScorer
 
@@ -81,8 +82,13 @@ def compare_scorers(out: Path, manifest: BundleManifest, reference: Any, scoring
     cands = np.stack([rng.permutation(len(manifest.class_names))[:k] for _ in range(m)])
     pos_table = np.load(out / manifest.positive_embeddings.file)
     neg = pos_table[rng.integers(0, len(pos_table), (m, k))]  # real text-encoder outputs as negatives
-    ort_engine = OrtEngine.on_cpu(out / manifest.components[comp].file, comp)
-    a = DiffusionScorer(small, ort_engine, latent_shape).score(latents, cands, pos_table, neg)
+    # one side at a time: the session is gone before the reference runs (their memory never adds up)
+    ort_engine = OrtEngine.on_cpu(out / manifest.components[comp].file, comp, arena=False)
+    try:
+        a = DiffusionScorer(small, ort_engine, latent_shape).score(latents, cands, pos_table, neg)
+    finally:
+        ort_engine.close()
+    release_memory()
     b = DiffusionScorer(small, reference, latent_shape).score(latents, cands, pos_table, neg)
     agree = int((a.labels == b.labels).sum())
     rel = float(np.max(np.abs(a.errors - b.errors) / np.maximum(np.abs(b.errors), 1e-12)))
@@ -97,5 +103,4 @@ def compare_scorers(out: Path, manifest: BundleManifest, reference: Any, scoring
             f"decision check failed: the exported {comp} picks a different candidate than the {what} reference in "
             f"{len(real)} of {m} random cases with clear margins (max error diff {max_abs:.3g}); the export is refused"
         )
-    ort_engine.close()
     return report

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dbmef.errors import ValidationError
-from dbmef.export.onnx_io import TWO_GB, compare, save_onnx  # noqa: F401  (re-exported)
+from dbmef.export.onnx_io import TWO_GB, compare, release_memory, save_onnx  # noqa: F401  (re-exported)
 from dbmef.export.specs import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -26,26 +26,43 @@ def export_onnx(module: nn.Module, spec: ExportSpec, out: Path, opset: int = 17,
     Weights go to one external-data file ``<out>.data`` when the graph is over 2 GB (protobuf's
     limit); smaller graphs are self-contained.
     """
-    import onnx
+    with tempfile.TemporaryDirectory(prefix=f"dbmef-{spec.name}-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        trace_onnx(module, spec, raw, opset, sample_batch, small)
+        return finish_onnx(raw, out)
 
+
+def trace_onnx(module: nn.Module, spec: ExportSpec, raw: Path, opset: int = 17, sample_batch: int = 2,
+               small: bool = False) -> None:
+    """``torch.onnx.export`` of ``module`` to ``raw`` (dynamic batch; spatial axes too when traced
+    ``small``). Separate from ``finish_onnx`` so the caller can free the module in between."""
     args = spec.make_inputs(sample_batch)
     axes = dict(spec.dynamic_axes)
     if small and spec.small_inputs is not None:
         args = spec.small_inputs(sample_batch)
         for name, extra in (spec.spatial_axes or {}).items():
             axes[name] = {**axes.get(name, {}), **extra}
-    with tempfile.TemporaryDirectory(prefix=f"dbmef-{spec.name}-") as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
-            torch.onnx.export(
-                module.eval(), args, str(raw),
-                input_names=list(spec.contract.input_names), output_names=list(spec.contract.output_names),
-                dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
-            )
-        model = onnx.load(str(raw))  # pulls in any external data the exporter split off
-    model = cleanup(model)
-    return save_onnx(model, out)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        torch.onnx.export(
+            module.eval(), args, str(raw),
+            input_names=list(spec.contract.input_names), output_names=list(spec.contract.output_names),
+            dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
+def finish_onnx(raw: Path, out: Path) -> Path:
+    """Clean up the traced graph at ``raw`` and save it as ``out`` (checked, shapes inferred)."""
+    return save_onnx(cleanup_file(raw), out)
+
+
+def cleanup_file(raw: Path) -> Any:
+    """``cleanup`` of the model at ``raw``, holding one copy of its weights where it can: the
+    loaded protobuf is dropped as soon as graphsurgeon has imported it."""
+    import onnx
+
+    model = onnx.load(str(raw))  # pulls in any external data the exporter split off
+    return cleanup(model)
 
 
 def cleanup(model: Any) -> Any:
@@ -56,6 +73,7 @@ def cleanup(model: Any) -> Any:
         log.warning("onnx-graphsurgeon is not installed: skipping graph clean-up")
         return model
     graph = gs.import_onnx(model)
+    del model  # the caller passes its only reference (cleanup_file): graphsurgeon holds the weights now
     try:
         graph.fold_constants(error_ok=True).cleanup().toposort()
     except Exception as exc:  # folding is an optimisation; a failure must not lose the export
@@ -65,30 +83,44 @@ def cleanup(model: Any) -> Any:
 
 
 def validate_component(module: nn.Module, onnx_path: Path, spec: ExportSpec, precision: str,
-                       batches: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+                       batches: tuple[int, ...] = (1, 2), small_batches: tuple[int, ...] = ()) -> dict[str, Any]:
     """Run the ONNX graph in ONNX Runtime (CPU) against the torch module at two batch sizes
-    (proving the batch axis is dynamic). Raises ValidationError past tolerance."""
+    (proving the batch axis is dynamic): ``batches`` at the real input size, ``small_batches`` at the
+    spec's small size (a graph exported with dynamic spatial axes). Raises ValidationError past
+    tolerance.
+
+    The torch outputs are computed first and the ONNX Runtime session opened after, without its
+    memory arena, so the two models' activations never coexist (SD v1.5's fp32 UNet at batch 2 and
+    its fp16 graph on ONNX Runtime would need over 10 GB together)."""
     from dbmef.runtime.backends.onnxruntime import OrtEngine
 
     atol, rtol = spec.tolerance(precision)
-    eng = OrtEngine.on_cpu(onnx_path, spec.name)
-    reports = []
-    for b in batches:
-        args = spec.make_inputs(b)
+    cases = []
+    sizes = [(b, spec.make_inputs) for b in batches]
+    sizes += [(b, spec.small_inputs or spec.make_inputs) for b in small_batches]  # the real size if no small one
+    for b, make in sizes:
+        args = make(b)
         with torch.no_grad():
             ref = module(*args).float().numpy()
-        feeds = {n: a.numpy() for n, a in zip(spec.contract.input_names, args)}
-        got = eng(feeds)[spec.contract.output_names[0]]
-        rep = compare(spec.contract.output_names[0], got, ref, atol, rtol)
-        rep["batch"] = b
-        reports.append(rep)
-        log.info("validate %s batch %d: max abs %.3g, max rel %.3g", spec.name, b, rep.get("max_abs", -1),
-                 rep.get("max_rel", -1))
-        if not rep["ok"]:
-            raise ValidationError(
-                f"exported {spec.name} ({onnx_path.name}, {precision}) differs from torch at batch {b}: "
-                f"max abs {rep.get('max_abs')}, max rel {rep.get('max_rel')} at {rep.get('worst_index')} "
-                f"(tolerance atol={atol}, rtol={rtol}). The export is refused; try --precision fp32 or report it"
-            )
-    eng.close()
+        cases.append((b, {n: a.numpy() for n, a in zip(spec.contract.input_names, args)}, ref))
+        release_memory()
+    eng = OrtEngine.on_cpu(onnx_path, spec.name, arena=False)
+    reports = []
+    try:
+        for b, feeds, ref in cases:
+            got = eng(feeds)[spec.contract.output_names[0]]
+            rep = compare(spec.contract.output_names[0], got, ref, atol, rtol)
+            rep["batch"], rep["input_shapes"] = b, {n: list(a.shape) for n, a in feeds.items()}
+            reports.append(rep)
+            log.info("validate %s batch %d: max abs %.3g, max rel %.3g", spec.name, b, rep.get("max_abs", -1),
+                     rep.get("max_rel", -1))
+            if not rep["ok"]:
+                raise ValidationError(
+                    f"exported {spec.name} ({onnx_path.name}, {precision}) differs from torch at batch {b}: "
+                    f"max abs {rep.get('max_abs')}, max rel {rep.get('max_rel')} at {rep.get('worst_index')} "
+                    f"(tolerance atol={atol}, rtol={rtol}). The export is refused; try --precision fp32 or report it"
+                )
+    finally:
+        eng.close()
+        release_memory()
     return {"status": "passed", "runtime": "onnxruntime-cpu", "precision": precision, "checks": reports}

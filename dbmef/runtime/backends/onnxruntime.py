@@ -66,6 +66,9 @@ class OrtOptions:
     # up front instead of a new one whenever a new batch size arrives.
     trt_profile_shapes: dict[str, str] = field(default_factory=dict)
     strict: bool = False  # raise instead of warn when a GPU provider is not really used
+    # ONNX Runtime's CPU arena keeps (and rounds up) what a session ever allocated until the session
+    # is gone: right for serving, wasteful for a one-off check of a multi-GB graph (export validation)
+    cpu_mem_arena: bool = True
     extra_session_config: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,9 +130,10 @@ class OrtEngine(Engine):
     """One ONNX model in an InferenceSession, behind the Engine interface."""
 
     @classmethod
-    def on_cpu(cls, path: str | Path, name: str | None = None) -> OrtEngine:
-        """A CPU session whatever the machine has: what export-time validation compares against."""
-        return cls(path, name, OrtOptions(device="cpu"))
+    def on_cpu(cls, path: str | Path, name: str | None = None, arena: bool = True) -> OrtEngine:
+        """A CPU session whatever the machine has: what export-time validation compares against
+        (``arena=False`` there: memory goes back as soon as a tensor is freed)."""
+        return cls(path, name, OrtOptions(device="cpu", cpu_mem_arena=arena))
 
     def __init__(self, path: str | Path, name: str | None = None, options: OrtOptions | None = None):
         ort = import_onnxruntime()
@@ -144,6 +148,7 @@ class OrtEngine(Engine):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[opts.graph_optimization]
         so.log_severity_level = 3  # errors only: ORT's optimizer notes are not the user's business
+        so.enable_cpu_mem_arena = opts.cpu_mem_arena
         so.intra_op_num_threads = opts.intra_op_threads
         so.inter_op_num_threads = opts.inter_op_threads
         # Spinning pool threads burn the cores another session (the worker's other path, the
