@@ -196,6 +196,7 @@ class ClassifierWorker:
             self._closing = True
             pending = [r.future for r in (*self._intake, *self._heavy)] + [i.req.future for i in self._handoff]
             self._intake.clear()
+            self._decoding -= len(self._heavy)  # the one being decoded (if any) counts itself down
             self._heavy.clear()
             self._handoff.clear()
             self._lock.notify_all()
