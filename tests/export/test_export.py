@@ -197,3 +197,22 @@ def test_clear_decision_needs_every_vote_and_the_tie_break_clear():
     # a 1-1 split: the tie-break's means are 2.0 and 1.5 (margin 0.5)
     split = np.array([[1.0, 2.0], [3.0, 1.0]])
     assert clear_decision(split, 0.2) and not clear_decision(split, 0.3)
+
+
+def test_cast_copy_converts_without_touching_the_original():
+    """The fp16 copy traced for export: every floating tensor in fp16, integer buffers kept, the
+    float32 original unchanged and unshared, and the same function up to fp16 rounding."""
+    import torch
+
+    from dbmef.export.exporter import cast_copy
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    h = cast_copy(m, torch.float16)
+    assert all(p.dtype == torch.float16 for p in h.parameters())
+    assert h[1].running_mean.dtype == torch.float16 and h[1].num_batches_tracked.dtype == torch.int64
+    assert all(torch.equal(v, m.state_dict()[k]) and v.dtype == m.state_dict()[k].dtype for k, v in before.items())
+    assert h[0].weight.data_ptr() != m[0].weight.data_ptr()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(h(x.half()).float(), m(x), atol=2e-3, rtol=2e-3)
