@@ -300,7 +300,12 @@ def step_sd15_unet(dry: bool, batches: tuple[int, ...] = (32, 64), repeats: int 
         t = torch.randint(0, 1000, (b,), device=device)
         ctx = torch.randn(b, 77, width, device=device, dtype=dtype)
         with torch.inference_mode():
-            run = _graphed(lambda x=x, t=t, ctx=ctx: unet(x, t, encoder_hidden_states=ctx).sample, cuda)
+            step = lambda x=x, t=t, ctx=ctx: unet(x, t, encoder_hidden_states=ctx).sample  # noqa: E731
+            graphed, capture_error = cuda, None
+            try:
+                run = _graphed(step, cuda)
+            except Exception as exc:  # a capture the model does not allow: time it eagerly, say why
+                run, graphed, capture_error = step, False, f"{type(exc).__name__}: {exc}"
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -309,7 +314,8 @@ def step_sd15_unet(dry: bool, batches: tuple[int, ...] = (32, 64), repeats: int 
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        out["batches"][str(b)] = {"median_s": med, "unet_evals_per_s": b / med, "cuda_graph": cuda}
+        out["batches"][str(b)] = {"median_s": med, "unet_evals_per_s": b / med, "cuda_graph": graphed,
+                                  **({"capture_error": capture_error} if capture_error else {})}
     out["passed"] = all(v["unet_evals_per_s"] > 0 for v in out["batches"].values())
     return out
 
