@@ -105,7 +105,7 @@ class ClassifierWorker:
         self._intake: deque[_Request] = deque()
         self._heavy: deque[_Request] = deque()  # for the decode lane
         self._heavy_ready = threading.Condition(mutex)
-        self._decoding = 0  # requests the decode lane holds (queued or being decoded)
+        self._lane_req: _Request | None = None  # the one the decode lane is decoding (taken from _heavy)
         self._handoff: deque[_SlowItem] = deque()
         self._fast_busy = False
         self._closing = False
@@ -141,7 +141,6 @@ class ClassifierWorker:
             self.stats.submitted += 1
             if heavy:
                 self._heavy.append(req)
-                self._decoding += 1
                 self._heavy_ready.notify()
             else:
                 self._intake.append(req)
@@ -157,6 +156,11 @@ class ClassifierWorker:
     def alive(self) -> bool:
         """Whether both threads run (a dead one is a bug: ``_guard`` failed every waiting request)."""
         return all(t.is_alive() for t in self._threads)
+
+    @property
+    def _decoding(self) -> int:
+        """Requests the decode lane holds: queued, and the one it is decoding. Read under the lock."""
+        return len(self._heavy) + (self._lane_req is not None)
 
     @property
     def idle(self) -> bool:
@@ -194,10 +198,11 @@ class ClassifierWorker:
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             self._closing = True
-            pending = [r.future for r in (*self._intake, *self._heavy)] + [i.req.future for i in self._handoff]
+            lane = [self._lane_req] if self._lane_req is not None else []
+            pending = [r.future for r in (*self._intake, *self._heavy, *lane)] + [i.req.future for i in self._handoff]
             self._intake.clear()
-            self._decoding -= len(self._heavy)  # the one being decoded (if any) counts itself down
             self._heavy.clear()
+            self._lane_req = None
             self._handoff.clear()
             self._lock.notify_all()
             self._heavy_ready.notify_all()
@@ -229,13 +234,15 @@ class ClassifierWorker:
                     if self._closing:
                         return
                     self._heavy_ready.wait()
-                req = self._heavy.popleft()
+                req = self._lane_req = self._heavy.popleft()
             t0 = self.clock()
             req.image = self.pipe.preprocess(req.image, req.name)  # type: ignore[arg-type]
             lane = self.stats.stage_seconds
             lane["decode_lane"] = lane.get("decode_lane", 0.0) + self.clock() - t0
             with self._lock:
-                self._decoding -= 1
+                if self._lane_req is not req:  # _fail_all answered it meanwhile
+                    continue
+                self._lane_req = None
                 self._intake.append(req)
                 self.stats.fast_queue, self.stats.decode_queue = len(self._intake), self._decoding
                 self._lock.notify_all()
