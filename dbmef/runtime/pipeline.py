@@ -335,13 +335,17 @@ class DBMEFPipeline:
                 # One decoded picture at a time, released once preprocessed: a batch of images at the
                 # pixel limit costs one of them, not all (a 64 M-pixel RGBA PNG decodes to 0.25 GB).
                 img = load_image(src)
-                # without a classifier (zero-shot) the image is only checked here; the VAE reads it later
-                pixel.append(self.backbone_preprocess(img) if self.backbone_preprocess else np.zeros(0, np.float32))
+                pixel.append(self._backbone_pixels(img))
                 errors.append(None)
             except DBMEFError as exc:
                 errors.append(str(exc))
                 log.warning("skipping %s: %s", names[i], exc)
         return pixel, errors
+
+    def _backbone_pixels(self, img: Image.Image) -> np.ndarray:
+        """The backbone's input for a decoded picture; without a classifier (zero-shot) an empty
+        array: the picture is only checked, the VAE reads it."""
+        return self.backbone_preprocess(img) if self.backbone_preprocess else np.zeros(0, np.float32)
 
     def preprocess(self, src: ImageInput, name: str | None = None) -> Preprocessed:
         """Decode ``src`` once and preprocess it for the backbone and the VAE (for a decode lane:
@@ -349,8 +353,7 @@ class DBMEFPipeline:
         name = name or describe(src)
         try:
             img = load_image(src)
-            pixel = self.backbone_preprocess(img) if self.backbone_preprocess else np.zeros(0, np.float32)
-            return Preprocessed(name, pixel, self.vae_preprocess(img))
+            return Preprocessed(name, self._backbone_pixels(img), self.vae_preprocess(img))
         except DBMEFError as exc:
             return Preprocessed(name, None, None, str(exc))
 
