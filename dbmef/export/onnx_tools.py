@@ -53,16 +53,9 @@ def trace_onnx(module: nn.Module, spec: ExportSpec, raw: Path, opset: int = 17, 
 
 def finish_onnx(raw: Path, out: Path) -> Path:
     """Clean up the traced graph at ``raw`` and save it as ``out`` (checked, shapes inferred)."""
-    return save_onnx(cleanup_file(raw), out)
-
-
-def cleanup_file(raw: Path) -> Any:
-    """``cleanup`` of the model at ``raw``, holding one copy of its weights where it can: the
-    loaded protobuf is dropped as soon as graphsurgeon has imported it."""
     import onnx
 
-    model = onnx.load(str(raw))  # pulls in any external data the exporter split off
-    return cleanup(model)
+    return save_onnx(cleanup(onnx.load(str(raw))), out)  # load pulls in any external data the exporter split off
 
 
 def cleanup(model: Any) -> Any:
@@ -73,7 +66,6 @@ def cleanup(model: Any) -> Any:
         log.warning("onnx-graphsurgeon is not installed: skipping graph clean-up")
         return model
     graph = gs.import_onnx(model)
-    del model  # the caller passes its only reference (cleanup_file): graphsurgeon holds the weights now
     try:
         graph.fold_constants(error_ok=True).cleanup().toposort()
     except Exception as exc:  # folding is an optimisation; a failure must not lose the export
