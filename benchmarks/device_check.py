@@ -218,6 +218,7 @@ def step_digits(dry: bool) -> dict[str, Any]:
 
     from benchmarks.torch_onnx import BACKEND, register_torch_backend
     from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
+    from dbmef.export.checks import clear_decision
     from dbmef.runtime import DBMEFRuntime
     from dbmef.runtime.scheduler import SchedulerStats
 
@@ -248,7 +249,9 @@ def step_digits(dry: bool) -> dict[str, Any]:
              for g, r in zip(got, ref) if r.rethought and g.rethought]
     max_abs = max(diffs, default=0.0)
     differing = [j for j, (g, r) in enumerate(zip(got, ref)) if g.label != r.label]
-    near_tie = [j for j in differing if ref[j].rethought and _margin(ref[j]) <= 2 * max_abs]
+    # the exporter's rule (vote() and its tie-break both clear of twice the measured difference)
+    near_tie = [j for j in differing
+                if ref[j].rethought and not clear_decision(np.asarray(ref[j].noise_errors, float), max_abs)]
     out = {
         "device": device, "torch": torch.__version__, "images": n, "rethought": sum(r.rethought for r in ref),
         "labels_differing": len(differing), "labels_differing_beyond_near_ties": len(differing) - len(near_tie),
@@ -262,13 +265,6 @@ def step_digits(dry: bool) -> dict[str, Any]:
                      and (out["unet_evals_differing"] == 0 or bool(near_tie))
                      and out["host_syncs_per_scorer_call"] == 1)
     return out
-
-
-def _margin(r: Any) -> float:
-    """The reference's margin between its best and second-best candidate (mean error over votes)."""
-    e = np.nanmean(np.asarray(r.noise_errors, float), axis=0)
-    s = np.sort(e[np.isfinite(e)])
-    return float(s[1] - s[0]) if len(s) > 1 else float("inf")
 
 
 # -- c. SD v1.5's UNet: evaluations per second ------------------------------------------------------------

@@ -70,6 +70,7 @@ def fitting_unet_batch(manifest: Any, total_memory: int, want: int = 32) -> int:
 
 
 def check_bundle(bundle: Path, n_images: int, scoring: dict[str, int], repeats: int) -> dict[str, Any]:
+    from dbmef.export.checks import clear_decision
     from dbmef.export.trt_build import build_engines
     from dbmef.runtime.backends.cuda import device_info
     from dbmef.runtime.backends.onnxruntime import OrtOptions
@@ -105,11 +106,11 @@ def check_bundle(bundle: Path, n_images: int, scoring: dict[str, int], repeats: 
     same = [a.label == b.label for a, b in zip(trt_res, ort_res)]
     diffs = [(np.asarray(a.noise_errors, float), np.asarray(b.noise_errors, float)) for a, b in zip(trt_res, ort_res)]
     rel = max(float(np.max(np.abs(x - y) / np.abs(y))) for x, y in diffs)
-    # The exporter's rule: a different decision counts only when ONNX Runtime's margin between its
-    # best and second-best candidate (mean error over votes) exceeds twice the measured difference.
+    # The exporter's rule (export/checks.clear_decision): a different decision counts only where
+    # ONNX Runtime's decision, every vote and the tie-break, survives twice the measured difference.
     max_abs = max(float(np.max(np.abs(x - y))) for x, y in diffs)
-    margins = [np.diff(np.sort(np.asarray(b.noise_errors).mean(axis=0))[:2])[0] for b in ort_res]
-    real = [i for i, (ok, mg) in enumerate(zip(same, margins)) if not ok and mg > 2 * max_abs]
+    real = [i for i, ok in enumerate(same)
+            if not ok and clear_decision(np.asarray(ort_res[i].noise_errors, float), max_abs)]
     scorer = trt_rt.pipeline.engines.scorer
     graphs = {n: e.graph is not None for n, e in trt_rt.pipeline.engines.items()}
     rows = len(images) * cfg.unet_evaluations_per_image // 2
