@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from dbmef.errors import ExportError
-from dbmef.export.manifest import component_record, new_manifest
+from dbmef.export.components import TORCH_SOURCE
+from dbmef.export.manifest import new_manifest
 from dbmef.runtime.bundle import (
     Bundle,
     BundleManifest,
@@ -28,10 +28,6 @@ from dbmef.runtime.config import ScoringConfig
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-# Components kept in float32 inside an fp16 bundle. The CLIP text encoder: it runs k prompts per
-# rethought image (about 13 GFLOP each, nothing beside the UNet's 1500 evaluations), and its fp16
-# trace mixes float32 attention-mask arithmetic into fp16 LayerNorms, which ONNX Runtime rejects.
-FP16_KEEP_FP32 = frozenset({"text_encoder"})
 SCORER_KINDS = ("fused", "unet", "both")
 
 
@@ -95,18 +91,30 @@ class LoadedSystem:
     latent_shape: tuple[int, int, int]
     specs: dict[str, Any]
     sources: dict[str, Any]
+    vae_scaling_factor: float
+
+    def release(self, component: str, later: list[str]) -> None:
+        """Drop the torch module ``component`` is exported from unless a component in ``later`` is
+        exported from it too: SD v1.5's float32 UNet (3.2 GiB) must not sit beside the exporter's
+        and ONNX Runtime's peaks. Past ``export_components`` the torch modules are gone."""
+        if any(TORCH_SOURCE[c] == TORCH_SOURCE[component] for c in later):
+            return
+        if component == "backbone":
+            self.backbone = None
+        else:
+            setattr(self.sd, TORCH_SOURCE[component], None)
 
 
 def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
     """Export a DBMEF system to a validated ONNX bundle and return its folder.
 
-    Steps: resolve and load the sources (offline) -> ONNX per component (dynamic batch, constant
-    folding, shape inference, checker) with ONNX Runtime vs torch validation -> tokenizer and
-    positive embeddings -> manifest -> decision check of the scorer -> write the manifest.
+    Steps: resolve and load the sources (offline) -> tokenizer and positive embeddings -> ONNX per
+    component (dynamic batch, constant folding, shape inference, checker) with ONNX Runtime vs
+    torch validation, and the decision check of the scorer -> write the manifest.
     A failed validation raises ValidationError and leaves no manifest behind.
     """
-    from dbmef.export.checks import check_scheduler, decision_check
-    from dbmef.export.onnx_io import release_memory
+    from dbmef.export.checks import check_scheduler
+    from dbmef.export.components import export_components
     from dbmef.export.sources import offline_env
     from dbmef.runtime.schedule import NoiseSchedule
 
@@ -124,18 +132,15 @@ def export_bundle(cfg: ExportConfig, progress: Any = None) -> Path:
     if (out / "manifest.json").exists():
         (out / "manifest.json").unlink()  # a half-rewritten bundle must not look valid
     schedule = NoiseSchedule()  # SD's; check_scheduler refuses a source trained with another
-    records, timings = export_components(cfg, system, schedule.alphas_cumprod(), out, step)
+    check_scheduler(system.sd.scheduler_config)
+    # The text side first: the decision check's reference needs the positive embeddings before the
+    # UNet is exported and its torch module dropped.
     step("tokenizer and positive embeddings")
     pad_id, pos = write_text_side(cfg, system, out)
+    records, timings, decision = export_components(cfg, system, schedule.alphas_cumprod(), out, step, pos)
     manifest = make_manifest(cfg, system, records, schedule, pad_id, pos, out)
-    check_scheduler(system.sd.scheduler_config)
-    release_memory()
-    if cfg.validate and cfg.decision_cases > 0:
-        step("decision check")
-        t0 = time.perf_counter()
-        decision = decision_check(out, manifest, system.sd, schedule.alphas_cumprod(), cfg)
+    if decision is not None:
         manifest = with_validation(manifest, manifest.scorer_component, decision_check=decision)
-        timings["decision_check"] = time.perf_counter() - t0
     manifest = manifest.replace(sources={**manifest.sources, "export_seconds": round(time.perf_counter() - t_start, 2),
                                          "export_timings": {k: round(v, 3) for k, v in timings.items()}})
     (out / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -199,7 +204,7 @@ def load_system(cfg: ExportConfig) -> LoadedSystem:
                "unet_flops_per_evaluation": _unet_flops(sd.unet.config, latent_shape)},
     }
     return LoadedSystem(backbone, sd, sd_dir, sd_source, class_names, wnids, data_cfg, image_size, latent_shape,
-                        specs, sources)
+                        specs, sources, float(vae_cfg.scaling_factor))
 
 
 def _class_names(cfg: ExportConfig, num_classes: int | None, backbone_dir: Path | None
@@ -225,94 +230,11 @@ def _class_names(cfg: ExportConfig, num_classes: int | None, backbone_dir: Path 
     return list(class_names), wnids
 
 
-def reference_module(name: str, system: LoadedSystem, abar: np.ndarray) -> Any:
-    """The float32 torch module a component is exported from and validated against."""
-    from dbmef.reference.modules import component_module
-
-    return component_module(name, system.backbone, system.sd, abar)
-
-
-def exported_module(name: str, cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray, reference: Any) -> Any:
-    """The module traced for component ``name`` in the bundle's precision (fp16 keeps float32 I/O)."""
-    import torch
-
-    from dbmef.export.specs import CastIO
-    from dbmef.reference.modules import FusedScorerModule
-
-    dtype = torch.float16 if cfg.precision == "fp16" else torch.float32
-    if name == "scorer":
-        unet = system.sd.unet if dtype == torch.float32 else cast_copy(system.sd.unet, dtype)
-        return FusedScorerModule(unet, abar)  # noising and the error stay float32 inside
-    if dtype == torch.float32 or _precision_of(name, cfg) == "fp32":
-        return reference
-    return CastIO(cast_copy(reference, dtype), dtype)
-
-
-def cast_copy(module: Any, dtype: Any) -> Any:
-    """A copy of ``module`` with its floating-point tensors in ``dtype``, made without a float32
-    copy on the way (``deepcopy(m).to(dtype)`` holds a second float32 model for a moment: 3.2 GiB
-    for SD v1.5's UNet): deepcopy's memo hands it the converted tensors."""
-    import copy
-
-    import torch
-
-    memo: dict[int, Any] = {}
-    for t in (*module.parameters(), *module.buffers()):
-        if t.is_floating_point() and id(t) not in memo:
-            c = t.detach().to(dtype)
-            is_param = isinstance(t, torch.nn.Parameter)
-            memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if is_param else c
-    return copy.deepcopy(module, memo)
-
-
-def _precision_of(name: str, cfg: ExportConfig) -> str:
-    return "fp32" if name in FP16_KEEP_FP32 else cfg.precision
-
-
-def export_components(cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray, out: Path,
-                      step: Any) -> tuple[dict[str, ComponentRecord], dict[str, float]]:
-    """Export and validate every component; returns their manifest records and the seconds taken."""
-    from dbmef.export.onnx_tools import finish_onnx, release_memory, trace_onnx, validate_component
-
-    names = (["backbone"] if system.backbone is not None else []) + ["text_encoder", "vae_encoder"]
-    names += {"fused": ["scorer"], "unet": ["unet"], "both": ["scorer", "unet"]}[cfg.scorer]
-    records: dict[str, ComponentRecord] = {}
-    timings: dict[str, float] = {}
-    for name in names:
-        spec, precision = system.specs[name], _precision_of(name, cfg)
-        step(f"exporting {name}")
-        t0 = time.perf_counter()
-        # fp32 references stay in float32; the exported modules run in the bundle's precision.
-        ref = reference_module(name, system, abar)
-        with tempfile.TemporaryDirectory(prefix=f"dbmef-{name}-") as tmp:
-            raw = Path(tmp) / "raw.onnx"
-            module = exported_module(name, cfg, system, abar, ref)
-            trace_onnx(module, spec, raw, opset=cfg.opset, small=precision == "fp16",
-                       sample_batch=1 if precision == "fp16" else 2)
-            del module  # an fp16 copy (SD v1.5's UNet: 1.7 GB) is not needed past tracing
-            release_memory()
-            path = finish_onnx(raw, out / f"{name}.onnx")
-        release_memory()
-        timings[f"export_{name}"] = time.perf_counter() - t0
-        validation: dict[str, Any] = {"status": "skipped"}
-        if cfg.validate:
-            step(f"validating {name}")
-            t0 = time.perf_counter()
-            # fp16 graphs are compared against the fp32 torch model: what the user would otherwise run.
-            # They have dynamic spatial axes, so the second batch size is checked at the small size:
-            # SD v1.5's fp16 scorer at batch 2 and 64 x 64 took 8 GiB on ONNX Runtime's CPU provider.
-            sizes = {"batches": (1,), "small_batches": (2,)} if precision == "fp16" else {}
-            validation = validate_component(ref, path, spec, precision, **sizes)
-            timings[f"validate_{name}"] = time.perf_counter() - t0
-        records[name] = component_record(spec.contract, path, precision, validation,
-                                 system.sources["backbone" if name == "backbone" else "sd"])
-    return records, timings
-
-
 def write_text_side(cfg: ExportConfig, system: LoadedSystem, out: Path) -> tuple[int | None, np.ndarray]:
     """tokenizer.json and the positive embedding of every class (C, 77, D), computed once here."""
     import torch
 
+    from dbmef.export.components import reference_module
     from dbmef.reference.loading import save_tokenizer_json
     from dbmef.runtime.method import positive_prompt
     from dbmef.runtime.tokenizer import ClipTokenizer
@@ -331,7 +253,7 @@ def write_text_side(cfg: ExportConfig, system: LoadedSystem, out: Path) -> tuple
 
 def make_manifest(cfg: ExportConfig, system: LoadedSystem, records: dict[str, ComponentRecord], schedule: Any,
                   pad_id: int | None, pos: np.ndarray, out: Path) -> BundleManifest:
-    vae = VaeRecord(system.image_size, system.latent_shape, float(system.sd.vae.config.scaling_factor))
+    vae = VaeRecord(system.image_size, system.latent_shape, system.vae_scaling_factor)
     return new_manifest(out, records, system.class_names, system.data_cfg, vae, schedule, system.sd.scheduler_config,
                         cfg.scoring, pad_id, pos, cfg.precision, {**system.sources, "class_wnids": system.wnids})
 

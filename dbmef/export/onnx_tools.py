@@ -79,14 +79,16 @@ def validate_component(module: nn.Module, onnx_path: Path, spec: ExportSpec, pre
     """Run the ONNX graph in ONNX Runtime (CPU) against the torch module at two batch sizes
     (proving the batch axis is dynamic): ``batches`` at the real input size, ``small_batches`` at the
     spec's small size (a graph exported with dynamic spatial axes). Raises ValidationError past
-    tolerance.
+    tolerance. ``reference_outputs`` then ``check_outputs``."""
+    return check_outputs(onnx_path, spec, precision, reference_outputs(module, spec, batches, small_batches))
 
-    The torch outputs are computed first and the ONNX Runtime session opened after, without its
-    memory arena, so the two models' activations never coexist (SD v1.5's fp32 UNet at batch 2 and
-    its fp16 graph on ONNX Runtime would need over 10 GB together)."""
-    from dbmef.runtime.backends.onnxruntime import OrtEngine
 
-    atol, rtol = spec.tolerance(precision)
+def reference_outputs(module: nn.Module, spec: ExportSpec, batches: tuple[int, ...] = (1, 2),
+                      small_batches: tuple[int, ...] = ()) -> list[tuple[int, dict[str, Any], Any]]:
+    """The torch side of a validation: (batch, inputs, output) per case, as numpy. Computed apart from
+    ``check_outputs`` so that the torch module can be freed before ONNX Runtime opens the graph: the
+    two models and their activations never coexist (SD v1.5's fp32 UNet at batch 2 and its fp16
+    graph on ONNX Runtime would need over 10 GB together)."""
     cases = []
     sizes = [(b, spec.make_inputs) for b in batches]
     sizes += [(b, spec.small_inputs or spec.make_inputs) for b in small_batches]  # the real size if no small one
@@ -96,6 +98,15 @@ def validate_component(module: nn.Module, onnx_path: Path, spec: ExportSpec, pre
             ref = module(*args).float().numpy()
         cases.append((b, {n: a.numpy() for n, a in zip(spec.contract.input_names, args)}, ref))
         release_memory()
+    return cases
+
+
+def check_outputs(onnx_path: Path, spec: ExportSpec, precision: str,
+                  cases: list[tuple[int, dict[str, Any], Any]]) -> dict[str, Any]:
+    """The ONNX Runtime side of a validation (CPU, no memory arena) against ``reference_outputs``."""
+    from dbmef.runtime.backends.onnxruntime import OrtEngine
+
+    atol, rtol = spec.tolerance(precision)
     eng = OrtEngine.on_cpu(onnx_path, spec.name, arena=False)
     reports = []
     try:

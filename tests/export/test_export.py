@@ -204,7 +204,7 @@ def test_cast_copy_converts_without_touching_the_original():
     float32 original unchanged and unshared, and the same function up to fp16 rounding."""
     import torch
 
-    from dbmef.export.exporter import cast_copy
+    from dbmef.export.components import cast_copy
 
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
@@ -216,3 +216,61 @@ def test_cast_copy_converts_without_touching_the_original():
     assert h[0].weight.data_ptr() != m[0].weight.data_ptr()
     x = torch.randn(2, 4)
     torch.testing.assert_close(h(x.half()).float(), m(x), atol=2e-3, rtol=2e-3)
+
+
+def _live_unets() -> list[str]:
+    """The dtypes of every UNet2DConditionModel still alive in the process."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    gc.collect()
+    return [str(next(o.parameters()).dtype) for o in gc.get_objects() if isinstance(o, UNet2DConditionModel)]
+
+
+def test_fp16_export_drops_the_float32_unet_before_tracing_and_checking(tmp_path, monkeypatch):
+    """Issue 24.4: the float32 UNet is gone (not merely unset) when the half-precision scorer is
+    traced, and no torch UNet at all is alive while ONNX Runtime validates the written graph."""
+    from dbmef.export import onnx_tools
+    from dbmef.export.exporter import ExportConfig, export_bundle
+
+    seen: dict[str, list[str]] = {}
+    trace, check = onnx_tools.trace_onnx, onnx_tools.check_outputs
+
+    def traced(module, spec, *a, **kw):
+        seen[f"trace {spec.name}"] = _live_unets()
+        return trace(module, spec, *a, **kw)
+
+    def checked(path, spec, *a, **kw):
+        seen[f"check {spec.name}"] = _live_unets()
+        return check(path, spec, *a, **kw)
+
+    before = len(_live_unets())
+    monkeypatch.setattr(onnx_tools, "trace_onnx", traced)
+    monkeypatch.setattr(onnx_tools, "check_outputs", checked)
+    export_bundle(ExportConfig(backbone="tiny", sd="tiny", precision="fp16", out=str(tmp_path / "h")))
+    extra = lambda key: seen[key][before:] if len(seen[key]) > before else []  # noqa: E731
+    assert len(seen["trace backbone"]) == before + 1  # the system's float32 UNet, loaded once
+    assert extra("trace scorer") == ["torch.float16"]  # the traced copy only
+    assert extra("check scorer") == []
+
+
+def test_decision_check_on_precomputed_references_still_refuses(tmp_path, monkeypatch):
+    """The torch side of the decision check runs before the UNet is exported and dropped; a scorer
+    whose picks differ from it with clear margins must still refuse the export."""
+    from dbmef.export import checks
+    from dbmef.export.exporter import ExportConfig, export_bundle
+
+    honest = checks.score_cases_on_ort
+
+    def wrong_picks(cases, path, component):
+        got = honest(cases, path, component)  # honest errors (so the tolerance stays tight), wrong labels:
+        worst = got.errors.mean(axis=1).argmax(axis=1)  # the candidate with the largest mean error
+        got.labels[:] = cases.candidates[np.arange(len(worst)), worst]
+        return got
+
+    monkeypatch.setattr(checks, "score_cases_on_ort", wrong_picks)
+    out = tmp_path / "bad"
+    with pytest.raises(ValidationError, match="decision check failed"):
+        export_bundle(ExportConfig(backbone="tiny", sd="tiny", out=str(out)))
+    assert not (out / "manifest.json").exists()
