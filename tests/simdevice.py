@@ -24,8 +24,12 @@ graph, and only the behaviours below are modelled, each after the documentation 
   an unsafe call inside a capture fails and breaks it, by capture mode and thread; copies check
   pointer kinds and bounds; ``cudaMalloc`` past the device's memory fails; handles are distinct;
   the parser takes only ONNX files, and a build fails (None) without a valid profile for every
-  dynamic input. Not modelled: fp16 kernels (a strongly typed fp16 graph runs in fp16 on ONNX
-  Runtime already; an fp32 graph is not built in fp16 here).
+  dynamic input.
+* Precision is the network's types (strongly typed, the only mode of TensorRT 11: its "Strongly
+  Typed Networks" guide): a build with a precision flag (FP16, INT8, BF16) fails, and an fp16
+  bundle's engine computes in fp16, since its kernels are ONNX Runtime runs of the fp16 graph
+  (every tensor rounded to half precision between operators; ONNX Runtime accumulates inside an
+  operator in float32 where it lacks an fp16 kernel, which a GPU's fp16 kernels need not).
 """
 
 from __future__ import annotations
@@ -361,7 +365,7 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
         WORKSPACE = 0
 
     class BuilderFlag:
-        TF32 = 7
+        FP16, INT8, TF32, BF16 = 0, 1, 7, 17
 
     class Network:
         def __init__(self) -> None:
@@ -406,6 +410,7 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
     class BuilderConfig:
         def __init__(self) -> None:
             self.flags_cleared: list[int] = []
+            self.flags_set: list[int] = []
             self.profile: dict[str, Any] = {}
             self.builder_optimization_level = 3
             self.cache: TimingCache | None = None
@@ -415,6 +420,9 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
 
         def clear_flag(self, flag: int) -> None:
             self.flags_cleared.append(flag)
+
+        def set_flag(self, flag: int) -> None:
+            self.flags_set.append(flag)
 
         def create_timing_cache(self, data: bytes) -> TimingCache:
             return TimingCache(bytes(data))
@@ -457,6 +465,9 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
         def build_serialized_network(self, network: Network, config: BuilderConfig) -> bytes | None:
             """None (TensorRT's build failure) unless every input has a profile that fits it:
             min <= opt <= max, the network's static dimensions kept, its rank."""
+            if {BuilderFlag.FP16, BuilderFlag.INT8, BuilderFlag.BF16} & set(config.flags_set):
+                dev.calls["precision_flag"] += 1
+                return None  # a strongly typed network takes its precision from its types, never a flag
             for name, dims in network.inputs.items():
                 shapes = config.profile.get(name)
                 if shapes is None and -1 in dims:

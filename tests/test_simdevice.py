@@ -206,3 +206,70 @@ def test_the_parser_and_the_profiles_are_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(trt_build.EngineBytesFromNetwork, "__init__", inverted)
     with pytest.raises(EngineError, match="failed to build an engine"):
         build_engines(bundle)
+
+
+def test_a_precision_flag_fails_the_build(tmp_path, monkeypatch):
+    """Planted fault: the old weakly typed recipe (``config.set_flag(FP16)``) on the strongly typed
+    network dbmef builds. TensorRT 11 has no such flag and 10.x refuses it with strong typing; the
+    simulated builder fails the build, and build_engines says so."""
+    import shutil
+
+    from dbmef.apps.digits import demo_bundle_dir
+    from dbmef.errors import EngineError
+    from dbmef.export import trt_build
+    from dbmef.export.trt_build import build_engines
+
+    bundle = tmp_path / "b"
+    shutil.copytree(demo_bundle_dir(), bundle)
+    dev = install(monkeypatch)
+    real = trt_build.attach_timing_cache
+
+    def with_fp16(config, data):
+        import tensorrt as trt
+
+        config.set_flag(trt.BuilderFlag.FP16)
+        return real(config, data)
+
+    monkeypatch.setattr(trt_build, "attach_timing_cache", with_fp16)
+    with pytest.raises(EngineError, match="failed to build an engine"):
+        build_engines(bundle)
+    assert dev.calls["precision_flag"] == 1 and dev.calls["engine_build"] == 0
+
+
+def test_an_fp16_engine_computes_in_half_precision(tiny_bundle, sample_images, tmp_path, monkeypatch):
+    """An fp16 bundle's engines run in half precision on the simulated device, so tolerances are
+    exercised. Planted fault: judging the fp16 VAE encoder engine by the float32 tolerance (against
+    the float32 bundle's graph on ONNX Runtime, the same weights) fails; the fp16 tolerance passes.
+    End to end the noise errors move (more than float32 rounding) within gpu_check's fp16 tolerance
+    and the decisions are the same."""
+    from dbmef.export.exporter import ExportConfig, export_bundle
+    from dbmef.export.onnx_io import compare
+    from dbmef.export.specs import TOLERANCES
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime import RuntimeSpec
+    from dbmef.runtime.backends import open_engine
+    from dbmef.runtime.bundle import Bundle
+
+    half = export_bundle(ExportConfig(backbone="tiny", sd="tiny", precision="fp16", out=str(tmp_path / "h")))
+    install(monkeypatch)
+    build_engines(half)
+    image = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    engines = open_engine(Bundle.open(tiny_bundle), "vae_encoder", "onnxruntime"), \
+        open_engine(Bundle.open(half), "vae_encoder", "tensorrt")
+    want, got = (e({"image": image})["latent"] for e in engines)
+    for e in engines:
+        e.close()
+    assert not compare("latent", got, want, *TOLERANCES["fp32"]["vae_encoder"])["ok"]
+    assert compare("latent", got, want, *TOLERANCES["fp16"]["vae_encoder"])["ok"]
+
+    scoring = {"k": 3, "votes": 1, "early_exit": "off"}
+    images = sample_images[:4]
+
+    def errors(bundle, backend):
+        with RuntimeSpec(str(bundle), backend=backend, scoring=scoring, prot=0.0, batch_size=len(images)).build() as rt:
+            res = rt.classify(images)
+        return [r.label for r in res], np.array([r.noise_errors for r in res], np.float64)
+
+    (want_labels, want_err), (got_labels, got_err) = errors(tiny_bundle, "onnxruntime"), errors(half, "tensorrt")
+    assert 1e-6 < float(np.max(np.abs(got_err - want_err) / np.abs(want_err))) <= 3e-2
+    assert got_labels == want_labels
