@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
-                 "exit_min_rows", "exit_keep", "exit_samples")
+                 "exit_min_rows", "exit_keep", "exit_samples", "exit_order")
 
 
 def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -> None:
@@ -45,6 +45,9 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     g.add_argument("--exit-min-rows", type=int, help="adaptive: paired rows needed before any drop")
     g.add_argument("--exit-keep", type=int, nargs="+", metavar="N", help="schedule: candidates kept after each stage")
     g.add_argument("--exit-samples", type=int, nargs="+", metavar="N", help="schedule: timesteps done by each stage")
+    g.add_argument("--exit-order", type=int, nargs="+", metavar="I",
+                   help="adaptive/schedule: the order a vote visits the timestep grid positions 0..n-1 (a "
+                        "permutation; default van der Corput)")
     g.add_argument("--zero-shot", action="store_true",
                    help="Diffusion Classifier mode: every class a candidate, the positive condition only (lam 1), "
                         "no protector")
@@ -60,7 +63,7 @@ def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
     from dbmef.runtime import RuntimeSpec
 
     overrides = {k: getattr(args, k) for k in SCORING_FLAGS if getattr(args, k, None) is not None}
-    for k in ("exit_keep", "exit_samples"):
+    for k in ("exit_keep", "exit_samples", "exit_order"):
         if k in overrides:
             overrides[k] = tuple(overrides[k])
     if getattr(args, "zero_shot", False):

@@ -55,6 +55,7 @@ class ScoringConfig:
     exit_min_rows: int = ExitPolicy.min_rows
     exit_keep: tuple[int, ...] = ()  # early_exit = schedule: Li et al.'s to_keep
     exit_samples: tuple[int, ...] = ()  # ... and n_samples
+    exit_order: tuple[int, ...] = ()  # adaptive/schedule: timestep visiting order (() = van der Corput)
     # Diffusion Classifier (Li et al.): every class a candidate, the positive condition only (lam 1),
     # no protector; the backbone, where the bundle has one, only orders the candidates.
     zero_shot: bool = False
@@ -86,6 +87,9 @@ class ScoringConfig:
             value = getattr(self, name)
             need(isinstance(value, tuple) and all(isinstance(x, int) and x >= 1 for x in value), name, value,
                  "must be a list of positive integers")
+        need(isinstance(self.exit_order, tuple) and (not self.exit_order or sorted(self.exit_order) == list(
+            range(self.n_timesteps))), "exit_order", self.exit_order,
+             f"must be empty or a permutation of 0..{self.n_timesteps - 1} (the timestep grid positions)")
         need(isinstance(self.zero_shot, bool), "zero_shot", self.zero_shot, "must be true or false")
         need(not self.zero_shot or self.lam == 1.0, "lam", self.lam,
              "must be 1 in zero-shot mode (the positive condition only: there are no negatives)")
@@ -94,7 +98,7 @@ class ScoringConfig:
     @property
     def exit_policy(self) -> ExitPolicy:
         return ExitPolicy(self.early_exit, self.exit_z, self.exit_interval, self.exit_min_rows, self.exit_keep,
-                          self.exit_samples)
+                          self.exit_samples, self.exit_order)
 
     @property
     def unet_evaluations_per_image(self) -> int:
@@ -127,7 +131,7 @@ class ScoringConfig:
         data = dict(data)
         if "templates" in data and isinstance(data["templates"], dict):
             data["templates"] = PromptTemplates(**data["templates"])
-        for name in ("exit_keep", "exit_samples"):  # JSON lists
+        for name in ("exit_keep", "exit_samples", "exit_order"):  # JSON lists
             if isinstance(data.get(name), list):
                 data[name] = tuple(data[name])
         return cls(**data)

@@ -61,6 +61,10 @@ class ExitPolicy:
     min_rows: int = 6
     keep: tuple[int, ...] = ()
     samples: tuple[int, ...] = ()
+    # adaptive and schedule: the order in which a vote visits the timestep grid; () is van der Corput.
+    # A calibrated order (the timesteps that separate candidates best first: benchmarks/digits/zero_shot.py)
+    # lets the paired test drop candidates after fewer rows.
+    order: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in POLICIES:
@@ -95,7 +99,11 @@ class ImagePlan:
         self.opened = votes if policy.mode == "off" else votes // 2 + 1  # votes opened so far
         self.cursor = np.zeros(votes, dtype=np.int64)  # timesteps visited per vote
         spread = policy.mode in ("adaptive", "schedule")
-        self.order = van_der_corput_order(n_timesteps) if spread else np.arange(n_timesteps)
+        if policy.order and sorted(policy.order) != list(range(n_timesteps)):
+            raise ConfigError(f"early-exit order {list(policy.order)} is not a permutation of the {n_timesteps} "
+                              "timestep grid positions 0..n-1")
+        self.order = (np.array(policy.order, np.int64) if spread and policy.order else
+                      van_der_corput_order(n_timesteps) if spread else np.arange(n_timesteps))
         self.step = max(1, policy.interval) if policy.mode == "adaptive" else n_timesteps
         if policy.mode == "schedule":
             if votes != 1 or policy.samples[-1] != n_timesteps or policy.keep[0] > k:

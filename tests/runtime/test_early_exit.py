@@ -106,6 +106,27 @@ def test_adaptive_decides_with_one_survivor_before_any_vote_completes():
     assert p.stages == 1
 
 
+def test_a_calibrated_order_visits_the_informative_timesteps_first():
+    """The same errors as above but candidate 1 separates from 0 only at grid positions 6 and 7
+    (+1 there, 0 elsewhere). Van der Corput visits 0, 4 | 2, 6 | 1, 5 | 3, 7: candidate 1's excess
+    rows are (0, 0) at the first checkpoint (sd 0, mean 0: kept), then (0, 0, 0, 1), (.., 0, 0),
+    never above z = 2 standard errors, so it runs all 8. Visiting 6, 7 first gives (1, 1): mean 1,
+    sd 0, dropped at once. Candidate 2 (+1 everywhere) goes at the first checkpoint either way."""
+    e = np.zeros((1, 1, 8, 3), np.float32)
+    e[0, 0, :, 0] = 1.0
+    e[0, 0, :, 1] = 1.0 + np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    e[0, 0, :, 2] = 2.0
+    spread = replay(e, ExitPolicy("adaptive", z=2.0, interval=2, min_rows=2))
+    assert spread.rows[0] == 3 * 2 + 2 * 6 and spread.winner[0] == 0
+    first = replay(e, ExitPolicy("adaptive", z=2.0, interval=2, min_rows=2, order=(6, 7, 0, 1, 2, 3, 4, 5)))
+    assert first.rows[0] == 3 * 2 and first.winner[0] == 0  # settled after one checkpoint of 2 rows x 3
+    with pytest.raises(ConfigError, match="permutation"):
+        replay(e, ExitPolicy("adaptive", order=(0, 1, 2)))
+    with pytest.raises(ConfigError, match="exit_order"):
+        ScoringConfig(n_timesteps=4, exit_order=(0, 1, 1, 2))
+    assert ScoringConfig.from_dict(ScoringConfig(n_timesteps=3, exit_order=(2, 0, 1)).to_dict()).exit_order == (2, 0, 1)
+
+
 def test_policy_and_config_validation():
     with pytest.raises(ConfigError, match="early_exit"):
         ScoringConfig(early_exit="sometimes")
