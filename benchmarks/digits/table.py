@@ -111,8 +111,11 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
                      "differences_not_near_ties": int((differ & ~close).sum()), "wall_seconds": wall,
                      "seconds_per_image": wall / len(y)}
 
-    early = {f"V{V}": early_exit_columns(e, top, sel, y) for V, e in
-             ((1, error_from_terms(terms1[sel], lam)[:, None]), (votes, error_from_terms(terms_v, lam)))}
+    # kept beside the bundle so the early-exit columns can be replayed under other defaults (--replay-only)
+    early_inputs = {"e1": error_from_terms(terms1[sel], lam)[:, None].astype(np.float32),
+                    "ev": error_from_terms(terms_v, lam).astype(np.float32), "top": top, "sel": sel, "y": y}
+    np.savez_compressed(Path(bundle).parent / f"early_exit_errors_{Path(bundle).name}_k{k}.npz", **early_inputs)
+    early = early_exit_from(early_inputs, votes)
     acc = {c: float((pred[c] == y).mean()) for c in COLUMNS}
     rate = float(rethink.mean())
     evals = {"top1": 0.0, "no_protector": 2.0 * n * k, "neg_only": 2.0 * n * k * rate,
@@ -128,6 +131,12 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
         "runtime_check": check,
         "early_exit": early,
     }
+
+
+def early_exit_from(inputs: Any, votes: int) -> dict[str, Any]:
+    """The early-exit columns at V = 1 and V = ``votes`` from the saved inputs (see ``ablate``)."""
+    return {f"V{V}": early_exit_columns(inputs[e], inputs["top"], inputs["sel"], inputs["y"])
+            for V, e in ((1, "e1"), (votes, "ev"))}
 
 
 def early_exit_columns(errors: np.ndarray, top: np.ndarray, sel: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -293,12 +302,17 @@ def early_exit_markdown(res: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     pol = rows[0]["early_exit"]["V1"]["adaptive"]["policy"]
+    low = [f"{r['backbone']} k={r['k']} V={vk[1:]} seed {r['seed']} ({e['adaptive']['agreement_with_off']:.1%})"
+           for r in rows for vk, e in r["early_exit"].items() if e["adaptive"]["agreement_with_off"] < AGREEMENT]
     lines = ["## Early exit (issue 13)", "",
              "The rethought images' full per-row errors (the prot + both / + 5 votes columns above) replayed "
              "through the runtime's early-exit planner (`dbmef.runtime.early_exit.replay`, the code the scorer "
              f"runs): UNet evaluations per rethought image, decisions equal to `off` on the rethought images, and "
              f"test accuracy. adaptive at the runtime's defaults (z = {pol['z']}, interval {pol['interval']}, "
-             f"min rows {pol['min_rows']}), chosen on the weak seed-0 bundle only: every other row is held out.",
+             f"min rows {pol['min_rows']}), chosen on the 200 calibration digits of the committed (seed-0 weak) "
+             "bundle (`python -m benchmarks.digits.exit_defaults`, EXIT_DEFAULTS.md): every row below is held out. "
+             f"Held-out systems where adaptive agrees with off on fewer than {AGREEMENT:.1%} of the rethought "
+             f"images: {', '.join(low) or 'none'}.",
              "", "| backbone | k | V | seed | evals off | exact | adaptive | agree exact | agree adaptive | "
              "acc off | acc adaptive |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["backbone"] != "weak", r["k"], r["seed"])):
@@ -312,6 +326,7 @@ def early_exit_markdown(res: list[dict[str, Any]]) -> list[str]:
 
 
 NOTES = "## Notes"
+AGREEMENT = 0.995  # issue 25: adaptive must agree with off on at least this share of each held-out system's images
 
 
 def with_notes(generated: str, previous: str) -> str:
@@ -336,8 +351,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", type=Path, default=None,
                    help=f"also write the tables here (a '{NOTES}' section already in the file is kept)")
     p.add_argument("--redo", action="store_true", help="recompute ablations already in --json")
+    p.add_argument("--replay-only", action="store_true",
+                   help="recompute only the early-exit columns (at the runtime's current defaults) from the error "
+                        "tensors the ablations saved beside each bundle, without a UNet pass")
     a = p.parse_args(argv)
     old = json.loads(a.json.read_text()) if a.json.is_file() else {"results": []}
+    if a.replay_only:
+        for r in old["results"]:
+            b = Path(r["bundle"])
+            r["early_exit"] = early_exit_from(np.load(b.parent / f"early_exit_errors_{b.name}_k{r['k']}.npz"),
+                                              r["votes"])
+        a.json.write_text(json.dumps(old, indent=1) + "\n")
+        if a.markdown:
+            a.markdown.write_text(with_notes(markdown(old), a.markdown.read_text() if a.markdown.is_file() else ""))
+        print("\n".join(early_exit_markdown(old["results"])))
+        return
 
     def merged(data: dict[str, Any]) -> dict[str, Any]:
         new_keys = {(r["seed"], r["backbone"], r["k"]) for r in data["results"]}
