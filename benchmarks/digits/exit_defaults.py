@@ -7,7 +7,9 @@ its own rethink set among them is a handful) with the paper's scoring at k = 3 a
 votes; the full per-row errors are computed once per k (``early_exit.full_errors``, kept in
 ``--cache``) and V = 1 is their first vote (noise banks are prefix-stable). Over the grid of
 (z, interval, min rows), the rule: **the cheapest setting (UNet evaluations summed over the four
-(k, V) settings) that decides every calibration digit as ``off`` does in all four**. Table 1
+(k, V) settings) that decides every calibration digit as ``off`` does in all four, and whose next
+lower z in the grid does too** (one step of slack: most calibration digits are easy, the
+protector rethinks the hard ones). Table 1
 (``benchmarks.digits.table``) then reports the chosen defaults on the 12 held-out systems.
 Writes ``benchmarks/digits/exit_defaults.json`` and ``EXIT_DEFAULTS.md``.
 """
@@ -60,7 +62,13 @@ def grid(errors: dict[int, np.ndarray]) -> list[dict[str, Any]]:
 
 
 def choose(points: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [p for p in points if not any(p["disagreements"].values())]
+    """The cheapest point that, and whose next more aggressive z (same interval and min rows), both
+    decide every calibration digit as off does: one grid step of slack, because the 200 calibration
+    digits are mostly easy ones (all rethought) while the protector sends only the hard ones."""
+    clean = {(p["z"], p["interval"], p["min_rows"]) for p in points if not any(p["disagreements"].values())}
+    lower = {z: Z_GRID[i - 1] for i, z in enumerate(Z_GRID) if i}
+    ok = [p for p in points if (p["z"], p["interval"], p["min_rows"]) in clean and p["z"] in lower
+          and (lower[p["z"]], p["interval"], p["min_rows"]) in clean]
     if not ok:
         raise SystemExit("no setting of the grid decides every calibration digit as off does: widen the grid")
     return min(ok, key=lambda p: (sum(p["evals"].values()), -p["z"]))
@@ -72,7 +80,9 @@ def markdown(r: dict[str, Any]) -> str:
              f"Command: `python -m benchmarks.digits.exit_defaults` ({r['date']}). The committed digits bundle's 200 "
              "calibration digits (the protector's calibration set, disjoint from the 597 test digits), all rethought, "
              "the paper's scoring (lam 1.1, n = 30). Rule: the cheapest (z, interval, min rows) that decides every "
-             "calibration digit as `off` does at k = 3 and 5, V = 1 and 5.", "",
+             "calibration digit as `off` does at k = 3 and 5, V = 1 and 5, and whose next lower z (same interval and "
+             "min rows) does too: one grid step of slack, since most of these digits are easy and the protector "
+             "rethinks the hard ones.", "",
              f"**Chosen: z = {c['z']:g}, interval {c['interval']}, min rows {c['min_rows']}** (before: z = "
              f"{r['previous']['z']:g}, interval {r['previous']['interval']}, min rows {r['previous']['min_rows']}, "
              "chosen on the seed-0 bundle's rethought test digits).", "",

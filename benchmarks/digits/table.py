@@ -150,7 +150,7 @@ def early_exit_columns(errors: np.ndarray, top: np.ndarray, sel: np.ndarray, y: 
     off = replay(errors, ExitPolicy("off"))
     out: dict[str, Any] = {}
     for name, policy in (("off", ExitPolicy("off")), ("exact", ExitPolicy("exact")),
-                         ("adaptive", ScoringConfig().exit_policy)):
+                         ("adaptive", ScoringConfig(early_exit="adaptive").exit_policy)):
         p = off if name == "off" else replay(errors, policy)
         pred = top[:, 0].copy()
         pred[sel] = top[sel, p.winner]
