@@ -86,6 +86,8 @@ class SimDevice:
         self.memory: dict[int, Any] = {}  # address -> buffer
         self.kinds: dict[int, tuple[int, str]] = {}  # address -> (size, "device" | "pinned")
         self.calls: Counter[str] = Counter()
+        self.stream_flags: dict[int, tuple[int, ...]] = {}  # the flags each stream was created with
+        self.loggers: list[Any] = []  # the ILogger every Builder was made with
         self.syncs: Counter[int] = Counter()
         self.capturing: dict[int, Capture] = {}
         self.graphs: dict[int, list[Any]] = {}  # captured graphs
@@ -222,6 +224,7 @@ def fake_cudart(dev: SimDevice) -> types.ModuleType:
     def stream_create(*flags: int) -> tuple[int, int]:
         s = dev.new_id()
         dev.streams.add(s)
+        dev.stream_flags[s] = flags
         return SUCCESS, s
 
     def stream_destroy(s: int) -> tuple[int]:
@@ -450,7 +453,7 @@ def fake_tensorrt(dev: SimDevice) -> types.ModuleType:
 
     class Builder:
         def __init__(self, logger: Any):
-            pass
+            dev.loggers.append(logger)
 
         def create_network(self, flags: int) -> Network:
             assert flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)

@@ -5,6 +5,7 @@ fake TensorRT context, and the device must refuse it or show its wrong result.""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import numpy as np
@@ -273,3 +274,37 @@ def test_an_fp16_engine_computes_in_half_precision(tiny_bundle, sample_images, t
     (want_labels, want_err), (got_labels, got_err) = errors(tiny_bundle, "onnxruntime"), errors(half, "tensorrt")
     assert 1e-6 < float(np.max(np.abs(got_err - want_err) / np.abs(want_err))) <= 3e-2
     assert got_labels == want_labels
+
+
+def test_streams_are_non_blocking_one_logger_serves_every_build_and_warm_up_syncs_are_apart(tmp_path, monkeypatch):
+    """Issue 24 faults 3, 6 and 5. (3) every stream the backend makes is created non-blocking, so
+    work other libraries put on the legacy default stream neither waits for it nor breaks its
+    captures; (6) every Builder of two build_engines calls gets the one process-wide logger
+    (TensorRT requires it to outlive all it made); (5) on a fresh runtime the scorer's host syncs
+    split into one per engine call plus one warm-up sync per graph capture, which gpu_check leaves
+    out of its per-call figure."""
+    import shutil
+
+    from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime import RuntimeSpec
+    from dbmef.runtime.backends import trt_engines
+
+    bundle = tmp_path / "b"
+    shutil.copytree(demo_bundle_dir(), bundle)
+    dev = install(monkeypatch)
+    monkeypatch.setattr(trt_engines, "_LOGGER", None)  # as in a fresh process
+    build_engines(bundle)
+    build_engines(bundle, force=True)
+    assert dev.loggers and all(lg is trt_engines.trt_logger() for lg in dev.loggers)
+
+    images = [np.asarray(render(a)) for a in demo_test_split().images[:8]]
+    with RuntimeSpec(str(bundle), backend="tensorrt", scoring={"k": 3, "votes": 1}, prot=0.0,
+                     batch_size=len(images)).build() as rt:
+        rt.classify(images)
+        scorer = rt.pipeline.engines.scorer
+        nonblocking = sys.modules["cuda.bindings.runtime"].cudaStreamNonBlocking
+        assert dev.stream_flags and all(f == (nonblocking,) for f in dev.stream_flags.values())
+        assert scorer.calls > 0
+        assert scorer.syncs - scorer.warmup_syncs == scorer.calls
+        assert scorer.warmup_syncs == (1 if scorer.graph is not None else 0)
