@@ -308,3 +308,42 @@ def test_streams_are_non_blocking_one_logger_serves_every_build_and_warm_up_sync
         assert scorer.calls > 0
         assert scorer.syncs - scorer.warmup_syncs == scorer.calls
         assert scorer.warmup_syncs == (1 if scorer.graph is not None else 0)
+
+
+def test_a_failed_capture_runs_without_a_graph_and_close_releases_everything(tmp_path, monkeypatch):
+    """Issue 24 faults 1 and 7. Planted: a cudaMalloc inside every enqueue (what a garbage-collected
+    buffer or another library does); inside the scorer's capture CUDA refuses it and invalidates
+    the capture. The engine must end the capture, drop the graph, log why and run without one,
+    giving ONNX Runtime's decisions. Then close() releases the context, engine and runtime at once
+    (not at garbage collection) and a second close is harmless."""
+    import shutil
+
+    from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime import RuntimeSpec
+    from dbmef.runtime.backends.tensorrt import TrtEngine
+
+    bundle = tmp_path / "b"
+    shutil.copytree(demo_bundle_dir(), bundle)
+    dev = install(monkeypatch)
+    build_engines(bundle)
+    images = [np.asarray(render(a)) for a in demo_test_split().images[:8]]
+    spec = {"scoring": {"k": 3, "votes": 1}, "prot": 0.0, "batch_size": len(images)}
+    with RuntimeSpec(str(bundle), backend="onnxruntime", **spec).build() as rt:
+        want = [r.label for r in rt.classify(images)]
+    real = TrtEngine._enqueue
+
+    def planted(self):
+        sys.modules["cuda.bindings.runtime"].cudaMalloc(16)
+        real(self)
+
+    monkeypatch.setattr(TrtEngine, "_enqueue", planted)
+    rt = RuntimeSpec(str(bundle), backend="tensorrt", **spec).build()
+    got = [r.label for r in rt.classify(images)]
+    scorer = rt.pipeline.engines.scorer
+    assert dev.calls["unsafe_in_capture_malloc_device"] >= 1  # the planted call did break a capture
+    assert not scorer.use_cuda_graph and scorer.graph is None
+    assert got == want
+    rt.close()
+    assert not hasattr(scorer, "context") and not hasattr(scorer, "engine") and scorer.stream.handle is None
+    scorer.close()
