@@ -86,12 +86,12 @@ def export_components(cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray,
     side of each check then runs with no torch model resident. Past this call the system's torch
     modules are gone."""
     from dbmef.export.checks import decision_cases, judge_decisions, score_cases, score_cases_on_ort, torch_reference
-    from dbmef.export.manifest import component_record
+    from dbmef.export.manifest import component_record, scorer_component_of
     from dbmef.export.onnx_tools import check_outputs, reference_outputs
 
     names = (["backbone"] if system.backbone is not None else []) + ["text_encoder", "vae_encoder"]
     names += {"fused": ["scorer"], "unet": ["unet"], "both": ["scorer", "unet"]}[cfg.scorer]
-    judged = "scorer" if "scorer" in names else "unet"  # the manifest's scorer component
+    judged = scorer_component_of(names)
     records: dict[str, ComponentRecord] = {}
     timings: dict[str, float] = {}
     decision = cases = reference_scores = None

@@ -54,6 +54,12 @@ def component_record(contract: ComponentSpec, path: Path, precision: str, valida
         external_data_sha256=sha256_file(data) if data.exists() else None, source=source, validation=validation)
 
 
+def scorer_component_of(components: Any) -> str:
+    """The component the runtime scores with (and the decision check judges): the fused graph
+    where the bundle has one, else the plain UNet."""
+    return "scorer" if "scorer" in components else "unet"
+
+
 def new_manifest(out: Path, records: dict[str, ComponentRecord], class_names: list[str],
                  data_config: dict[str, Any] | None,
                  vae: VaeRecord, schedule: NoiseSchedule, scheduler_source: dict[str, Any], scoring: ScoringConfig,
@@ -62,7 +68,7 @@ def new_manifest(out: Path, records: dict[str, ComponentRecord], class_names: li
     positive_embeddings.npy included), uncalibrated."""
     return BundleManifest(
         components=records,
-        scorer_component="scorer" if "scorer" in records else "unet",
+        scorer_component=scorer_component_of(records),
         class_names=tuple(class_names),
         backbone_preprocess=None if data_config is None else BackbonePreprocess.from_data_config(data_config),
         vae=vae,
