@@ -11,7 +11,7 @@ from typing import Any
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
-from dbmef.runtime.early_exit import ExitPolicy
+from dbmef.runtime.early_exit import ExitPolicy, is_grid_order
 from dbmef.runtime.method import PromptTemplates
 
 # Sanity bounds on user-supplied numbers: far beyond any sensible setting, small enough that a typo
@@ -87,8 +87,8 @@ class ScoringConfig:
             value = getattr(self, name)
             need(isinstance(value, tuple) and all(isinstance(x, int) and x >= 1 for x in value), name, value,
                  "must be a list of positive integers")
-        need(isinstance(self.exit_order, tuple) and (not self.exit_order or sorted(self.exit_order) == list(
-            range(self.n_timesteps))), "exit_order", self.exit_order,
+        need(isinstance(self.exit_order, tuple) and is_grid_order(self.exit_order, self.n_timesteps), "exit_order",
+             self.exit_order,
              f"must be empty or a permutation of 0..{self.n_timesteps - 1} (the timestep grid positions)")
         need(isinstance(self.zero_shot, bool), "zero_shot", self.zero_shot, "must be true or false")
         need(not self.zero_shot or self.lam == 1.0, "lam", self.lam,
