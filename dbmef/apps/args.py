@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
-                 "exit_min_rows", "exit_keep", "exit_samples", "exit_order")
+                 "exit_min_rows", "exit_keep", "exit_samples", "exit_order", "exit_test")
 
 
 def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -> None:
@@ -43,6 +43,9 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     g.add_argument("--exit-z", type=float, help="adaptive: drop a candidate this many standard errors behind")
     g.add_argument("--exit-interval", type=int, help="adaptive: timesteps per vote between checkpoints")
     g.add_argument("--exit-min-rows", type=int, help="adaptive: paired rows needed before any drop")
+    g.add_argument("--exit-test", choices=["z", "t"],
+                   help="adaptive: the drop threshold's distribution: z (normal, default) or t (Student's t at "
+                        "--exit-z's level with rows - 1 degrees of freedom: stricter while few rows are in)")
     g.add_argument("--exit-keep", type=int, nargs="+", metavar="N", help="schedule: candidates kept after each stage")
     g.add_argument("--exit-samples", type=int, nargs="+", metavar="N", help="schedule: timesteps done by each stage")
     g.add_argument("--exit-order", type=int, nargs="+", metavar="I",

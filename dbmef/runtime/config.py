@@ -11,6 +11,7 @@ from typing import Any
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
+from dbmef.runtime.early_exit import TESTS as EXIT_TESTS
 from dbmef.runtime.early_exit import ExitPolicy, is_grid_order
 from dbmef.runtime.method import PromptTemplates
 
@@ -56,6 +57,7 @@ class ScoringConfig:
     exit_keep: tuple[int, ...] = ()  # early_exit = schedule: Li et al.'s to_keep
     exit_samples: tuple[int, ...] = ()  # ... and n_samples
     exit_order: tuple[int, ...] = ()  # adaptive/schedule: timestep visiting order (() = van der Corput)
+    exit_test: str = ExitPolicy.test  # adaptive: "z" (normal threshold) or "t" (Student's t, rows - 1 df)
     # Diffusion Classifier (Li et al.): every class a candidate, the positive condition only (lam 1),
     # no protector; the backbone, where the bundle has one, only orders the candidates.
     zero_shot: bool = False
@@ -83,6 +85,7 @@ class ScoringConfig:
         need(not math.isnan(self.exit_z) and self.exit_z > 0, "exit_z", self.exit_z, "must be > 0 (inf: never drop)")
         need(self.exit_interval >= 1, "exit_interval", self.exit_interval, "must be >= 1")
         need(self.exit_min_rows >= 2, "exit_min_rows", self.exit_min_rows, "must be >= 2")
+        need(self.exit_test in EXIT_TESTS, "exit_test", self.exit_test, f"must be one of {EXIT_TESTS}")
         for name in ("exit_keep", "exit_samples"):
             value = getattr(self, name)
             need(isinstance(value, tuple) and all(isinstance(x, int) and x >= 1 for x in value), name, value,
@@ -98,7 +101,7 @@ class ScoringConfig:
     @property
     def exit_policy(self) -> ExitPolicy:
         return ExitPolicy(self.early_exit, self.exit_z, self.exit_interval, self.exit_min_rows, self.exit_keep,
-                          self.exit_samples, self.exit_order)
+                          self.exit_samples, self.exit_order, self.exit_test)
 
     @property
     def unet_evaluations_per_image(self) -> int:

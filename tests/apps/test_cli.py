@@ -125,3 +125,17 @@ def test_clear_errors(bundle, tmp_path, capsys):
     assert "match no class" in capsys.readouterr().err
     assert main(["classify", "--bundle", str(tmp_path / "nope"), "x.png"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_scoring_flag_reaches_the_scoring_config():
+    """Each early-exit flag lands in ScoringConfig with its type (lists as tuples, names as strings)."""
+    from dbmef.apps.args import runtime_spec
+    from dbmef.apps.cli import build_parser
+    from dbmef.runtime.config import ScoringConfig
+
+    args = build_parser().parse_args(
+        ["classify", "x.png", "--bundle", "B", "--timesteps", "4", "--early-exit", "adaptive", "--exit-z", "2",
+         "--exit-interval", "2", "--exit-min-rows", "3", "--exit-test", "t", "--exit-order", "3", "1", "2", "0"])
+    cfg = ScoringConfig(**runtime_spec(args).scoring)
+    assert (cfg.exit_test, cfg.exit_z, cfg.exit_interval, cfg.exit_min_rows) == ("t", 2.0, 2, 3)
+    assert cfg.exit_order == (3, 1, 2, 0) and cfg.exit_policy.test == "t"

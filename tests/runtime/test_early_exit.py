@@ -1,12 +1,14 @@
 """Early exit (issue 13): exact equals the full method decision for decision, adaptive with z = inf
 equals exact, row counts are exact, and stage-wise batching does not depend on the batch."""
 
+import math
+
 import numpy as np
 import pytest
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, replay, van_der_corput_order
+from dbmef.runtime.early_exit import ExitPolicy, replay, t_threshold, van_der_corput_order
 from dbmef.runtime.engine import FunctionEngine
 from dbmef.runtime.method import vote, vote_means
 from dbmef.runtime.noise import NoiseBank
@@ -125,6 +127,44 @@ def test_a_calibrated_order_visits_the_informative_timesteps_first():
     with pytest.raises(ConfigError, match="exit_order"):
         ScoringConfig(n_timesteps=4, exit_order=(0, 1, 1, 2))
     assert ScoringConfig.from_dict(ScoringConfig(n_timesteps=3, exit_order=(2, 0, 1)).to_dict()).exit_order == (2, 0, 1)
+
+
+def test_t_threshold_against_printed_tables_and_closed_forms():
+    """Student's t quantiles at z's one-sided level: printed table values (two-sided 95 % with 5 df,
+    99 % with 10 df, one-sided 95 % with 30 df), the Cauchy (1 df) in closed form, and z itself as
+    the degrees of freedom grow (Cornish-Fisher: t = z + (z^3 + z) / (4 df) + ...)."""
+    assert t_threshold(1.959964, 5) == pytest.approx(2.5706, abs=1e-4)
+    assert t_threshold(2.575829, 10) == pytest.approx(3.1693, abs=1e-4)
+    assert t_threshold(1.644854, 30) == pytest.approx(1.6973, abs=1e-4)
+    for z in (1.0, 2.0, 3.0):
+        tail = 0.5 * math.erfc(z / math.sqrt(2))
+        assert t_threshold(z, 1) == pytest.approx(math.tan(math.pi * (0.5 - tail)), rel=1e-9)
+        assert t_threshold(z, 20000) == pytest.approx(z + (z**3 + z) / 80000, abs=1e-6)
+    assert t_threshold(float("inf"), 4) == float("inf")
+
+
+def test_t_test_waits_for_rows_a_normal_threshold_would_not():
+    """k = 2, one vote of n = 8, checkpoints of 2, min 2 rows, z = 2. Candidate 1's paired excess
+    rows are 1.0, 0.6 at the first checkpoint (grid positions 0, 4): mean 0.8, se 0.2, 4 standard
+    errors: the normal threshold (2) drops it there (2 x 2 rows). Student's t with 1 df needs
+    tan(pi (1/2 - Phi(-2))) = 13.97: kept. The second checkpoint adds 0.9, 0.7 (positions 2, 6):
+    mean 0.8, se sqrt(0.1 / 3 / 4) = 0.0913, 8.76 standard errors, above t's 3.31 at 3 df: dropped
+    then (2 x 4 rows)."""
+    e = np.zeros((1, 1, 8, 2), np.float32)
+    e[0, 0, :, 0] = 1.0
+    e[0, 0, [0, 4, 2, 6, 1, 5, 3, 7], 1] = 1.0 + np.array([1.0, 0.6, 0.9, 0.7, 1, 1, 1, 1])
+    z = replay(e, ExitPolicy("adaptive", z=2.0, interval=2, min_rows=2))
+    t = replay(e, ExitPolicy("adaptive", z=2.0, interval=2, min_rows=2, test="t"))
+    assert (z.rows[0], z.winner[0]) == (4, 0)
+    assert (t.rows[0], t.winner[0]) == (8, 0)
+    # 3 df in closed form: P(T > t) = 1/2 - (x / (1 + x^2) + atan x) / pi, x = t / sqrt(3)
+    x = t_threshold(2.0, 3) / math.sqrt(3)
+    tail = 0.5 * math.erfc(2 / math.sqrt(2))
+    assert 0.5 - (x / (1 + x * x) + math.atan(x)) / math.pi == pytest.approx(tail, rel=1e-9)
+    assert 3.30 < t_threshold(2.0, 3) < 3.31 < 8.76 < 13.96 < t_threshold(2.0, 1) < 13.97
+    with pytest.raises(ConfigError, match="exit_test"):
+        ScoringConfig(exit_test="bayes")
+    assert ScoringConfig.from_dict(ScoringConfig(exit_test="t").to_dict()).exit_policy.test == "t"
 
 
 def test_policy_and_config_validation():
