@@ -20,3 +20,24 @@ def test_the_order_puts_the_separating_timesteps_first():
     assert e[0, 0].mean(axis=0).argmin() == 0 and e[1, 0].mean(axis=0).argmin() == 1
     # snr: position 2: inf (2 / ~0), 0: 2 / 1 = 2, 1: 0.25 / 0.433 = 0.58, 3: 0
     assert calibrated_order(e) == (2, 0, 1, 3)
+
+
+def test_the_adaptive_choice_is_the_cheapest_admissible_point_on_calibration():
+    """choose_adaptive's rule, checked over its own grid: the chosen van der Corput point is within
+    0.5 points of the exhaustive accuracy and no admissible van der Corput point is cheaper; the
+    normal-threshold pick obeys the same rule among z-test points only."""
+    from benchmarks.digits.zero_shot import choose_adaptive
+
+    rng = np.random.default_rng(0)
+    m, n, c = 30, 20, 4
+    labels = rng.integers(0, c, m)
+    e = 1.0 + 0.3 * rng.standard_normal((m, 1, n, c))
+    e[np.arange(m), 0, :, labels] -= 0.25  # the true class predicts the noise a little better
+    exhaustive = float((e[:, 0].mean(axis=1).argmin(axis=1) == labels).mean())
+    sel = choose_adaptive(e.astype(np.float32), labels, n, exhaustive)
+    for key, tests in (("chosen", ("z", "t")), ("chosen_z_test", ("z",))):
+        pts = [g for g in sel["grid"] if g["order"] == "van der Corput" and g["test"] in tests]
+        ok = [g for g in pts if g["accuracy"] >= exhaustive - 0.005]
+        assert ok and sel[key] in ok and sel[key]["test"] in tests
+        assert sel[key]["unet_evals_per_image"] == min(g["unet_evals_per_image"] for g in ok)
+    assert {g["test"] for g in sel["grid"]} == {"z", "t"} and {g["min_rows"] for g in sel["grid"]} == {3, 6}
