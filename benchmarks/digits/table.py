@@ -39,7 +39,8 @@ TITLES = {
 }
 
 
-def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runtime: bool = True) -> dict[str, Any]:
+def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runtime: bool = True,
+           keep_errors: bool = False) -> dict[str, Any]:
     """All Table 1 columns for one bundle and k. Returns accuracies, costs and the runtime check."""
     from tqdm.auto import tqdm
 
@@ -111,10 +112,10 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
                      "differences_not_near_ties": int((differ & ~close).sum()), "wall_seconds": wall,
                      "seconds_per_image": wall / len(y)}
 
-    # kept beside the bundle so the early-exit columns can be replayed under other defaults (--replay-only)
     early_inputs = {"e1": error_from_terms(terms1[sel], lam)[:, None].astype(np.float32),
                     "ev": error_from_terms(terms_v, lam).astype(np.float32), "top": top, "sel": sel, "y": y}
-    np.savez_compressed(Path(bundle).parent / f"early_exit_errors_{Path(bundle).name}_k{k}.npz", **early_inputs)
+    if keep_errors:  # beside the bundle, so the early-exit columns can be replayed under other defaults (--replay-only)
+        np.savez_compressed(Path(bundle).parent / f"early_exit_errors_{Path(bundle).name}_k{k}.npz", **early_inputs)
     early = early_exit_from(early_inputs, votes)
     acc = {c: float((pred[c] == y).mean()) for c in COLUMNS}
     rate = float(rethink.mean())
@@ -176,7 +177,7 @@ def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
             for backbone in ("weak", "strong"):
                 if (report.get("seed"), backbone, k) in skip:
                     continue
-                r = ablate(run_dir / f"bundle-{backbone}", split, k, votes)
+                r = ablate(run_dir / f"bundle-{backbone}", split, k, votes, keep_errors=True)
                 r.update({"seed": report.get("seed"), "backbone": backbone,
                           "train_seconds": report.get("seconds", {}),
                           "torch_test_accuracy": report.get("torch_test_accuracy", {})})

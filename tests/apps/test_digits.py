@@ -54,6 +54,7 @@ def test_table_ablation_agrees_with_the_runtime():
     assert r["runtime_check"]["runtime_accuracy"] == pytest.approx(r["accuracy"]["combined"])
     assert r["unet_evals_per_image"]["no_protector"] == 2 * r["n_timesteps"] * 3
     assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
+    assert not list(demo_bundle_dir().parent.glob("early_exit_errors_*"))  # nothing written into the package
 
 
 def test_regenerated_report_keeps_the_hand_written_notes():
