@@ -55,21 +55,8 @@ def time_runtime(rt: Any, images: list[np.ndarray], repeats: int) -> tuple[list[
     return results, med, statistics.median(walls)
 
 
-def fitting_unet_batch(manifest: Any, total_memory: int, want: int = 32) -> int:
-    """Scorer rows per call that ONNX Runtime's CUDA provider can hold (issue 14.12). Its attention is
-    not fused: each UNet sample materialises heads x tokens^2 scores and probabilities at the
-    highest resolution (SD v1.5 at 64x64: 8 x 4096^2 x 2 B x 2 = 0.5 GB), two samples per row; keep
-    that under half the GPU's memory."""
-    _, h, w = manifest.vae.latent_shape
-    cfg = manifest.sources.get("sd", {}).get("unet_config", {})
-    heads = cfg.get("attention_head_dim", 8)
-    heads = max(heads) if isinstance(heads, list) else int(heads)
-    itemsize = 2 if manifest.precision == "fp16" else 4
-    per_row = 2 * heads * (h * w) ** 2 * itemsize * 2
-    return int(max(1, min(want, (total_memory // 2) // max(per_row, 1))))
-
-
 def check_bundle(bundle: Path, n_images: int, scoring: dict[str, int], repeats: int) -> dict[str, Any]:
+    from dbmef.apps.roofline import fitting_unet_batch
     from dbmef.export.checks import clear_decision
     from dbmef.export.trt_build import build_engines
     from dbmef.runtime.backends.cuda import device_info

@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
     from dbmef.cluster import RuntimeSpec
     from dbmef.cluster.serve import ServeConfig, start
+    from dbmef.runtime.worker import WorkerConfig
 
     bundle = a.bundle or str(demo_bundle_dir())
     split = demo_test_split()
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                 fast_bodies = [b for b, (_, _, out) in zip(bodies, answers) if not out["rethought"]]
                 r["slow_capacity_per_s"] = slow_capacity(url, slow_bodies)
             serve.delete("dbmef")
-        start(RuntimeSpec(bundle), ServeConfig(deadline_s=a.deadline_s), port=port)
+        start(RuntimeSpec(bundle), ServeConfig(worker=WorkerConfig(deadline_s=a.deadline_s)), port=port)
         wait_ready(url)
         closed_loop(url, bodies[-48:], a.concurrency, 48)
         rate = a.overload_factor * r["slow_capacity_per_s"]

@@ -53,7 +53,7 @@ def report(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {m} | {name} | {st['slow_path_s']:.1f} | {st['unet_evals_per_rethought_image']:.1f} | "
                 f"{rows['rows_sent_per_row_needed']:.3f} ({rows['rows_sent']} / {rows['rows_needed']}) | "
-                f"{rows['engine_calls']} | {rows['rows_speculative']} ({rows['rows_speculative_used']}) | "
+                f"{rows['engine_calls']} | {rows['rows_ahead']} ({rows['rows_ahead_used']}) | "
                 f"{st['latency_rethought_s']['p50']:.2f} / {st['latency_rethought_s']['p95']:.2f} | "
                 f"{v['images_differing_sync_vs_scheduler'] if p == 'scheduler' else '-'} |")
     ex, ad = r["modes"].get("exact"), r["modes"].get("adaptive")

@@ -8,7 +8,11 @@ a backend and scoring overrides the same way.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
+
+from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
+from dbmef.runtime.early_exit import RENAMED_POLICIES
 
 SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
                  "exit_min_rows", "exit_keep", "exit_samples", "exit_order", "exit_test")
@@ -25,8 +29,15 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
     p.add_argument("--no-verify", action="store_true", help="skip the bundle's file-hash check")
-    p.add_argument("--scorer-graph", choices=["scorer", "unet"],
+    p.add_argument("--scorer", choices=["fused", "unet"],
                    help="with a bundle exported --scorer both: the fused graph (default) or the plain UNet")
+    p.add_argument("--scorer-graph", choices=["scorer", "unet"], help=argparse.SUPPRESS)  # the old name of --scorer
+    p.add_argument("--window", type=int, default=64,
+                   help="images rethinking at once: more fill the UNet's calls better, each holds its latent and "
+                        "k negative embeddings")
+    p.add_argument("--rows-ahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="fill an engine call that would be padded with rows the plans will ask for next (answers "
+                        "never change; --no-rows-ahead pads instead)")
     p.add_argument("--expect-digest", metavar="SHA256",
                    help="refuse any bundle whose digest (printed by `dbmef info`) is not this one")
     g = p.add_argument_group("scoring overrides (default: the bundle's)")
@@ -36,20 +47,20 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     g.add_argument("--lam", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--unet-batch", type=int)
-    g.add_argument("--early-exit", choices=["off", "exact", "adaptive", "schedule"],
+    g.add_argument("--early-exit", choices=[*EARLY_EXIT_MODES, *RENAMED_POLICIES],
                    help="off: every UNet row (the paper); exact (default): stop voting once the majority is "
-                        "settled, same decisions; adaptive: also drop clearly losing candidates; schedule: Li et "
-                        "al.'s fixed pruning (--exit-keep, --exit-samples)")
+                        "settled, same decisions; adaptive: also drop clearly losing candidates; keep_best: Li et "
+                        "al.'s fixed pruning (--exit-keep, --exit-samples; formerly 'schedule')")
     g.add_argument("--exit-z", type=float, help="adaptive: drop a candidate this many standard errors behind")
     g.add_argument("--exit-interval", type=int, help="adaptive: timesteps per vote between checkpoints")
     g.add_argument("--exit-min-rows", type=int, help="adaptive: paired rows needed before any drop")
     g.add_argument("--exit-test", choices=["z", "t"],
                    help="adaptive: the drop threshold's distribution: z (normal, default) or t (Student's t at "
                         "--exit-z's level with rows - 1 degrees of freedom: stricter while few rows are in)")
-    g.add_argument("--exit-keep", type=int, nargs="+", metavar="N", help="schedule: candidates kept after each stage")
-    g.add_argument("--exit-samples", type=int, nargs="+", metavar="N", help="schedule: timesteps done by each stage")
+    g.add_argument("--exit-keep", type=int, nargs="+", metavar="N", help="keep_best: candidates kept after each stage")
+    g.add_argument("--exit-samples", type=int, nargs="+", metavar="N", help="keep_best: timesteps done by each stage")
     g.add_argument("--exit-order", type=int, nargs="+", metavar="I",
-                   help="adaptive/schedule: the order a vote visits the timestep grid positions 0..n-1 (a "
+                   help="adaptive/keep_best: the order a vote visits the timestep grid positions 0..n-1 (a "
                         "permutation; default van der Corput)")
     g.add_argument("--zero-shot", action="store_true",
                    help="Diffusion Classifier mode: every class a candidate, the positive condition only (lam 1), "
@@ -75,7 +86,19 @@ def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
     return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, options=options, verify=not args.no_verify,
                        batch_size=args.batch_size, scoring=overrides,
                        prot=getattr(args, "prot", None) if prot_override else None,
-                       expect_digest=args.expect_digest, scorer=args.scorer_graph)
+                       expect_digest=args.expect_digest, scorer=_scorer(args), window=args.window,
+                       rows_ahead=args.rows_ahead)
+
+
+def _scorer(args: argparse.Namespace) -> str | None:
+    """--scorer, or the old --scorer-graph (its 'scorer' is 'fused'; RuntimeSpec says so once)."""
+    if args.scorer_graph is not None:
+        if args.scorer is not None:
+            raise SystemExit("give --scorer only (--scorer-graph is its old name)")
+        print("dbmef: --scorer-graph is now called --scorer (fused|unet); the old flag will stop working in a "
+              "later release", file=sys.stderr)
+        return str(args.scorer_graph)
+    return args.scorer
 
 
 def make_runtime(args: argparse.Namespace) -> Any:

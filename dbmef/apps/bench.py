@@ -38,12 +38,13 @@ from typing import Any
 
 import numpy as np
 
+from dbmef.apps.lockstep import rethink_lockstep
 from dbmef.apps.roofline import machine_matmul_rate, profile_scorer, roofline, timed_runs
 from dbmef.errors import ConfigError
 from dbmef.runtime import RuntimeSpec
 from dbmef.runtime.preprocess import ImageInput
 from dbmef.runtime.results import SLOW_STAGES, STAGES, ImageResult
-from dbmef.runtime.scheduler import SchedulerStats
+from dbmef.runtime.row_scheduler import SchedulerStats
 
 log = logging.getLogger(__name__)
 MODES = ("off", "exact", "adaptive")
@@ -130,7 +131,7 @@ def sync_path(rt: Any, data: BenchData) -> dict[str, Any]:
     t0 = time.perf_counter()
     for s in range(0, len(data.images), bs):
         t = time.perf_counter()
-        batch = pipe.rethink(pipe.fast_path(data.images[s : s + bs], data.names[s : s + bs]), lockstep=True)
+        batch = rethink_lockstep(pipe, pipe.fast_path(data.images[s : s + bs], data.names[s : s + bs]))
         done = time.perf_counter()
         res = batch.results(pipe.class_names)
         latency += [done - t for r in res if r.rethought]
@@ -154,11 +155,11 @@ def scheduler_path(rt: Any, data: BenchData) -> dict[str, Any]:
 def all_at_once(rt: Any, images: list[ImageInput], repeats: int) -> dict[str, Any]:
     """Every image submitted at one moment to a ``ClassifierWorker``; walls (median of repeats,
     after a warm-up) and each image's latency from submission (of the median run)."""
-    from dbmef.runtime.worker import ClassifierWorker
+    from dbmef.runtime.worker import ClassifierWorker, WorkerConfig
 
     runs = []
     for _ in range(repeats + 1):
-        with ClassifierWorker(rt.pipeline, batch_size=rt.batch_size, window=rt.window) as w:
+        with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=rt.batch_size)) as w:
             t0 = time.perf_counter()
             res = [f.result() for f in w.submit_many(images)]
             runs.append((time.perf_counter() - t0, res, dict(w.stats.scheduler)))
@@ -174,10 +175,10 @@ def all_at_once(rt: Any, images: list[ImageInput], repeats: int) -> dict[str, An
 
 def at_rate(rt: Any, images: list[ImageInput], rate: float, seed: int = 0) -> dict[str, Any]:
     """The images arriving as a Poisson process of ``rate`` per second (seeded)."""
-    from dbmef.runtime.worker import ClassifierWorker
+    from dbmef.runtime.worker import ClassifierWorker, WorkerConfig
 
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(images))
-    with ClassifierWorker(rt.pipeline, batch_size=rt.batch_size, window=rt.window) as w:
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=rt.batch_size)) as w:
         t0 = time.perf_counter()
         futs = []
         for img, arrive in zip(images, np.cumsum(gaps)):

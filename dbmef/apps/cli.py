@@ -93,15 +93,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dbmef.cluster import require_ray
 
     ray = require_ray()
-    from dbmef.cluster.serve import ServeConfig, drain_and_stop, start
+    from dbmef.cluster.serve import ServeConfig, WorkerConfig, drain_and_stop, start
 
-    cfg = ServeConfig(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, replicas=args.replicas,
-                      gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                      max_replicas_per_node=args.max_replicas_per_node, max_body_bytes=int(args.max_body_mb * 2**20),
-                      max_ongoing_requests=args.max_ongoing_requests, body_timeout_s=args.body_timeout_s,
-                      request_timeout_s=args.request_timeout_s, keep_alive_timeout_s=args.keep_alive_timeout_s,
-                      deadline_s=args.deadline_s, on_overload=args.on_overload, max_queued=args.max_queued,
-                      max_rethinking=args.max_rethinking, graceful_shutdown_s=args.graceful_shutdown_s,
+    worker = WorkerConfig(batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1e3,
+                          max_queued=args.max_queued, max_rethinking=args.max_rethinking, deadline_s=args.deadline_s,
+                          on_overload=args.on_overload, fill_wait_s=args.fill_wait_ms / 1e3)
+    cfg = ServeConfig(worker=worker, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                      cpus_per_replica=args.cpus_per_replica, max_replicas_per_node=args.max_replicas_per_node,
+                      max_body_bytes=int(args.max_body_mb * 2**20), max_ongoing_requests=args.max_ongoing_requests,
+                      body_timeout_s=args.body_timeout_s, request_timeout_s=args.request_timeout_s,
+                      keep_alive_timeout_s=args.keep_alive_timeout_s, graceful_shutdown_s=args.graceful_shutdown_s,
                       model_name=args.model_name, proxy_location=args.proxy_location)
     stop = threading.Event()
 
@@ -129,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from dbmef.runtime.bundle import Bundle
+    from dbmef.runtime.contracts import kind_of_component
 
     b = Bundle.open(args.bundle, verify=not args.no_verify)
     m = b.manifest
@@ -146,7 +148,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"digest      {m.digest()}")
     print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
     print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
-    print(f"scorer      {m.scorer_component}; latent {m.vae.latent_shape} from {m.vae.image_size}px")
+    print(f"scorer      {kind_of_component(m.scorer_component)}; latent {m.vae.latent_shape} from {m.vae.image_size}px")
     print(f"scoring     {json.dumps({k: v for k, v in m.scoring.to_dict().items() if k != 'templates'})}")
     print(f"protector   {m.protector.to_dict() if m.protector else 'not calibrated (rethinks everything)'}")
     cal = m.sources.get("calibration", {})
@@ -307,6 +309,8 @@ def _add_serve(sub: Any) -> None:
     sv.add_argument("--max-queued", type=int, default=4096, help="requests waiting for the fast path, then 503")
     sv.add_argument("--max-rethinking", type=int, default=1024,
                     help="images waiting for or in the slow path; more are answered by the fast path")
+    sv.add_argument("--fill-wait-ms", type=float, default=50.0,
+                    help="how long an engine call that would not be full waits for rows the fast path is producing")
     sv.add_argument("--graceful-shutdown-s", type=float, default=30.0,
                     help="on SIGTERM, in-flight requests get this long to finish")
     sv.add_argument("--model-name", default="dbmef", help="the model's name under /v2/models/")

@@ -126,3 +126,17 @@ def profile_scorer(rt: Any, threads: int = 0) -> dict[str, Any]:
                  "timestep": np.full((2 * b,), 500, np.int64),
                  "encoder_hidden_states": rng.standard_normal((2 * b, L, D), dtype=np.float32)}
     return ort_profile_by_op(rt.bundle_dir / m.components[comp].file, feeds, threads)
+
+
+def fitting_unet_batch(manifest: Any, total_memory: int, want: int = 32) -> int:
+    """Scorer rows per call that ONNX Runtime's CUDA provider can hold (issue 14.12). Its attention is
+    not fused: each UNet sample materialises heads x tokens^2 scores and probabilities at the
+    highest resolution (SD v1.5 at 64x64: 8 x 4096^2 x 2 B x 2 = 0.5 GB), two samples per row; keep
+    that under half the GPU's memory."""
+    _, h, w = manifest.vae.latent_shape
+    cfg = manifest.sources.get("sd", {}).get("unet_config", {})
+    heads = cfg.get("attention_head_dim", 8)
+    heads = max(heads) if isinstance(heads, list) else int(heads)
+    itemsize = 2 if manifest.precision == "fp16" else 4
+    per_row = 2 * heads * (h * w) ** 2 * itemsize * 2
+    return int(max(1, min(want, (total_memory // 2) // max(per_row, 1))))

@@ -82,7 +82,7 @@ class _WorkCollector:
         w = self.m.worker
         if w is None:
             return
-        st, sc = w.stats, w.sched.stats
+        st, sc = w.stats, w.slow.stats
         yield _counter("dbmef_rethought", "images answered by the slow path", st.rethought)
         skipped = CounterMetricFamily("dbmef_rethink_skipped", "rethinks the gate asked for and the service skipped",
                                       labels=["reason"])
@@ -95,7 +95,7 @@ class _WorkCollector:
         rows = CounterMetricFamily("dbmef_engine_rows", "scorer rows by kind: sent (calls x batch), needed (asked "
                                    "for by the plans), padding, ahead (sent before asked for)", labels=["kind"])
         for kind, v in (("sent", sc.rows_sent), ("needed", sc.rows_needed), ("padding", sc.rows_padding),
-                        ("ahead", sc.rows_speculative), ("ahead_used", sc.rows_speculative_used)):
+                        ("ahead", sc.rows_ahead), ("ahead_used", sc.rows_ahead_used)):
             rows.add_metric([kind], v)
         yield rows
         depth = GaugeMetricFamily("dbmef_queue_depth", "images waiting: fast (for the fast path), decode (large "

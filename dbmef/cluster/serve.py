@@ -29,7 +29,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ray import serve
@@ -38,18 +38,24 @@ from dbmef.cluster import RuntimeSpec
 from dbmef.cluster.metrics import CONTENT_TYPE, ServiceMetrics
 from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata, server_metadata
 from dbmef.errors import ConfigError
-from dbmef.runtime.worker import ClassifierWorker, OverloadedError
+from dbmef.runtime.worker import ClassifierWorker, OverloadedError, WorkerConfig
 
 log = logging.getLogger(__name__)
 MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
 
 
+def _service_worker() -> WorkerConfig:
+    """A replica's worker defaults: a service bounds how long a rethink may take (a library caller does not)."""
+    return WorkerConfig(deadline_s=60.0)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
-    """How the service is deployed and how it treats load (the command line's serve options)."""
+    """How the service is deployed and how it treats load (the command line's serve options). The
+    replica's worker (fast-path batching, queues, deadlines, overload) is ``worker``; how many images
+    rethink at once is the runtime's ``window`` (``RuntimeSpec``, ``--window``)."""
 
-    max_batch_size: int = 16  # requests per fast-path batch
-    batch_wait_ms: float = 2.0  # after the first waiting request, how long the fast path waits for more
+    worker: WorkerConfig = field(default_factory=_service_worker)
     replicas: int = 1
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
@@ -63,32 +69,30 @@ class ServeConfig:
     body_timeout_s: float = 10.0  # the whole body must arrive within this, else 408 and the slot is freed
     request_timeout_s: float = 300.0  # Serve's HTTP proxy: end to end, then 408/504
     keep_alive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
-    deadline_s: float = 60.0  # a rethink that cannot end within this (or the request's timeout) is skipped
-    on_overload: str = "fast_answer"  # or "reject": 503 instead of the fast answer
-    max_queued: int = 4096  # requests waiting for the fast path, then 503
-    max_rethinking: int = 1024  # images waiting for or in the slow path, then rethinks are skipped
-    window: int = 64  # images in the row scheduler's slots
     graceful_shutdown_s: float = 30.0  # on shutdown, in-flight requests get this long to finish
     model_name: str = "dbmef"
     model_version: str = "1"
     proxy_location: str = "EveryNode"  # Serve's HTTP proxies; HeadOnly when nodes share one machine (tests)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "replicas", "max_body_bytes", "max_header_bytes", "max_images_per_request",
-                     "max_ongoing_requests", "max_queued", "max_rethinking", "window"):
+        if isinstance(self.worker, dict):  # from to_dict (what a Ray deployment is bound with)
+            object.__setattr__(self, "worker", WorkerConfig(**self.worker))
+        for name in ("replicas", "max_body_bytes", "max_header_bytes", "max_images_per_request",
+                     "max_ongoing_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve option {name} = {getattr(self, name)} must be at least 1")
-        for name in ("batch_wait_ms", "gpus_per_replica", "cpus_per_replica", "body_timeout_s",
-                     "request_timeout_s", "keep_alive_timeout_s", "deadline_s", "graceful_shutdown_s"):
+        for name in ("gpus_per_replica", "cpus_per_replica", "body_timeout_s", "request_timeout_s",
+                     "keep_alive_timeout_s", "graceful_shutdown_s"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ConfigError(f"serve option {name} = {v} must be finite and >= 0")
         if self.proxy_location not in ("EveryNode", "HeadOnly"):
             raise ConfigError(f"serve option proxy_location = {self.proxy_location!r}: EveryNode or HeadOnly")
-        if self.on_overload not in ("fast_answer", "reject"):
-            raise ConfigError(f"serve option on_overload = {self.on_overload!r} must be 'fast_answer' or 'reject'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name + self.model_version):
             raise ConfigError("serve options model_name / model_version may hold letters, digits, '_', '.', '-'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
@@ -134,9 +138,7 @@ class DBMEFService:
                                    max_batch=c.max_images_per_request)
             sample = (resources.files("dbmef") / "assets" / "sample.png").read_bytes()
             rt.with_protector(Protector.fixed(0.0)).pipeline.classify([sample])  # every engine, once
-            self.worker = ClassifierWorker(rt.pipeline, batch_size=c.max_batch_size, batch_wait_s=c.batch_wait_ms / 1e3,
-                                           window=c.window, max_queued=c.max_queued, max_rethinking=c.max_rethinking,
-                                           deadline_s=c.deadline_s, on_overload=c.on_overload, observer=self.metrics)
+            self.worker = ClassifierWorker(rt.pipeline, c.worker, observer=self.metrics)
             self.metrics.worker = self.worker
             self._ready.set()
             log.info("replica ready: %s", rt.bundle_dir)
@@ -302,7 +304,7 @@ class DBMEFService:
         p = rt.protector
         return {"status": "ok", "bundle": str(rt.bundle_dir), "classes": len(rt.class_names),
                 "scoring": rt.config.to_dict(), "protector": p.to_dict(),
-                "max_batch_size": self.cfg.max_batch_size, "max_body_bytes": self.cfg.max_body_bytes,
+                "max_batch_size": self.cfg.worker.batch_size, "max_body_bytes": self.cfg.max_body_bytes,
                 "model": {"name": self.cfg.model_name, "version": self.cfg.model_version},
                 "node": self.node}
 
@@ -319,7 +321,7 @@ def build_app(spec: RuntimeSpec, config: ServeConfig | None = None) -> Any:
         max_ongoing_requests=cfg.max_ongoing_requests, graceful_shutdown_timeout_s=cfg.graceful_shutdown_s,
         graceful_shutdown_wait_loop_s=0.5, health_check_period_s=5.0, **options,
     )
-    return deployment.bind(spec.to_dict(), asdict(cfg))
+    return deployment.bind(spec.to_dict(), cfg.to_dict())
 
 
 def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 8000,

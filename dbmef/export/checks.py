@@ -56,15 +56,26 @@ def decision_cases(n_classes: int, latent_shape: tuple[int, int, int], positives
     return DecisionCases(small, latents, cands, positives, neg)
 
 
-def score_cases(cases: DecisionCases, engine: Any) -> Any:
-    """``DiffusionScorer.score`` of every case through ``engine`` (a scorer or UNet contract)."""
+@dataclass(frozen=True)
+class CaseScores:
+    """What one side of the decision check decided: labels (m,) and per-vote errors (m, V, k)."""
+
+    labels: np.ndarray
+    errors: np.ndarray
+
+
+def score_cases(cases: DecisionCases, engine: Any) -> CaseScores:
+    """Every case through ``engine`` (a scorer or UNet contract) on the runtime's slow path."""
     from dbmef.runtime.scorer import DiffusionScorer
+    from dbmef.runtime.slow_path import SlowPath
 
     scorer = DiffusionScorer(cases.config, engine, tuple(cases.latents.shape[1:]))
-    return scorer.score(cases.latents, cases.candidates, cases.positives, cases.negatives)
+    with SlowPath(scorer.executor(cases.positives, len(cases.latents)), cases.config) as slow:
+        settled = slow.run(cases.latents, cases.candidates, cases.negatives)
+    return CaseScores(np.array([s.label for s in settled]), np.stack([s.errors for s in settled]))
 
 
-def score_cases_on_ort(cases: DecisionCases, path: Path, component: str) -> Any:
+def score_cases_on_ort(cases: DecisionCases, path: Path, component: str) -> CaseScores:
     """``score_cases`` through the exported graph at ``path`` on ONNX Runtime (CPU, no arena); the
     session is closed and its memory handed back before this returns."""
     from dbmef.export.onnx_io import release_memory
@@ -82,7 +93,7 @@ def torch_reference(sd: Any, abar: np.ndarray, component: str) -> Any:
     """The float32 torch engine the exported ``component`` (``scorer`` or ``unet``) is judged against."""
     from dbmef.reference.engines import TorchEngine
     from dbmef.reference.modules import FusedScorerModule, UNetModule
-    from dbmef.runtime.engine import SCORER, UNET
+    from dbmef.runtime.contracts import SCORER, UNET
 
     return (TorchEngine(SCORER, FusedScorerModule(sd.unet, abar)) if component == "scorer"
             else TorchEngine(UNET, UNetModule(sd.unet)))
@@ -117,7 +128,8 @@ def compare_scorers(out: Path, manifest: BundleManifest, reference: Any, scoring
     return judge_decisions(c, got, score_cases(c, reference), comp, what)
 
 
-def judge_decisions(cases: DecisionCases, got: Any, ref: Any, component: str, what: str) -> dict[str, Any]:
+def judge_decisions(cases: DecisionCases, got: CaseScores, ref: CaseScores, component: str, what: str
+                    ) -> dict[str, Any]:
     """The decision check's report on the exported side's scores ``got`` against the reference's
     ``ref``; raises ValidationError on a different pick where the reference's margin is clear."""
     m = len(cases.latents)

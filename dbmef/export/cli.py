@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dbmef.errors import DBMEFError
+from dbmef.export.config import SCORER_CHOICES
 from dbmef.logs import configure as configure_logging
 
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the system's own")
     p.add_argument("--class-names", help="class names for a non-ImageNet backbone: JSON list or one per line")
     p.add_argument("--out", help="bundle folder (default: engines/<backbone>-<sd>-<size>-<precision>)")
-    p.add_argument("--scorer", choices=["fused", "unet", "both"], default="fused",
+    p.add_argument("--scorer", choices=list(SCORER_CHOICES), default="fused",
                    help="fused: one error per row leaves the graph; unet: the plain UNet, errors on the host")
     p.add_argument("--unet-batch", type=int, default=32, help="rows per scorer call (static TensorRT profile)")
     p.add_argument("--trt", action="store_true",

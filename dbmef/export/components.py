@@ -6,23 +6,17 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from dbmef.export.config import ExportConfig, LoadedSystem
 from dbmef.runtime.bundle import ComponentRecord
-
-if TYPE_CHECKING:
-    from dbmef.export.exporter import ExportConfig, LoadedSystem
 
 # Components kept in float32 inside an fp16 bundle. The CLIP text encoder: it runs k prompts per
 # rethought image (about 13 GFLOP each, nothing beside the UNet's 1500 evaluations), and its fp16
 # trace mixes float32 attention-mask arithmetic into fp16 LayerNorms, which ONNX Runtime rejects.
 FP16_KEEP_FP32 = frozenset({"text_encoder"})
-# The torch module each component is exported from (an attribute of the SD components but the backbone).
-TORCH_SOURCE = {"backbone": "backbone", "text_encoder": "text_encoder", "vae_encoder": "vae", "scorer": "unet",
-                "unet": "unet"}
-
 
 def reference_module(name: str, system: LoadedSystem, abar: np.ndarray) -> Any:
     """The float32 torch module a component is exported from and validated against."""
@@ -121,7 +115,7 @@ def export_components(cfg: ExportConfig, system: LoadedSystem, abar: np.ndarray,
             t0 = time.perf_counter()
             validation = check_outputs(path, spec, precision, checks)
             timings[f"validate_{name}"] = torch_side + time.perf_counter() - t0
-        if cases is not None and name == judged:
+        if cases is not None and reference_scores is not None and name == judged:
             step("decision check")
             t0 = time.perf_counter()
             decision = judge_decisions(cases, score_cases_on_ort(cases, path, name), reference_scores, name, "torch")

@@ -15,15 +15,14 @@ from dbmef.runtime.bundle import (
     ComponentRecord,
     EmbeddingsRecord,
     SchedulerRecord,
-    TensorSpec,
     TokenizerRecord,
     VaeRecord,
     sha256_file,
 )
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import ComponentSpec
+from dbmef.runtime.contracts import ComponentSpec
+from dbmef.runtime.noise_schedule import NoiseSchedule
 from dbmef.runtime.preprocess import BackbonePreprocess
-from dbmef.runtime.schedule import NoiseSchedule
 
 TOOLS = ("dbmef", "torch", "diffusers", "transformers", "timm", "onnx", "onnxruntime", "onnxruntime-gpu",
          "onnx-graphsurgeon", "tokenizers", "numpy")
@@ -48,8 +47,7 @@ def component_record(contract: ComponentSpec, path: Path, precision: str, valida
     data = path.with_name(path.name + ".data")
     return ComponentRecord(
         file=path.name, sha256=sha256_file(path),
-        inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in contract.inputs),
-        outputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in contract.outputs),
+        inputs=contract.inputs, outputs=contract.outputs,
         precision=precision, external_data=data.name if data.exists() else None,
         external_data_sha256=sha256_file(data) if data.exists() else None, source=source, validation=validation)
 

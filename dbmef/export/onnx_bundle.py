@@ -77,7 +77,7 @@ def export_from_onnx_folder(cfg: OnnxExportConfig, progress: Any = None) -> Path
     from dbmef.export.checks import check_scheduler
     from dbmef.export.onnx_folder import OnnxSdFolder
     from dbmef.reference.loading import read_class_names
-    from dbmef.runtime.schedule import NoiseSchedule
+    from dbmef.runtime.noise_schedule import NoiseSchedule
 
     def step(msg: str) -> None:
         log.info(msg)
@@ -151,7 +151,7 @@ def write_and_validate(cfg: OnnxExportConfig, folder: Any, graphs: dict[str, Any
     always goes to a temporary file for the decision check) and validate each against its source."""
     from dbmef.export.manifest import component_record
     from dbmef.export.onnx_io import save_onnx
-    from dbmef.runtime.engine import COMPONENTS
+    from dbmef.runtime.contracts import COMPONENTS
 
     keep = ["backbone", "text_encoder", "vae_encoder"] + {"fused": ["scorer"], "unet": ["unet"],
                                                            "both": ["scorer", "unet"]}[cfg.scorer]

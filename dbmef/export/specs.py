@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dbmef.runtime.engine import BACKBONE, SCORER, TEXT_ENCODER, UNET, VAE_ENCODER, ComponentSpec
+from dbmef.runtime.contracts import BACKBONE, SCORER, TEXT_ENCODER, UNET, VAE_ENCODER, ComponentSpec
 
 # (atol, rtol) per precision, compared as |a - b| <= atol + rtol * |b| (numpy's allclose rule).
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
@@ -56,9 +56,8 @@ class ExportSpec:
 
 
 def _batch_axes(contract: ComponentSpec) -> dict[str, dict[int, str]]:
-    axes = {n: {0: "B"} for n, _, shape in contract.inputs if shape and shape[0] == "B"}
-    axes.update({n: {0: "B"} for n, _, shape in contract.outputs if shape and shape[0] == "B"})
-    return axes
+    """The contract's batch axes ("B" first) as torch.onnx.export's dynamic_axes."""
+    return {t.name: {0: "B"} for t in (*contract.inputs, *contract.outputs) if t.shape and t.shape[0] == "B"}
 
 
 def make_specs(

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.engine import BACKBONE, SCORER, TEXT_ENCODER, UNET, VAE_ENCODER, ComponentSpec, Engine
-from dbmef.runtime.schedule import NoiseSchedule
+from dbmef.runtime.contracts import BACKBONE, SCORER, TEXT_ENCODER, UNET, VAE_ENCODER, ComponentSpec
+from dbmef.runtime.engine import Engine
+from dbmef.runtime.noise_schedule import NoiseSchedule
 
 
 class TorchEngine(Engine):

@@ -25,8 +25,8 @@ from dbmef.errors import BundleError
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.method import combine_and_error, negative_prompts, positive_prompt, softmax, top_k, vote
 from dbmef.runtime.noise import NoiseBank
+from dbmef.runtime.noise_schedule import NoiseSchedule
 from dbmef.runtime.preprocess import ImageInput, load_image
-from dbmef.runtime.schedule import NoiseSchedule
 
 PAPER_UNET_BATCH = 30
 
@@ -69,7 +69,7 @@ class EngineOps(PaperOps):
         self.pipe = rt.pipeline
         self.class_names = self.pipe.class_names
         self.latent_shape = rt.manifest.vae.latent_shape
-        self._unet = open_engine(rt.bundle, "unet", rt.backend, rt.options)
+        self._unet = open_engine(rt.bundle, "unet", rt.spec.backend, rt.spec.options)
 
     def logits(self, img: Any) -> np.ndarray:
         return self.pipe.engines.backbone({"pixel_values": self.pipe.backbone_preprocess(img)[None]})["logits"][0]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dbmef.runtime.backends import register as register_backend
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, RowPlanner, replay
-from dbmef.runtime.engine import COMPONENTS, ComponentSpec, Engine, FunctionEngine, LazyEngine, RowScorer
+from dbmef.runtime.contracts import COMPONENTS, ComponentSpec, TensorSpec
+from dbmef.runtime.early_exit import ExitPolicy, LockstepPlans, replay
+from dbmef.runtime.engine import Engine, FunctionEngine, LazyEngine, RowScorer
 from dbmef.runtime.method import (
     Gate,
     PromptTemplates,
@@ -23,41 +24,51 @@ from dbmef.runtime.method import (
     vote,
 )
 from dbmef.runtime.noise import NoiseBank
+from dbmef.runtime.noise_schedule import NoiseSchedule, alphas_cumprod, scaled_linear_betas, timestep_grid
 from dbmef.runtime.pipeline import DBMEFPipeline, PipelineEngines
 from dbmef.runtime.preprocess import BackbonePreprocess, VaePreprocess, load_image
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import Batch, ImageResult
-from dbmef.runtime.schedule import NoiseSchedule, alphas_cumprod, scaled_linear_betas, timestep_grid
-from dbmef.runtime.scorer import DiffusionScorer, ScoreResult
+from dbmef.runtime.row_scheduler import RowScheduler, SchedulerStats, Settled
+from dbmef.runtime.scorer import DiffusionScorer, Executor
+from dbmef.runtime.slow_path import SlowPath
 from dbmef.runtime.system import DBMEFRuntime, RuntimeSpec
 from dbmef.runtime.tokenizer import ClipTokenizer
+from dbmef.runtime.worker import ClassifierWorker, WorkerConfig
 
 __all__ = [
     "COMPONENTS",
     "BackbonePreprocess",
     "Batch",
+    "ClassifierWorker",
     "ClipTokenizer",
     "ComponentSpec",
     "DBMEFPipeline",
     "DBMEFRuntime",
     "DiffusionScorer",
     "Engine",
+    "Executor",
     "ExitPolicy",
     "FunctionEngine",
     "Gate",
     "ImageResult",
     "LazyEngine",
+    "LockstepPlans",
     "NoiseBank",
     "NoiseSchedule",
     "PipelineEngines",
     "PromptTemplates",
     "Protector",
-    "RowPlanner",
+    "RowScheduler",
     "RowScorer",
     "RuntimeSpec",
-    "ScoreResult",
+    "SchedulerStats",
     "ScoringConfig",
+    "Settled",
+    "SlowPath",
+    "TensorSpec",
     "VaePreprocess",
+    "WorkerConfig",
     "add_noise",
     "alphas_cumprod",
     "combine_and_error",

@@ -26,10 +26,11 @@ import numpy as np
 
 from dbmef.errors import BundleError
 from dbmef.runtime.config import SCHEDULER_FIELDS, ScoringConfig
+from dbmef.runtime.contracts import TensorSpec
+from dbmef.runtime.noise_schedule import NoiseSchedule
 from dbmef.runtime.preprocess import BackbonePreprocess
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.records import decode_fields, encode, need
-from dbmef.runtime.schedule import NoiseSchedule
 
 FORMAT = "dbmef-bundle"
 FORMAT_VERSION = 1
@@ -45,16 +46,10 @@ T = TypeVar("T")
 
 # -- the records ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple[str | int, ...]
-
-
-@dataclass(frozen=True)
 class ComponentRecord:
     """One ONNX component: its files (graph and optional external data) with their hashes, its I/O
-    contract, the precision it was exported at, where it came from and how it was validated."""
+    contract (the ``contracts.ComponentSpec``'s tensors, as exported), the precision it was exported
+    at, where it came from and how it was validated."""
 
     file: str
     sha256: str

@@ -1,4 +1,5 @@
-"""Typed scoring configuration, round-tripped through JSON and saved beside what it produced."""
+"""The runtime's typed configurations: scoring (what decides an answer; round-tripped through JSON and
+saved beside what it produced) and the service worker's (how it batches and bounds its load)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
+from dbmef.runtime.early_exit import RENAMED_POLICIES, ExitPolicy, is_grid_order, renamed_policy
 from dbmef.runtime.early_exit import TESTS as EXIT_TESTS
-from dbmef.runtime.early_exit import ExitPolicy, is_grid_order
 from dbmef.runtime.method import PromptTemplates
 
 # Sanity bounds on user-supplied numbers: far beyond any sensible setting, small enough that a typo
@@ -23,6 +24,7 @@ MAX_LAM = 100.0
 MAX_UNET_BATCH = 65536
 # Fields of older manifests' scoring configs that now live in the bundle's scheduler record.
 SCHEDULER_FIELDS = ("num_train_timesteps", "beta_start", "beta_end")
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -37,7 +39,9 @@ class ScoringConfig:
     early_exit: ``off`` (every row: the paper), ``exact`` (vote rounds; the same decisions as
     ``off``), ``adaptive`` (vote rounds + paired elimination of clearly losing candidates, with
     ``exit_z`` standard errors, ``exit_interval`` timesteps per vote between checkpoints and at
-    least ``exit_min_rows`` paired rows). See ``dbmef.runtime.early_exit``.
+    least ``exit_min_rows`` paired rows), ``keep_best`` (Li et al.'s fixed pruning: ``exit_keep``
+    candidates kept after ``exit_samples`` timesteps; formerly ``schedule``). See
+    ``dbmef.runtime.early_exit``.
 
     The noise schedule (T, betas) is not here: it is the bundle's (``manifest.scheduler``), since
     the fused scorer graph bakes it in at export and the two paths must not disagree.
@@ -54,9 +58,9 @@ class ScoringConfig:
     exit_z: float = ExitPolicy.z
     exit_interval: int = ExitPolicy.interval
     exit_min_rows: int = ExitPolicy.min_rows
-    exit_keep: tuple[int, ...] = ()  # early_exit = schedule: Li et al.'s to_keep
+    exit_keep: tuple[int, ...] = ()  # early_exit = keep_best: Li et al.'s to_keep
     exit_samples: tuple[int, ...] = ()  # ... and n_samples
-    exit_order: tuple[int, ...] = ()  # adaptive/schedule: timestep visiting order (() = van der Corput)
+    exit_order: tuple[int, ...] = ()  # adaptive/keep_best: timestep visiting order (() = van der Corput)
     exit_test: str = ExitPolicy.test  # adaptive: "z" (normal threshold) or "t" (Student's t, rows - 1 df)
     # Diffusion Classifier (Li et al.): every class a candidate, the positive condition only (lam 1),
     # no protector; the backbone, where the bundle has one, only orders the candidates.
@@ -68,6 +72,8 @@ class ScoringConfig:
             if not cond:
                 raise ConfigError(f"scoring config field '{name}' = {value!r} is invalid: {rule}")
 
+        if self.early_exit in RENAMED_POLICIES:  # an older manifest or flag: the mode's new name
+            object.__setattr__(self, "early_exit", renamed_policy(self.early_exit))
         for name in ("k", "n_timesteps", "votes", "seed", "unet_batch", "exit_interval", "exit_min_rows"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
@@ -157,3 +163,44 @@ class ScoringConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"scoring config is not valid JSON ({exc}): {str(text)[:80]!r}") from exc
         return cls.from_dict(data)
+
+
+ON_OVERLOAD = ("fast_answer", "reject")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a ``ClassifierWorker`` batches and bounds its load (``ServeConfig.worker`` is one).
+
+    batch_size: requests per fast-path batch. batch_wait_s: after the first waiting request, how
+    long the fast path waits for more. max_queued: requests waiting for the fast path, then
+    ``submit`` raises ``OverloadedError``. max_rethinking: images waiting for or in the slow path,
+    then rethinks are skipped. deadline_s: default per-request deadline (None: none); a rethink
+    that cannot end before it is skipped. on_overload: ``"fast_answer"`` (the fast label, with
+    ``rethink_skipped`` saying why) or ``"reject"`` (``OverloadedError``). fill_wait_s: how long an
+    engine call that would not be full waits for rows the fast path is producing. How many images
+    rethink at once is the runtime's ``window`` (``RuntimeSpec.window``, ``--window``).
+    """
+
+    batch_size: int = 16
+    batch_wait_s: float = 0.002
+    max_queued: int = 4096
+    max_rethinking: int = 1024
+    deadline_s: float | None = None
+    on_overload: str = "fast_answer"
+    fill_wait_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_queued", "max_rethinking"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"worker option {name} = {value!r} must be an integer >= 1")
+        for name in ("batch_wait_s", "fill_wait_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"worker option {name} = {value!r} must be a finite number of seconds >= 0")
+        if self.deadline_s is not None and not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
+            raise ConfigError(f"worker option deadline_s = {self.deadline_s} must be a positive number of seconds "
+                              "(or None)")
+        if self.on_overload not in ON_OVERLOAD:
+            raise ConfigError(f"worker option on_overload = {self.on_overload!r} must be one of {ON_OVERLOAD}")

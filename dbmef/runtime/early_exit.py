@@ -1,9 +1,9 @@
 """Stage-wise scoring: which (image, vote, timestep, candidate) rows to evaluate next, and when an
 image's answer is settled (issue 13).
 
-The scorer runs in *stages*. Each stage asks :class:`RowPlanner` for the rows every still-open
-image needs next, evaluates all of them in the usual fixed-size engine batches (across images),
-and feeds the errors back. Three policies (``ScoringConfig.early_exit``):
+An image is rethought in *stages*: its plan (:class:`ImagePlan`) names the rows it needs next, the
+slow path evaluates them (in fixed-size engine calls shared with other images) and feeds the errors
+back. The policies (``ScoringConfig.early_exit``):
 
 * ``off``: every row of every vote in one stage: the paper's full method.
 * ``exact`` (default): vote rounds. The first ``V//2 + 1`` votes of every image, then one vote
@@ -21,65 +21,40 @@ and feeds the errors back. Three policies (``ScoringConfig.early_exit``):
   z's one-sided level but reads the threshold from Student's t with (rows - 1) degrees of freedom:
   the standard error of a few rows is itself uncertain, so the first looks are stricter and later
   ones the same as ``z``'s.
+* ``keep_best`` (Li et al.'s Diffusion Classifier, for comparison; called ``schedule`` before, a
+  name still read): one vote; after ``exit_samples[j]`` timesteps the ``exit_keep[j]`` candidates
+  with the least mean error go on.
 
 Everything here is per image: the rows an image gets depend on its own errors only, never on the
 other images of the batch, so an image alone gets the same answer as inside any batch.
-:func:`replay` runs the same planner over a full precomputed error tensor (ablations, Table 1).
+:func:`replay` runs the same plans over a full precomputed error tensor (ablations, Table 1).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.method import vote, vote_means
+from dbmef.runtime.student_t import t_threshold
 
-POLICIES = ("off", "exact", "adaptive", "schedule")
+POLICIES = ("off", "exact", "adaptive", "keep_best")
+RENAMED_POLICIES = {"schedule": "keep_best"}  # old name -> new: still read from manifests and flags
 TESTS = ("z", "t")
+Index = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # rows (m, v, i, c) of M images, each (R,) int64
 
 
-def student_t_sf(t: float, df: int) -> float:
-    """P(T > t) for Student's t with integer ``df`` >= 1: the finite series of Abramowitz & Stegun
-    26.7.3 (odd df) and 26.7.4 (even df), so the runtime needs no scipy."""
-    if t < 0:
-        return 1.0 - student_t_sf(-t, df)
-    theta = math.atan(t / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2:
-        inner = 0.0
-        if df > 1:
-            term = inner = math.cos(theta)
-            for j in range(1, (df - 1) // 2):
-                term *= c2 * (2 * j) / (2 * j + 1)
-                inner += term
-        a = 2.0 / math.pi * (theta + s * inner)
-    else:
-        term = inner = 1.0
-        for j in range(1, df // 2):
-            term *= c2 * (2 * j - 1) / (2 * j)
-            inner += term
-        a = s * inner
-    return (1.0 - a) / 2.0
-
-
-@lru_cache(maxsize=8192)
-def t_threshold(z: float, df: int) -> float:
-    """The Student-t quantile (``df`` degrees of freedom) with the one-sided tail a standard normal
-    has beyond ``z``: z's level, corrected for a standard error estimated from df + 1 rows."""
-    if not math.isfinite(z):
-        return z
-    tail = 0.5 * math.erfc(z / math.sqrt(2.0))
-    lo, hi = 0.0, max(2.0 * z, 1.0)
-    while student_t_sf(hi, df) > tail:
-        lo, hi = hi, 2.0 * hi
-    for _ in range(80):  # bisection to double precision on [lo, hi]
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if student_t_sf(mid, df) > tail else (lo, mid)
-    return 0.5 * (lo + hi)
+def renamed_policy(mode: str) -> str:
+    """The current name of an early-exit mode given by its old name, with a FutureWarning."""
+    new = RENAMED_POLICIES[mode]
+    warnings.warn(f"early_exit {mode!r} is now called {new!r}; the old name will stop working in a later release",
+                  FutureWarning, stacklevel=4)
+    return new
 
 
 def is_grid_order(order: tuple[int, ...], n: int) -> bool:
@@ -99,7 +74,7 @@ def van_der_corput_order(n: int) -> np.ndarray:
 class ExitPolicy:
     """The early-exit part of a scoring config. ``interval``: timesteps per vote per stage
     (adaptive); ``z``: elimination threshold in standard errors; ``min_rows``: paired rows needed
-    before any elimination. ``schedule`` (Li et al.'s Diffusion Classifier, for comparison): one vote;
+    before any elimination. ``keep_best`` (Li et al.'s Diffusion Classifier, for comparison): one vote;
     stage j evaluates the surviving candidates up to ``samples[j]`` timesteps (van der Corput order)
     and keeps the ``keep[j]`` with the least mean error; the last keeps one."""
 
@@ -113,7 +88,7 @@ class ExitPolicy:
     min_rows: int = 6
     keep: tuple[int, ...] = ()
     samples: tuple[int, ...] = ()
-    # adaptive and schedule: the order in which a vote visits the timestep grid; () is van der Corput.
+    # adaptive and keep_best: the order in which a vote visits the timestep grid; () is van der Corput.
     # An order that puts the best-separating timesteps first drops candidates sooner but, measured on
     # the zero-shot digits (benchmarks/digits/ZERO_SHOT.md), loses accuracy: its first rows are
     # correlated, so the paired test's standard error is too small. An option, not a default.
@@ -124,16 +99,18 @@ class ExitPolicy:
     test: str = "z"
 
     def __post_init__(self) -> None:
+        if self.mode in RENAMED_POLICIES:
+            object.__setattr__(self, "mode", renamed_policy(self.mode))
         if self.mode not in POLICIES:
             raise ConfigError(f"early_exit = {self.mode!r} is not one of {POLICIES}")
         if self.test not in TESTS:
             raise ConfigError(f"early-exit test {self.test!r} is not one of {TESTS} (z: normal threshold, t: "
                               "Student's t with rows - 1 degrees of freedom)")
-        if self.mode == "schedule":
+        if self.mode == "keep_best":
             k, s = tuple(self.keep), tuple(self.samples)
             if not k or len(k) != len(s) or k[-1] != 1 or any(a <= b for a, b in zip(s[1:], s)) or s[0] < 1 \
                     or any(a >= b for a, b in zip(k[1:], k)) or k[0] < 1:
-                raise ConfigError(f"early_exit 'schedule' needs keep {k} and samples {s} of one length, samples "
+                raise ConfigError(f"early_exit 'keep_best' needs keep {k} and samples {s} of one length, samples "
                                   "increasing, keep decreasing to 1 (Li et al.'s CIFAR-10: keep 5 1, samples 50 500)")
 
 
@@ -158,18 +135,18 @@ class ImagePlan:
         self.stages = 0  # stages fed
         self.opened = votes if policy.mode == "off" else votes // 2 + 1  # votes opened so far
         self.cursor = np.zeros(votes, dtype=np.int64)  # timesteps visited per vote
-        spread = policy.mode in ("adaptive", "schedule")
+        spread = policy.mode in ("adaptive", "keep_best")
         if not is_grid_order(policy.order, n_timesteps):
             raise ConfigError(f"early-exit order {list(policy.order)} is not a permutation of the {n_timesteps} "
                               "timestep grid positions 0..n-1")
         self.order = (np.array(policy.order, np.int64) if spread and policy.order else
                       van_der_corput_order(n_timesteps) if spread else np.arange(n_timesteps))
         self.step = max(1, policy.interval) if policy.mode == "adaptive" else n_timesteps
-        if policy.mode == "schedule":
+        if policy.mode == "keep_best":
             if votes != 1 or policy.samples[-1] != n_timesteps or policy.keep[0] > k:
-                raise ConfigError(f"early_exit 'schedule' runs one vote over n_timesteps = samples[-1] with keep[0] <= "
-                                  f"k; got votes {votes}, n_timesteps {n_timesteps}, samples {policy.samples}, "
-                                  f"keep {policy.keep}, k {k}")
+                raise ConfigError(f"early_exit 'keep_best' runs one vote over n_timesteps = samples[-1] with "
+                                  f"keep[0] <= k; got votes {votes}, n_timesteps {n_timesteps}, samples "
+                                  f"{policy.samples}, keep {policy.keep}, k {k}")
             self.opened = 1
 
     # -- what to evaluate --------------------------------------------------------------------------
@@ -229,13 +206,13 @@ class ImagePlan:
 
     def _stage_end(self, a: int) -> int:
         """Where a stage that starts at grid position ``a`` of a vote's order ends."""
-        if self.policy.mode == "schedule":
+        if self.policy.mode == "keep_best":
             return next(s for s in self.policy.samples if s > a)
         return min(self.n, a + self.step)
 
     # -- decisions ---------------------------------------------------------------------------------
     def _update(self) -> None:
-        if self.policy.mode == "schedule":
+        if self.policy.mode == "keep_best":
             self._keep_best()
             return
         if self.policy.mode == "adaptive":
@@ -318,9 +295,10 @@ class ImagePlan:
         return counts
 
 
-class RowPlanner:
-    """M images' plans driven in lockstep stages (``replay``, ablations): stage s holds every open
-    image's s-th stage. Per image exactly ``ImagePlan``; the arrays below gather them."""
+class LockstepPlans:
+    """M images' plans driven in lockstep stages (``replay``, ablations, the batch-synchronous
+    baseline of ``dbmef bench``): stage s holds every open image's s-th stage. Per image exactly
+    ``ImagePlan``; the arrays below gather them."""
 
     def __init__(self, m_count: int, votes: int, n_timesteps: int, k: int, policy: ExitPolicy):
         self.M, self.V, self.n, self.k = m_count, votes, n_timesteps, k
@@ -348,14 +326,14 @@ class RowPlanner:
     def stages(self) -> int:
         return len(self.stage_rows)
 
-    def next_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def next_rows(self) -> Index:
         """The next stage's rows (m, v, i, c), each (R,) int64, in (m, v, i, c) order."""
         parts = [np.column_stack([np.full(len(r), m), r]) for m, p in enumerate(self.plans)
                  if len(r := p.next_rows())]
         rows = np.concatenate(parts) if parts else np.empty((0, 4), np.int64)
         return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
 
-    def feed(self, index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], errors: np.ndarray) -> None:
+    def feed(self, index: Index, errors: np.ndarray) -> None:
         """Record a stage's errors (R,) for rows ``index`` (as from ``next_rows``)."""
         m = index[0]
         rows = np.column_stack(index[1:]) if len(m) else np.empty((0, 3), np.int64)
@@ -373,7 +351,7 @@ class RowPlanner:
         return np.array([p.vote_counts() for p in self.plans], np.int64).reshape(self.M, self.k)
 
 
-def run_planner(planner: RowPlanner, evaluate) -> RowPlanner:  # type: ignore[no-untyped-def]
+def run_planner(planner: LockstepPlans, evaluate: Callable[[Index], np.ndarray]) -> LockstepPlans:
     """Drive ``planner`` to the end: ``evaluate(index) -> errors (R,)`` once per stage."""
     while not planner.done.all():
         index = planner.next_rows()
@@ -383,10 +361,10 @@ def run_planner(planner: RowPlanner, evaluate) -> RowPlanner:  # type: ignore[no
     return planner
 
 
-def replay(errors: np.ndarray, policy: ExitPolicy) -> RowPlanner:
+def replay(errors: np.ndarray, policy: ExitPolicy) -> LockstepPlans:
     """Run the planner over a full error tensor (M, V, n, k), as if each requested row had been
     evaluated then: the decisions and row counts the scorer makes on the same errors, whatever
     the scheduling."""
     M, V, n, k = errors.shape
-    p = RowPlanner(M, V, n, k, policy)
+    p = LockstepPlans(M, V, n, k, policy)
     return run_planner(p, lambda idx: errors[idx])

@@ -1,19 +1,19 @@
-"""The one ``Engine`` interface every backend implements, and the component contracts.
+"""The one ``Engine`` interface every backend implements.
 
-An engine maps named numpy inputs to named numpy outputs. Backends: ONNX Runtime
-(``dbmef.runtime.backends.onnxruntime``), native TensorRT, and the torch reference (``dbmef.reference``),
-which exists for parity tests and baselines.
+An engine maps named numpy inputs to named numpy outputs, checked at the boundary against its
+component's contract (``contracts.py``). Backends: ONNX Runtime (``dbmef.runtime.backends.onnxruntime``),
+native TensorRT, and the torch reference (``dbmef.reference``), which exists for parity tests and
+baselines.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from dbmef.errors import EngineError
+from dbmef.runtime.contracts import COMPONENTS, ComponentSpec, check_names
 
 
 class Engine:
@@ -21,6 +21,11 @@ class Engine:
     asks of every backend. The base owns what all engines share: the names, input checking, the
     context manager and the capabilities (``device``, ``providers``, ``max_batch``, ``rows``), so
     a backend implements ``run`` (and ``close`` if it holds anything) and declares what differs.
+
+    ``engine(feeds)`` checks the feeds against the engine's ``contract`` (the component's, when its
+    name is a bundle component: names, dtypes, ranks and fixed dims; otherwise the names) and raises
+    an EngineError naming the tensor; nothing is cast silently. ``engine(feeds, check=False)`` skips
+    the check, for hot loops whose feeds were checked once and are built the same way every call.
     """
 
     name: str
@@ -38,8 +43,18 @@ class Engine:
         """The device-side row path of a fused scorer engine, or None (rows are gathered on the host)."""
         return None
 
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self, feeds)
+    @property
+    def contract(self) -> ComponentSpec | None:
+        """The I/O contract the feeds are checked against: the component's, by name."""
+        return COMPONENTS.get(self.name)
+
+    def __call__(self, feeds: Mapping[str, np.ndarray], check: bool = True) -> dict[str, np.ndarray]:
+        if check:
+            spec = self.contract
+            if spec is not None and set(spec.input_names) == set(self.input_names):
+                spec.check(feeds)
+            else:  # an engine of another contract (a user's backend, a test double): names only
+                check_names(self.name, tuple(self.input_names), feeds)
         return self.run(feeds)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -91,7 +106,8 @@ def max_batch(engine: Engine, default: int) -> int:
 def chunked(engine: Engine, feed: str, arrays: np.ndarray, output: str, default: int,
             extra: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """``engine`` over ``arrays`` in calls of at most ``max_batch(engine, default)`` rows, fed as
-    input ``feed``; the ``output`` of every call, concatenated. The one chunked call."""
+    input ``feed``; the ``output`` of every call, concatenated. The one chunked call. Its inputs
+    come from outside the package (decoded pictures, token ids), so every call is checked."""
     step = max_batch(engine, default)
     return np.concatenate([engine({feed: arrays[s : s + step], **(extra or {})})[output]
                            for s in range(0, len(arrays), step)])
@@ -137,84 +153,11 @@ class LazyEngine(Engine):
         return self.resolve().rows()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.resolve()(feeds)
+        return self.resolve().run(feeds)  # checked by this engine's __call__ already
 
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """The I/O contract of one exported component (names, dtypes, symbolic shapes)."""
-
-    name: str
-    inputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
-    outputs: tuple[tuple[str, str, tuple[str | int, ...]], ...]
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(i[0] for i in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(o[0] for o in self.outputs)
-
-
-# The contracts shared by export, validation, engine building and the runtime. Symbolic dims:
-# B batch, C classes, H/W image size, L token length (77), D text width, h/w latent size.
-BACKBONE = ComponentSpec(
-    "backbone",
-    inputs=(("pixel_values", "float32", ("B", 3, "H", "W")),),
-    outputs=(("logits", "float32", ("B", "C")),),
-)
-TEXT_ENCODER = ComponentSpec(
-    "text_encoder",
-    inputs=(("input_ids", "int64", ("B", "L")),),
-    outputs=(("last_hidden_state", "float32", ("B", "L", "D")),),
-)
-VAE_ENCODER = ComponentSpec(
-    "vae_encoder",
-    inputs=(("image", "float32", ("B", 3, "H", "W")),),
-    outputs=(("latent", "float32", ("B", 4, "h", "w")),),
-)
-UNET = ComponentSpec(
-    "unet",
-    inputs=(
-        ("sample", "float32", ("B", 4, "h", "w")),
-        ("timestep", "int64", ("B",)),
-        ("encoder_hidden_states", "float32", ("B", "L", "D")),
-    ),
-    outputs=(("noise_pred", "float32", ("B", 4, "h", "w")),),
-)
-# The fused scorer: noising, both conditions, the lam combination and the squared error in one
-# graph, so only B floats leave the device per call.
-SCORER = ComponentSpec(
-    "scorer",
-    inputs=(
-        ("x0", "float32", ("B", 4, "h", "w")),
-        ("eps", "float32", ("B", 4, "h", "w")),
-        ("timestep", "int64", ("B",)),
-        ("emb_pos", "float32", ("B", "L", "D")),
-        ("emb_neg", "float32", ("B", "L", "D")),
-        ("lam", "float32", (1,)),
-    ),
-    outputs=(("error", "float32", ("B",)),),
-)
-COMPONENTS: dict[str, ComponentSpec] = {
-    s.name: s for s in (BACKBONE, TEXT_ENCODER, VAE_ENCODER, UNET, SCORER)
-}
-
-
-def check_feeds(engine: Engine, feeds: Mapping[str, np.ndarray]) -> None:
-    """Raise EngineError naming missing or unexpected inputs (shared by every backend)."""
-    missing = [n for n in engine.input_names if n not in feeds]
-    extra = [n for n in feeds if n not in engine.input_names]
-    if missing or extra:
-        raise EngineError(
-            f"engine '{engine.name}' expects inputs {list(engine.input_names)}; "
-            f"missing {missing}, unexpected {extra}"
-        )
 
 
 class FunctionEngine(Engine):

@@ -5,7 +5,7 @@
    itself is calibrated by ``Protector`` (protector.py).
 3. ``positive_prompt`` / ``negative_prompts``: the two text conditions of each candidate (§1.6).
 4. ``add_noise``: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with the bundle's schedule
-   (schedule.py) and the fixed noise bank (noise.py) (§1.4-1.5).
+   (noise_schedule.py) and the fixed noise bank (noise.py) (§1.4-1.5).
 5. ``combine_and_error``: ``eps_hat = neg + lam (pos - neg)`` and the per-row squared error
    (§1.7); ``error_terms`` / ``error_from_terms`` give it for every lam from one UNet pair.
 6. ``vote_means`` and ``vote``: per-vote mean error over timesteps, majority over votes with the

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from itertools import islice
 
@@ -18,6 +18,7 @@ from dbmef.errors import ConfigError, DBMEFError, ImageError
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import Engine, chunked
 from dbmef.runtime.method import negative_prompts, positive_prompt
+from dbmef.runtime.noise_schedule import NoiseSchedule
 from dbmef.runtime.preprocess import (
     BackbonePreprocess,
     ImageInput,
@@ -28,9 +29,9 @@ from dbmef.runtime.preprocess import (
 )
 from dbmef.runtime.protector import Protector
 from dbmef.runtime.results import Batch, ImageResult
-from dbmef.runtime.schedule import NoiseSchedule
-from dbmef.runtime.scheduler import RowScheduler, SchedulerStats
+from dbmef.runtime.row_scheduler import SchedulerStats
 from dbmef.runtime.scorer import DiffusionScorer
+from dbmef.runtime.slow_path import SlowPath
 from dbmef.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class DBMEFPipeline:
         schedule: NoiseSchedule | None = None,
         backbone_batch: int = 32,
         cache_size: int = 4096,
-        speculate: bool = True,
+        window: int = 64,
+        rows_ahead: bool = True,
         negative_cache: EmbeddingCache | None = None,
     ):
         if config.k > len(class_names):
@@ -117,7 +119,8 @@ class DBMEFPipeline:
         self.backbone_preprocess = backbone_preprocess
         self.vae_preprocess = VaePreprocess(vae_image_size)
         self.backbone_batch = backbone_batch
-        self.speculate = speculate  # fill a call that would be padded with rows the plans will ask for next
+        self.window = window  # images rethinking at once: the slow path's slots
+        self.rows_ahead = rows_ahead  # fill a call that would be padded with rows the plans will ask for next
         self.scorer = DiffusionScorer(config, engines.scorer, latent_shape, schedule)
         self.negative_cache = negative_cache if negative_cache is not None else EmbeddingCache(cache_size)
         if positive_embeddings is None:
@@ -244,62 +247,62 @@ class DBMEFPipeline:
             batch.vae_pixels[i] = None
         return latents, neg
 
-    def scheduler(self, capacity: int, lockstep: bool = False,
-                  progress: Callable[[int], None] | None = None) -> RowScheduler:
-        """A row scheduler over this pipeline's scorer with ``capacity`` image slots."""
-        ex = self.scorer.executor(self.positive_embeddings, capacity)
-        return RowScheduler(ex, self.config, speculate=self.speculate, lockstep=lockstep, progress=progress)
+    def slow_path(self, capacity: int | None = None, progress: Callable[[int], None] | None = None,
+                  fill_wait_s: float = math.inf, clock: Callable[[], float] = time.perf_counter) -> SlowPath:
+        """The slow-path driver over this pipeline's scorer with ``capacity`` image slots (default
+        ``window``); ``progress`` receives UNet rows done, ``fill_wait_s``/``clock`` go to its
+        scheduler (``RowScheduler``)."""
+        ex = self.scorer.executor(self.positive_embeddings, capacity or self.window)
+        return SlowPath(ex, self.config, rows_ahead=self.rows_ahead, fill_wait_s=fill_wait_s, progress=progress,
+                        clock=clock)
 
-    def rethink(self, batch: Batch, progress: Callable[[int], None] | None = None, lockstep: bool = False) -> Batch:
+    def rethink(self, batch: Batch, progress: Callable[[int], None] | None = None) -> Batch:
         """The second half of ``classify``: VAE -> negatives -> scorer -> vote for the batch's
-        rethought rows, in place, all of them through one row scheduler. The answer is the one
+        rethought rows, in place, all of them through one slow-path driver. The answer is the one
         ``classify`` gives: it depends on the image and its top-k only, whichever process or batch
-        runs it. ``lockstep``: the earlier batch-synchronous schedule (benchmarks compare it)."""
+        runs it."""
         idx = self.to_rethink(batch)
         if not len(idx):
             return batch
         latents, neg = self.slow_inputs(batch, idx)
-        with closing(self.scheduler(len(idx), lockstep, progress)) as sched:
-            for j, i in enumerate(idx):
-                sched.submit(int(i), latents[j], batch.top[i], None if neg is None else neg[j],
-                             submitted=float(batch.submitted[i]))
-            for s in sched.drain():
-                batch.settle(s.key, s)
-            batch.scoring = sched.stats.to_dict()
+        with self.slow_path(len(idx), progress) as slow:
+            for i, s in zip(idx, slow.run(latents, batch.top[idx], neg, batch.submitted[idx])):
+                batch.settle(int(i), s)
+            batch.scoring = slow.stats.to_dict()
         return batch
 
-    def stream(self, images: Iterable[ImageInput], names: Iterable[str] | None = None, batch_size: int = 16,
-               window: int = 64, progress: Callable[[int], None] | None = None,
+    def stream(self, images: Iterable[ImageInput], names: Iterable[str] | None = None,
+               progress: Callable[[int], None] | None = None,
                stats: SchedulerStats | None = None) -> Iterator[ImageResult]:
         """Classify a stream, yielding each input's result as soon as it is answered (``index``: its
         position in the stream): kept answers after their fast-path batch, rethought ones when
-        their plan settles. Inputs are read ``batch_size`` at a time, only while the slow path
+        their plan settles. Inputs are read ``backbone_batch`` at a time, only while the slow path
         cannot fill its next engine call and fewer than ``window`` images are rethinking, so
         memory stays flat however long the stream. ``progress`` receives UNet rows done; ``stats``
         (if given) is updated with the scheduler's counts as the stream runs."""
         source = enumerate(zip(images, names) if names is not None else ((src, None) for src in images))
         held: dict[int, tuple[Batch, int]] = {}  # stream position -> (its batch, its row)
         exhausted = False
-        with closing(self.scheduler(window, progress=progress)) as sched:
+        with self.slow_path(progress=progress) as slow:
             if stats is not None:
-                sched.stats = stats
+                slow.stats = stats
             while True:
-                while not exhausted and sched.waiting_rows < sched.B and sched.has_room:
-                    chunk = list(islice(source, batch_size))
+                while not exhausted and slow.wants_images:
+                    chunk = list(islice(source, self.backbone_batch))
                     exhausted = not chunk
-                    yield from self._admit(chunk, sched, held)
-                if not sched.busy:
+                    yield from self._admit(chunk, slow, held)
+                if not slow.busy:
                     if exhausted:
                         return
                     continue
-                for s in sched.step(flush=exhausted or not sched.has_room):
-                    batch, row = held.pop(s.key)
+                for s in slow.step(more_coming=not exhausted):
+                    batch, row = held.pop(s.key)  # type: ignore[call-overload]
                     batch.settle(row, s)
                     yield batch.result(row, self.class_names)
 
-    def _admit(self, chunk: list[tuple[int, tuple[ImageInput, str | None]]], sched: RowScheduler,
+    def _admit(self, chunk: list[tuple[int, tuple[ImageInput, str | None]]], slow: SlowPath,
                held: dict[int, tuple[Batch, int]]) -> Iterator[ImageResult]:
-        """Fast path of one chunk of the stream: its kept answers now, its rethought rows to ``sched``."""
+        """Fast path of one chunk of the stream: its kept answers now, its rethought rows to ``slow``."""
         if not chunk:
             return
         srcs = [src for _, (src, _) in chunk]
@@ -312,9 +315,10 @@ class DBMEFPipeline:
         if len(idx):
             latents, neg = self.slow_inputs(batch, idx)
             for j, i in enumerate(idx):
-                held[int(batch.index[i])] = (batch, int(i))
-                sched.submit(int(batch.index[i]), latents[j], batch.top[i], None if neg is None else neg[j],
-                             submitted=float(batch.submitted[i]))
+                key = int(batch.index[i])  # its stream position
+                held[key] = (batch, int(i))
+                slow.submit(key, latents[j], batch.top[i], None if neg is None else neg[j],
+                            submitted=float(batch.submitted[i]))
 
     def _decode(self, images: Sequence[ImageInput | Preprocessed], known: Sequence[str | None] | None,
                 names: Sequence[str]) -> tuple[list[np.ndarray], list[str | None]]:

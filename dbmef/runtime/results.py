@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from dbmef.runtime.scheduler import Settled
+    from dbmef.runtime.row_scheduler import Settled
 
 STAGES = ("decode_preprocess", "backbone", "protector", "vae_encode", "text_encoder", "unet_scoring", "vote")
 SLOW_STAGES = ("vae_encode", "text_encoder", "unet_scoring", "vote")

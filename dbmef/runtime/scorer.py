@@ -3,9 +3,10 @@
 One *row* is one (image, vote v, timestep i, candidate c) with both of its conditions (two UNet
 evaluations). Which rows run, and when an image is settled, is the planner's business
 (``early_exit.ImagePlan``); which rows share an engine call is the row scheduler's
-(``scheduler.RowScheduler``). This module executes: a ``RowExecutor`` holds the images in flight
-in *slots* (latent, candidates, negative embeddings) and runs calls of exactly ``unet_batch``
-rows (slot, v, i, c), the shape a TensorRT engine or a CUDA graph was built for.
+(``row_scheduler.RowScheduler``); ``slow_path.SlowPath`` drives the two. This module executes: an
+``Executor`` holds the images in flight in *slots* (latent, candidates, negative embeddings) and
+runs calls of exactly ``rows_per_call`` rows (slot, v, i, c), the shape a TensorRT engine or a CUDA
+graph was built for.
 
 * ``HostRows``: rows gathered on the host by fancy indexing, one blocking engine call each (ONNX
   Runtime, the torch reference, any Engine). Depth 1: a call's errors are known when it returns.
@@ -18,20 +19,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from dbmef.errors import EngineError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, RowPlanner
+from dbmef.runtime.contracts import SCORER, UNET
 from dbmef.runtime.engine import Engine, RowScorer
 from dbmef.runtime.method import add_noise, combine_and_error, error_terms
 from dbmef.runtime.noise import NoiseBank
-from dbmef.runtime.schedule import NoiseSchedule
+from dbmef.runtime.noise_schedule import NoiseSchedule
 
-__all__ = ["DeviceRows", "DiffusionScorer", "HostRows", "RowExecutor", "ScoreResult"]
+__all__ = ["DeviceRows", "DiffusionScorer", "Executor", "HostRows", "RowExecutor", "evaluate_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -40,62 +40,43 @@ log = logging.getLogger(__name__)
 RowKernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-@dataclass
-class ScoreResult:
-    """Scorer output for M images scored together (``DiffusionScorer.score``). errors (M,V,k)
-    mean error per vote and candidate over the timesteps evaluated (NaN where early exit evaluated
-    none); votes (M,k) votes won among completed votes; labels (M,) winning class ids;
-    rows_per_image (M,) rows evaluated for each image (2 UNet evaluations each); stats: the
-    scheduler's engine-level counts (calls, rows sent, padding, ...)."""
+class Executor(Protocol):
+    """What the slow-path driver runs engine calls on: ``capacity`` image slots and calls of
+    exactly ``rows_per_call`` rows (slot, v, i, c).
 
-    errors: np.ndarray
-    votes: np.ndarray
-    labels: np.ndarray
-    rows_per_image: np.ndarray
-    stats: Any
+    ``load`` puts an image in a slot (latent (4,h,w), candidates (k,), negatives (k,L,D) or None in
+    zero-shot mode); ``launch`` starts one call and returns a ticket; ``collect`` returns that
+    call's (rows_per_call,) errors, oldest ticket first. At most ``depth`` calls are in flight.
+    ``evals_per_row``: UNet evaluations one row costs; ``syncs``: host waits for the device so far.
+    """
 
-    @property
-    def rows(self) -> int:
-        """Rows evaluated for all M images together (padding excluded)."""
-        return int(self.rows_per_image.sum())
+    rows_per_call: int
+    capacity: int
+    depth: int
+    evals_per_row: int
+    syncs: int
 
-    @property
-    def engine_calls(self) -> int:
-        return int(self.stats.engine_calls)
+    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None) -> None: ...
 
-    evals_per_row: int = 2
+    def launch(self, rows: np.ndarray) -> Any: ...
 
-    @property
-    def unet_evals_per_image(self) -> np.ndarray:
-        """(M,) UNet evaluations each image cost: positive and negative per row (one at lam = 1)."""
-        return self.evals_per_row * self.rows_per_image
+    def collect(self, ticket: Any) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 class RowExecutor:
-    """Fixed-size engine calls over rows (slot, v, i, c) of the images held in ``capacity`` slots.
-
-    ``load`` puts an image in a slot; ``launch`` starts one call of exactly ``batch`` rows and
-    returns a ticket; ``collect`` returns that call's (batch,) errors, oldest ticket first. At most
-    ``depth`` calls are in flight. Subclasses implement the four; the base holds what both share.
-    """
+    """What both executors share: the scorer, the call size, the slots and the positive table."""
 
     depth = 1
 
     def __init__(self, scorer: DiffusionScorer, positive_table: np.ndarray, capacity: int):
         self.scorer = scorer
-        self.batch = scorer.config.unet_batch
+        self.rows_per_call = scorer.config.unet_batch
         self.capacity = int(capacity)
+        self.evals_per_row = scorer.evals_per_row
         self.positive = np.ascontiguousarray(positive_table, dtype=np.float32)  # (C, L, D)
         self.syncs = 0  # host synchronisations with the device (0 on the host path)
-
-    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def launch(self, rows: np.ndarray) -> Any:
-        raise NotImplementedError
-
-    def collect(self, ticket: Any) -> np.ndarray:
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release what the executor holds (device tables); the engine stays open."""
@@ -103,7 +84,7 @@ class RowExecutor:
 
 class HostRows(RowExecutor):
     """Rows gathered on the host; the engine call blocks, so ``launch`` computes and ``collect``
-    hands the result over."""
+    hands the result over. ``kernel``: another row kernel than the scorer's (``terms_kernel``)."""
 
     def __init__(self, scorer: DiffusionScorer, positive_table: np.ndarray, capacity: int,
                  kernel: RowKernel | None = None):
@@ -117,6 +98,7 @@ class HostRows(RowExecutor):
                           np.zeros((self.capacity, k, *self.positive.shape[1:]), np.float32))
 
     def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None) -> None:
+        self.scorer.check_image(latent, candidates, negatives)
         self.latents[slot], self.candidates[slot] = latent, candidates
         if self.negatives is not None:
             self.negatives[slot] = negatives
@@ -126,7 +108,7 @@ class HostRows(RowExecutor):
         sc = self.scorer
         pos = self.positive[self.candidates[s, c]]  # (B, L, D)
         neg = pos if self.negatives is None else self.negatives[s, c]
-        return sc.kernel_on(self.kernel, self.latents[s], sc.noise.eps[v, i], sc.timesteps[i], pos, neg)
+        return self.kernel(self.latents[s], sc.noise.eps[v, i], sc.timesteps[i], pos, neg)
 
     def collect(self, ticket: np.ndarray) -> np.ndarray:
         return ticket
@@ -140,10 +122,13 @@ class DeviceRows(RowExecutor):
     def __init__(self, scorer: DiffusionScorer, device: RowScorer, positive_table: np.ndarray, capacity: int):
         super().__init__(scorer, positive_table, capacity)
         self.device = device
-        device.open_rows(scorer.noise.eps, scorer.timesteps, self.positive, scorer.lam, self.batch,
+        device.open_rows(scorer.noise.eps, scorer.timesteps, self.positive, scorer.lam, self.rows_per_call,
                          self.capacity, scorer.config.k)
 
-    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray) -> None:
+    def load(self, slot: int, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None) -> None:
+        self.scorer.check_image(latent, candidates, negatives)
+        if negatives is None:
+            raise EngineError("the device row path runs the fused scorer, which needs negative embeddings")
         self.device.load_rows(slot, latent, candidates, negatives)
 
     def launch(self, rows: np.ndarray) -> int:
@@ -158,13 +143,28 @@ class DeviceRows(RowExecutor):
         self.device.close_rows()
 
 
+def evaluate_rows(executor: Executor, rows: np.ndarray, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Every one of ``rows`` (R, 4) in order, in full calls of ``executor.rows_per_call`` (the last
+    padded by repeating its last row): their (R, ...) outputs. No planning: a fixed list of rows
+    (an ablation's every row, a batch-synchronous stage)."""
+    size = executor.rows_per_call
+    outs = []
+    for start in range(0, len(rows), size):
+        stop = min(start + size, len(rows))
+        sel = np.minimum(np.arange(start, start + size), stop - 1)
+        outs.append(executor.collect(executor.launch(rows[sel]))[: stop - start])
+        if progress is not None:
+            progress(stop - start)
+    return np.concatenate(outs) if outs else np.empty(0, np.float32)
+
+
 class DiffusionScorer:
     """Re-rank candidates by how well each text condition lets the UNet predict fixed noise.
 
-    ``engine`` is either a fused scorer engine (component ``scorer``: inputs x0, eps, timestep,
-    emb_pos, emb_neg, lam -> error) or a plain UNet engine (component ``unet``: sample, timestep,
-    encoder_hidden_states -> noise_pred), in which case noising, the lam combination and the
-    error run on the host. ``mode`` is inferred from the engine's input names.
+    ``engine`` is either a fused scorer engine (the ``SCORER`` contract: x0, eps, timestep, emb_pos,
+    emb_neg, lam -> error) or a plain UNet engine (the ``UNET`` contract: sample, timestep,
+    encoder_hidden_states -> noise_pred), in which case noising, the lam combination and the error
+    run on the host. ``mode`` (``"fused"`` or ``"unet"``) is read off the engine's input names.
     """
 
     def __init__(self, config: ScoringConfig, engine: Engine, latent_shape: tuple[int, int, int],
@@ -179,85 +179,80 @@ class DiffusionScorer:
         self.sqrt_abar = np.sqrt(self.abar).astype(np.float32)  # (T,)
         self.sqrt_one_minus_abar = np.sqrt(1.0 - self.abar).astype(np.float32)  # (T,)
         self.noise = NoiseBank(config.votes, config.n_timesteps, self.latent_shape, config.seed)
-        names = set(engine.input_names)
+        self.mode = scorer_mode(engine)
         self.evals_per_row = 2  # UNet evaluations one row costs: the positive and the negative condition
-        if {"x0", "eps", "emb_pos", "emb_neg"} <= names:
+        if self.mode == "fused":
             if config.zero_shot:
                 raise EngineError("zero-shot mode scores the positive condition alone, which the fused scorer graph "
                                   "cannot: use the bundle's plain UNet graph (export with --scorer unet or both)")
-            self.mode = "fused"
             self.kernel: RowKernel = self._fused_kernel
-        elif {"sample", "timestep", "encoder_hidden_states"} <= names:
-            self.mode = "unet"
-            self.kernel = self._unet_kernel
-            if config.lam == 1.0:
-                # eps_hat = neg + 1 * (pos - neg) = pos: the negative condition cannot change the error
-                self.kernel, self.evals_per_row = self._positive_kernel, 1
+        elif config.lam == 1.0:
+            # eps_hat = neg + 1 * (pos - neg) = pos: the negative condition cannot change the error
+            self.kernel, self.evals_per_row = self._positive_kernel, 1
         else:
-            raise EngineError(
-                f"engine '{engine.name}' has inputs {list(engine.input_names)}: neither a fused "
-                "scorer (x0, eps, timestep, emb_pos, emb_neg, lam) nor a UNet "
-                "(sample, timestep, encoder_hidden_states)"
-            )
+            self.kernel = self._unet_kernel
         self.lam = np.array([config.lam], dtype=np.float32)
+        self._checked = False  # the engine's inputs are checked against its contract on the first call only
 
-    def executor(self, positive_table: np.ndarray, capacity: int) -> RowExecutor:
+    def executor(self, positive_table: np.ndarray, capacity: int) -> Executor:
         """The executor for this scorer's engine: on the device when it gathers rows there."""
         device = self.engine.rows() if self.mode == "fused" else None
         if device is not None:
             return DeviceRows(self, device, positive_table, capacity)
         return HostRows(self, positive_table, capacity)
 
-    # -- row kernels -------------------------------------------------------------------------
-    def kernel_on(self, kernel: RowKernel, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
-        return kernel(np.ascontiguousarray(x0), np.ascontiguousarray(eps), t, emb_pos, emb_neg)
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The engine on one call's feeds; the kernels build them the same way every call, so their
+        dtypes and ranks are checked against the contract once (the hot loop skips the check)."""
+        out = self.engine(feeds, check=not self._checked)
+        self._checked = True
+        return out
 
-    def _fused_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
-        out = self.engine(
-            {"x0": x0, "eps": eps, "timestep": t, "emb_pos": emb_pos, "emb_neg": emb_neg, "lam": self.lam}
-        )
-        return np.asarray(out["error"], dtype=np.float32).reshape(-1)
+    # -- row kernels: (x0 (B,4,h,w), eps (B,4,h,w), t (B,), emb_pos (B,L,D), emb_neg (B,L,D)) ----
+    def _fused_kernel(self, x0: np.ndarray, eps: np.ndarray, t: np.ndarray, emb_pos: np.ndarray,
+                      emb_neg: np.ndarray) -> np.ndarray:
+        out = self._run({"x0": x0, "eps": eps, "timestep": t, "emb_pos": emb_pos, "emb_neg": emb_neg,
+                         "lam": self.lam})
+        return np.asarray(out["error"], dtype=np.float32).reshape(-1)  # (B,)
 
-    def _unet_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+    def _unet_kernel(self, x0: np.ndarray, eps: np.ndarray, t: np.ndarray, emb_pos: np.ndarray,
+                     emb_neg: np.ndarray) -> np.ndarray:
         pos, neg = self._unet_predictions(x0, eps, t, emb_pos, emb_neg)
         return combine_and_error(eps, pos, neg, self.config.lam)
 
-    def _positive_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+    def _positive_kernel(self, x0: np.ndarray, eps: np.ndarray, t: np.ndarray, emb_pos: np.ndarray,
+                         emb_neg: np.ndarray) -> np.ndarray:
         x_t = add_noise(x0, eps, self.sqrt_abar[t], self.sqrt_one_minus_abar[t])  # (B,4,h,w)
-        pos = self.engine({"sample": x_t, "timestep": t, "encoder_hidden_states": emb_pos})["noise_pred"]
+        pos = self._run({"sample": x_t, "timestep": t, "encoder_hidden_states": emb_pos})["noise_pred"]
         return combine_and_error(eps, pos, pos, 1.0)  # eps_hat = pos + 1 * (pos - pos) = pos, exactly
 
-    def terms_kernel(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+    def terms_kernel(self, x0: np.ndarray, eps: np.ndarray, t: np.ndarray, emb_pos: np.ndarray,
+                     emb_neg: np.ndarray) -> np.ndarray:
         """Per-row ``error_terms`` (B, 3) float64 instead of one error (plain UNet engines only)."""
         pos, neg = self._unet_predictions(x0, eps, t, emb_pos, emb_neg)
         return error_terms(eps, pos, neg)
 
-    def _unet_predictions(self, x0, eps, t, emb_pos, emb_neg):  # type: ignore[no-untyped-def]
+    def _unet_predictions(self, x0: np.ndarray, eps: np.ndarray, t: np.ndarray, emb_pos: np.ndarray,
+                          emb_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x_t = add_noise(x0, eps, self.sqrt_abar[t], self.sqrt_one_minus_abar[t])  # (B,4,h,w)
         # Both conditions in one call: rows [0, B) positive, [B, 2B) negative.
-        out = self.engine(
-            {
-                "sample": np.concatenate([x_t, x_t]),
-                "timestep": np.concatenate([t, t]),
-                "encoder_hidden_states": np.concatenate([emb_pos, emb_neg]),
-            }
-        )["noise_pred"]
+        out = self._run({"sample": np.concatenate([x_t, x_t]), "timestep": np.concatenate([t, t]),
+                         "encoder_hidden_states": np.concatenate([emb_pos, emb_neg])})["noise_pred"]
         b = x0.shape[0]
         return out[:b], out[b:]
 
-    # -- scoring -----------------------------------------------------------------------------
-    def check(self, latents: np.ndarray, candidates: np.ndarray, negative_embeddings: np.ndarray) -> None:
-        """Raise EngineError unless latents (M,4,h,w), candidates (M,k), negatives (M,k,L,D) fit."""
-        m_count = latents.shape[0]
-        if latents.shape[1:] != self.latent_shape:
-            raise EngineError(f"latents have shape {latents.shape[1:]}, scorer expects {self.latent_shape}")
-        if candidates.shape != (m_count, self.config.k):
-            raise EngineError(f"candidates have shape {candidates.shape}, expected ({m_count}, {self.config.k})")
-        if negative_embeddings.shape[:2] != (m_count, self.config.k):
-            raise EngineError(
-                f"negative embeddings have shape {negative_embeddings.shape}, "
-                f"expected ({m_count}, {self.config.k}, L, D)"
-            )
+    # -- every row, for ablations ------------------------------------------------------------
+    def check_image(self, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None) -> None:
+        """Raise EngineError unless one image's latent (4,h,w), candidates (k,) and negatives (k,L,D)
+        fit this scorer (every executor's ``load`` checks its image here)."""
+        k = self.config.k
+        if np.shape(latent) != self.latent_shape:
+            raise EngineError(f"a latent has shape {np.shape(latent)}, the scorer expects {self.latent_shape}")
+        if np.shape(candidates) != (k,):
+            raise EngineError(f"candidates have shape {np.shape(candidates)}, expected ({k},): the top-k of the "
+                              "scoring config")
+        if negatives is not None and np.shape(negatives)[:1] != (k,):
+            raise EngineError(f"negative embeddings have shape {np.shape(negatives)}, expected ({k}, L, D)")
 
     def score_terms(
         self,
@@ -276,57 +271,21 @@ class DiffusionScorer:
         cfg = self.config
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         candidates = np.asarray(candidates, dtype=np.int64)
-        self.check(latents, candidates, negative_embeddings)
         m_count = latents.shape[0]
         ex = HostRows(self, positive_table, m_count, kernel=self.terms_kernel)
         for s in range(m_count):
             ex.load(s, latents[s], candidates[s], negative_embeddings[s])
-        full = np.column_stack(RowPlanner(m_count, cfg.votes, cfg.n_timesteps, cfg.k, ExitPolicy("off")).next_rows())
-        B = cfg.unet_batch
-        terms = np.empty((len(full), 3), np.float64)
-        for start in range(0, len(full), B):
-            stop = min(start + B, len(full))
-            sel = np.minimum(np.arange(start, start + B), stop - 1)  # pad the tail by repeating the last row
-            terms[start:stop] = ex.collect(ex.launch(full[sel]))[: stop - start]
-            if progress is not None:
-                progress(stop - start)
-        return terms.reshape(m_count, cfg.votes, cfg.n_timesteps, cfg.k, 3)
+        shape = (m_count, cfg.votes, cfg.n_timesteps, cfg.k)
+        every = np.indices(shape).reshape(4, -1).T  # (M*V*n*k, 4): slot m, v, i, c in that order
+        return evaluate_rows(ex, every, progress).reshape(*shape, 3)
 
-    def score(
-        self,
-        latents: np.ndarray,
-        candidates: np.ndarray,
-        positive_table: np.ndarray,
-        negative_embeddings: np.ndarray,
-        progress: Callable[[int], None] | None = None,
-        lockstep: bool = False,
-    ) -> ScoreResult:
-        """Score M images together through one row scheduler (every engine call full but the last).
 
-        latents: (M,4,h,w) float32 VAE latents x0. candidates: (M,k) class ids in rank order.
-        positive_table: (C,L,D) positive embedding of every class. negative_embeddings: (M,k,L,D)
-        the negative condition of each image's candidates. progress: called with rows done.
-        lockstep: the earlier batch-synchronous schedule (each stage of every image, then the next,
-        every stage's last call padded), kept for comparison; the answers are the same.
-        """
-        from dbmef.runtime.scheduler import RowScheduler
-
-        latents = np.ascontiguousarray(latents, dtype=np.float32)
-        candidates = np.asarray(candidates, dtype=np.int64)
-        self.check(latents, candidates, negative_embeddings)
-        m_count = latents.shape[0]
-        cfg = self.config
-        errors = np.full((m_count, cfg.votes, cfg.k), np.nan, np.float32)
-        votes = np.zeros((m_count, cfg.k), np.int64)
-        labels = np.full(m_count, -1, np.int64)
-        rows = np.zeros(m_count, np.int64)
-        ex = self.executor(positive_table, max(m_count, 1))
-        try:
-            sched = RowScheduler(ex, cfg, lockstep=lockstep, progress=progress)
-            for m in range(m_count):
-                sched.submit(m, latents[m], candidates[m], negative_embeddings[m])
-            for s in sched.drain():
-                errors[s.key], votes[s.key], labels[s.key], rows[s.key] = s.errors, s.votes, s.label, s.rows
-        finally:
-            ex.close()
-        return ScoreResult(errors, votes, labels, rows, sched.stats, self.evals_per_row)
+def scorer_mode(engine: Engine) -> str:
+    """``"fused"`` or ``"unet"``: which scoring contract the engine's inputs are (``engine.SCORER`` or
+    ``engine.UNET``); an EngineError naming both otherwise."""
+    names = set(engine.input_names)
+    for mode, contract in (("fused", SCORER), ("unet", UNET)):
+        if set(contract.input_names) <= names:
+            return mode
+    raise EngineError(f"engine '{engine.name}' has inputs {list(engine.input_names)}: neither a fused scorer "
+                      f"{list(SCORER.input_names)} nor a UNet {list(UNET.input_names)}")

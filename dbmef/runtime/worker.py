@@ -15,8 +15,10 @@ memory at a time); the fast path then reads no pixels of it. Seconds of decoding
 would otherwise hold up every small request in its batch and the batches behind it.
 
 The fast thread batches what is waiting (up to ``batch_size``, waiting at most ``batch_wait_s``
-for more after the first request); the slow thread feeds every engine call with the rows of all
-open images and pads a call only when nothing else is waiting and the fast thread is idle.
+for more after the first request); the slow thread drives one ``SlowPath``: it feeds every engine
+call with the rows of all open images and holds a call that would not be full while the fast thread
+is producing more, for at most ``fill_wait_s`` (then pads it: under steady load the fast path is
+always busy, and an unbounded wait would starve the rows already waiting).
 Answers are the runtime's: an image's answer depends on its pixels and its top-k only.
 
 Overload is bounded, never silent: at most ``max_queued`` requests wait for the fast path
@@ -36,16 +38,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from dbmef.errors import ConfigError
+from dbmef.runtime.config import WorkerConfig
+from dbmef.runtime.pipeline import DBMEFPipeline
 from dbmef.runtime.preprocess import ImageInput, Preprocessed, header_pixels
 from dbmef.runtime.results import Batch, ImageResult
 from dbmef.runtime.worker_stats import OverloadedError, WorkerObserver, WorkerStats
 
-__all__ = ["ClassifierWorker", "OverloadedError", "WorkerObserver", "WorkerStats"]
+__all__ = ["ClassifierWorker", "OverloadedError", "WorkerConfig", "WorkerObserver", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -70,34 +72,21 @@ class _SlowItem:
     handed: float  # when the fast path handed it over
 
 
-FILL_WAIT_S = 0.05  # the longest a slow-path call waits for rows the fast path is producing
 # Past this many declared pixels (2048 x 2048) an encoded image is decoded in the decode lane: on the
 # 2-core machine a 64 M-pixel PNG takes about 1.6 s to decode and preprocess, a digit under 1 ms.
 HEAVY_PIXELS = 4 << 20
-
-
 class ClassifierWorker:
     """``submit(image) -> Future[ImageResult]`` over ``pipeline`` (a ``DBMEFPipeline``; a
-    ``DBMEFRuntime``'s is ``runtime.pipeline``). Start on construction; ``close`` drains.
-
-    deadline_s: default per-request deadline (None: none); a request whose rethink cannot end
-    before its deadline gets its fast answer with ``rethink_skipped = "deadline"``.
+    ``DBMEFRuntime``'s is ``runtime.pipeline``) with ``config`` (``WorkerConfig``). Starts on
+    construction; ``close`` drains. observer: per-stage hooks (the service's metrics). clock: a
+    monotonic clock in seconds for every latency, deadline and wait (tests pass a fake one).
     """
 
-    def __init__(self, pipeline: Any, batch_size: int = 16, batch_wait_s: float = 0.002, window: int = 64,
-                 max_queued: int = 4096, max_rethinking: int = 1024, deadline_s: float | None = None,
-                 on_overload: str = "fast_answer", observer: WorkerObserver | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        if batch_size < 1 or window < 1 or max_queued < 1 or max_rethinking < 1:
-            raise ConfigError("ClassifierWorker: batch_size, window, max_queued and max_rethinking must be >= 1")
-        if on_overload not in ("fast_answer", "reject"):
-            raise ConfigError(f"on_overload = {on_overload!r} must be 'fast_answer' or 'reject'")
-        if deadline_s is not None and not (math.isfinite(deadline_s) and deadline_s > 0):
-            raise ConfigError(f"deadline_s = {deadline_s} must be a positive number of seconds (or None)")
+    def __init__(self, pipeline: DBMEFPipeline, config: WorkerConfig | None = None, *,
+                 observer: WorkerObserver | None = None, clock: Callable[[], float] = time.perf_counter):
         self.pipe = pipeline
-        self.batch_size, self.batch_wait_s, self.window = batch_size, batch_wait_s, window
-        self.max_queued, self.max_rethinking = max_queued, max_rethinking
-        self.deadline_s, self.on_overload, self.clock = deadline_s, on_overload, clock
+        self.config = c = config or WorkerConfig()
+        self.clock = clock
         self.observer = observer or WorkerObserver()
         self.stats = WorkerStats()
         mutex = threading.RLock()  # one lock, two wait sets: the decode lane is not woken by every request
@@ -111,9 +100,9 @@ class ClassifierWorker:
         self._closing = False
         self._count = 0
         self._fast_done = False
-        self._open_items: dict[int, _SlowItem] = {}  # in the scheduler, by request index (slow thread only)
+        self._open_items: dict[int, _SlowItem] = {}  # in the slow path, by request index (slow thread only)
         self._row_seconds = math.nan  # recent engine seconds per row (deadline estimates)
-        self.sched = pipeline.scheduler(window)
+        self.slow = pipeline.slow_path(fill_wait_s=c.fill_wait_s, clock=clock)
         self._threads = [threading.Thread(target=self._guard(loop), name=f"dbmef-{name}", daemon=True)
                          for name, loop in (("fast", self._fast_loop), ("slow", self._slow_loop),
                                             ("decode", self._decode_loop))]
@@ -125,12 +114,12 @@ class ClassifierWorker:
         """Queue one image; the future resolves to its ``ImageResult`` (``error`` set when it cannot
         be read). ``deadline_s``: seconds from now the caller will wait (overrides the default)."""
         now = self.clock()
-        limit = deadline_s if deadline_s is not None else self.deadline_s
+        limit = deadline_s if deadline_s is not None else self.config.deadline_s
         heavy = header_pixels(image) > HEAVY_PIXELS
         with self._lock:
             if self._closing:
                 raise OverloadedError("the worker is shutting down; send the request to another replica")
-            if len(self._intake) + self._decoding >= self.max_queued:
+            if len(self._intake) + self._decoding >= self.config.max_queued:
                 self.stats.rejected += 1
                 raise OverloadedError(f"{len(self._intake) + self._decoding} requests already wait for the fast "
                                       "path (max_queued); retry later or add replicas")
@@ -166,7 +155,7 @@ class ClassifierWorker:
     def idle(self) -> bool:
         """Nothing queued, nothing being computed."""
         with self._lock:
-            return not (self._intake or self._decoding or self._handoff or self._fast_busy or self.sched.busy)
+            return not (self._intake or self._decoding or self._handoff or self._fast_busy or self.slow.busy)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, answer every one already taken, stop the threads."""
@@ -176,7 +165,7 @@ class ClassifierWorker:
             self._heavy_ready.notify_all()
         for t in self._threads:
             t.join(timeout)
-        self.sched.close()
+        self.slow.close()
 
     def __enter__(self) -> ClassifierWorker:
         return self
@@ -216,11 +205,12 @@ class ClassifierWorker:
                 if self._closing and not self._decoding:  # the decode lane may still hand some over
                     return None
                 self._lock.wait()
-            if len(self._intake) < self.batch_size and self.batch_wait_s > 0:
-                end = self.clock() + self.batch_wait_s
-                while len(self._intake) < self.batch_size and not self._closing and (left := end - self.clock()) > 0:
+            size, wait = self.config.batch_size, self.config.batch_wait_s
+            if len(self._intake) < size and wait > 0:
+                end = self.clock() + wait
+                while len(self._intake) < size and not self._closing and (left := end - self.clock()) > 0:
                     self._lock.wait(left)
-            reqs = [self._intake.popleft() for _ in range(min(self.batch_size, len(self._intake)))]
+            reqs = [self._intake.popleft() for _ in range(min(size, len(self._intake)))]
             self._fast_busy = True
             self.stats.fast_queue = len(self._intake)
             return reqs
@@ -261,13 +251,13 @@ class ClassifierWorker:
 
     def _fast(self, reqs: list[_Request]) -> None:
         pipe = self.pipe
+        started = self.clock()  # on the worker's clock, like every request's submission
         try:
             batch = pipe.fast_path([r.image for r in reqs], [r.name for r in reqs])
         except Exception as exc:
             for r in reqs:
                 r.future.set_exception(exc)
             return
-        started = float(batch.submitted[0])  # when fast_path began
         batch.submitted[:] = [r.submitted for r in reqs]
         batch.index[:] = [r.index for r in reqs]
         self.stats.fast_batches += 1
@@ -297,14 +287,14 @@ class ClassifierWorker:
         if not, it is answered now with its fast label."""
         reason = None
         with self._lock:
-            waiting = len(self._handoff) + self.sched.open + also
-        if waiting >= self.max_rethinking:
+            waiting = len(self._handoff) + self.slow.open + also
+        if waiting >= self.config.max_rethinking:
             reason = "overloaded"
         elif req.deadline is not None and self._finish_estimate(waiting) > req.deadline:
             reason = "deadline"
         if reason is None:
             return True
-        if self.on_overload == "reject":
+        if self.config.on_overload == "reject":
             self.stats.rejected += 1
             req.future.set_exception(OverloadedError(
                 f"the slow path cannot rethink this image ({reason}: {waiting} images ahead); retry later"))
@@ -326,63 +316,60 @@ class ClassifierWorker:
         recent engine seconds per row."""
         if math.isnan(self._row_seconds):
             return -math.inf  # nothing measured yet: admit
-        st = self.sched.stats
+        st = self.slow.stats
         per_image = st.rows_needed / st.images if st.images else self.pipe.config.unet_evaluations_per_image / 2
         return self.clock() + (images_ahead + 1) * per_image * self._row_seconds
 
     def _slow_loop(self) -> None:
-        sched = self.sched
-        fill_until: float | None = None  # how long this call may still wait to be fuller
+        slow = self.slow
         while True:
             with self._lock:
-                while not self._handoff and not sched.busy:
+                while not self._handoff and not slow.busy:
                     if self._closing and self._fast_done:
                         return
                     self._lock.wait()
                 for it in self._handoff:  # under the lock: the fast thread counts what waits
                     self._open_items[it.req.index] = it
-                    sched.submit(it.req.index, it.latent, it.batch.top[it.row], it.negatives,
-                                 submitted=float(it.batch.submitted[it.row]))
+                    slow.submit(it.req.index, it.latent, it.batch.top[it.row], it.negatives,
+                                submitted=float(it.batch.submitted[it.row]))
                 self._handoff.clear()
-            self.stats.slow_queue, self.stats.slow_open = 0, sched.open
+                coming = bool(self._intake or self._fast_busy)  # the fast thread may be about to hand over rows
+            self.stats.slow_queue, self.stats.slow_open = 0, slow.open
             self._drop_late()
-            if not sched.busy:
-                continue
-            with self._lock:
-                coming = bool(self._intake or self._fast_busy)
-                if coming and not sched.in_flight and sched.waiting_rows < sched.B and sched.has_room:
-                    # The fast thread may be about to hand over rows: a fuller call. But only for
-                    # FILL_WAIT_S per call: under steady load the fast path is always busy, and an
-                    # unbounded wait would starve the rows already waiting.
-                    now = self.clock()
-                    fill_until = now + FILL_WAIT_S if fill_until is None else fill_until
-                    if now < fill_until:
-                        self._lock.wait(fill_until - now)
-                        continue
-            fill_until = None
-            self._step(sched)
+            if slow.busy:
+                self._step(coming)
 
-    def _step(self, sched: Any) -> None:
-        t0, calls = self.clock(), sched.stats.engine_calls
-        for s in sched.step(flush=True):
-            item = self._open_items.pop(s.key)
+    def _step(self, coming: bool) -> None:
+        """One step of the slow path; if it held its call back for the rows ``coming``, wait for
+        them (or for its fill deadline) instead."""
+        slow = self.slow
+        t0, calls = self.clock(), slow.stats.engine_calls
+        settled = slow.step(more_coming=coming)
+        for s in settled:
+            item = self._open_items.pop(s.key)  # type: ignore[call-overload]
             item.batch.settle(item.row, s)
             self.observer.slow_wait(s.first_sent - item.handed)
             self.stats.rethought += 1
             self.stats.unet_evals += s.unet_evals
             self._answer(item.req, item.batch.result(item.row, self.pipe.class_names))
-        if sched.stats.engine_calls > calls:
-            secs = (self.clock() - t0) / ((sched.stats.engine_calls - calls) * sched.B)
+        done = slow.stats.engine_calls - calls
+        if done:
+            secs = (self.clock() - t0) / (done * slow.scheduler.rows_per_call)
             self._row_seconds = secs if math.isnan(self._row_seconds) else 0.8 * self._row_seconds + 0.2 * secs
-        self.stats.scheduler = sched.stats.to_dict()
-        self.stats.slow_open = sched.open
+        self.stats.scheduler = slow.stats.to_dict()
+        self.stats.slow_open = slow.open
+        deadline = slow.fill_deadline
+        if deadline is not None and not settled and not done:
+            with self._lock:  # held back: sleep until the fast thread hands rows over, or the deadline
+                if not self._handoff and (left := deadline - self.clock()) > 0:
+                    self._lock.wait(left)
 
     def _drop_late(self) -> None:
         """Answer the open images whose deadline has passed with their fast label (their callers
         would time out otherwise) and drop them from the scheduler."""
         now = self.clock()
         for key, it in list(self._open_items.items()):
-            if it.req.deadline is not None and now > it.req.deadline and self.sched.cancel(key):
+            if it.req.deadline is not None and now > it.req.deadline and self.slow.cancel(key):
                 del self._open_items[key]
                 self._skip(it.req, it.batch, it.row, "deadline")
 

@@ -32,7 +32,7 @@ def test_bench_on_the_digits_test_split_by_default(tmp_path):
             "unet_evals_per_rethought_image"] / 2
         assert sched["rows"]["rows_sent"] <= sync["rows"]["rows_sent"]
         st = sched["rows"]  # every row sent was asked for, ran ahead, or padded
-        assert st["rows_sent"] == st["rows_needed"] - st["rows_speculative_used"] + st["rows_speculative"] + st[
+        assert st["rows_sent"] == st["rows_needed"] - st["rows_ahead_used"] + st["rows_ahead"] + st[
             "rows_padding"]
         assert v["all_at_once"]["unet_evals_per_rethought_image"] == sched["unet_evals_per_rethought_image"]
         assert len(v["all_at_once"]["latencies"]) == n_re and v["at_rate"]["rate_per_s"] > 0
@@ -89,7 +89,7 @@ def test_gpu_check_picks_a_scorer_batch_that_fits():
     scorer row in fp16, so a 24 GB card gets 12 rows per call, not the bundle's 32."""
     from types import SimpleNamespace
 
-    from benchmarks.gpu_check import fitting_unet_batch
+    from dbmef.apps.roofline import fitting_unet_batch
 
     sd15 = SimpleNamespace(vae=SimpleNamespace(latent_shape=(4, 64, 64)), precision="fp16",
                            sources={"sd": {"unet_config": {"attention_head_dim": 8}}})

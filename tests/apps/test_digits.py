@@ -45,7 +45,7 @@ def test_committed_bundle_beats_its_backbone_on_the_test_split(tmp_path):
 
 
 def test_table_ablation_agrees_with_the_runtime():
-    from benchmarks.digits.table import ablate
+    from dbmef.apps.digits_table import ablate
 
     split = demo_test_split()
     sub = DigitsSplit(split.images[:40], split.labels[:40], split.indices[:40])
@@ -58,7 +58,7 @@ def test_table_ablation_agrees_with_the_runtime():
 
 
 def test_regenerated_report_keeps_the_hand_written_notes():
-    from benchmarks.digits.table import with_notes
+    from dbmef.apps.digits_table import with_notes
 
     old = "# Old\n\n| stale | table |\n\n## Notes\n\n* seed 2 is odd\n\n## Notes on cost\n* slow\n"
     new = with_notes("# New\n\n| fresh | table |\n\n", old)
@@ -68,7 +68,7 @@ def test_regenerated_report_keeps_the_hand_written_notes():
 
 
 def test_report_header_states_the_prot_each_backbone_ran_with():
-    from benchmarks.digits.table import markdown
+    from dbmef.apps.digits_table import markdown
 
     committed = json.loads((Path(__file__).parents[2] / "benchmarks/digits/results.json").read_text())
     rows = [{**r, "prot": 0.9 if r["backbone"] == "weak" else 0.995} for r in committed["results"]]
@@ -80,7 +80,8 @@ def test_report_header_states_the_prot_each_backbone_ran_with():
 
 def test_training_script_runs_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
-    from benchmarks.digits.train import TrainConfig, train_system
+    from dbmef.apps.digits_system import train_system
+    from dbmef.apps.digits_train import TrainConfig
     from dbmef.runtime.system import DBMEFRuntime
 
     cfg = TrainConfig(out=str(tmp_path / "run"), vae_steps=3, unet_steps=3, weak_epochs=1, strong_epochs=1,

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +78,39 @@ def same_record(a: dict, b: dict) -> None:
     if a["noise_errors"]:
         np.testing.assert_allclose(a["noise_errors"], b["noise_errors"], rtol=1e-6)
     np.testing.assert_allclose([p for _, p in a["topk"]], [p for _, p in b["topk"]], rtol=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: bytes | None = None, method: str = "POST") -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            raw = r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    try:
+        return status, json.loads(raw), raw
+    except ValueError:
+        return status, {}, raw
+
+
+def wait_ready(base: str, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if request(base + "/v2/health/ready", method="GET")[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
+    said = ""
+    if proc is not None:  # what the service printed, to say why
+        proc.kill()
+        said = (proc.communicate(timeout=30)[0] or "")[-3000:]
+    raise AssertionError(f"service did not become ready in {timeout:.0f} s {said}")

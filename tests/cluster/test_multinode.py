@@ -95,7 +95,7 @@ def test_serve_with_two_replicas_on_two_nodes(cluster, digits_folder):
     from ray import serve
 
     from dbmef.cluster.serve import ServeConfig, start
-    from tests.cluster.test_serve import free_port, request, wait_ready
+    from tests.cluster.conftest import free_port, request, wait_ready
 
     workers = cluster[1]
     port = free_port()

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 
 from dbmef.apps.digits import DIGIT_NAMES, demo_bundle_dir, demo_test_split, render  # noqa: E402
 from dbmef.cluster import RuntimeSpec  # noqa: E402
+from tests.cluster.conftest import free_port, request, wait_ready  # noqa: E402
 
 SPEC = RuntimeSpec(str(demo_bundle_dir()), batch_size=8)
 
@@ -47,51 +45,16 @@ def digits() -> tuple[list[bytes], list[bool]]:
     return [png(split.images[j]) for j in chosen], [bool(rethink[j]) for j in chosen]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def request(url: str, body: bytes | None = None, method: str = "POST") -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(url, data=body, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            raw = r.read()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read(), e.code
-    try:
-        return status, json.loads(raw), raw
-    except ValueError:
-        return status, {}, raw
-
-
-def wait_ready(base: str, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if request(base + "/v2/health/ready", method="GET")[0] == 200:
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.5)
-    said = ""
-    if proc is not None:  # what the service printed, to say why
-        proc.kill()
-        said = (proc.communicate(timeout=30)[0] or "")[-3000:]
-    raise AssertionError(f"service did not become ready in {timeout:.0f} s {said}")
-
-
 @pytest.fixture(scope="module")
 def service(local_ray):
     from ray import serve
 
     from dbmef.cluster.serve import ServeConfig, start
+    from dbmef.runtime.worker import WorkerConfig
 
     port = free_port()
-    start(SPEC, ServeConfig(max_batch_size=8, batch_wait_ms=50, max_body_bytes=50_000, body_timeout_s=4.0,
-                            max_header_bytes=4096, max_images_per_request=32), port=port)
+    start(SPEC, ServeConfig(WorkerConfig(batch_size=8, batch_wait_s=0.05, deadline_s=60.0), max_body_bytes=50_000,
+                            body_timeout_s=4.0, max_header_bytes=4096, max_images_per_request=32), port=port)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base)
     yield port, base
@@ -199,7 +162,7 @@ def slow_clients_and_bombs(port: int, good: bytes) -> None:
     limit, so only the body deadline can end them) do not stall the service: health and a good
     request are answered while they hang (before their 4 s body deadline cuts them off), a
     decompression bomb fails only its own request (400), and the slow clients get 408."""
-    from tests.runtime.test_hostile_input import png_declaring
+    from tests.conftest import png_declaring
 
     base = f"http://127.0.0.1:{port}"
     slow = []

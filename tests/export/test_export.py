@@ -50,7 +50,7 @@ def test_onnxruntime_matches_torch_at_two_batch_sizes(tiny_bundle, tiny_system, 
         VaeEncoderModule,
     )
     from dbmef.runtime.backends.onnxruntime import OrtEngine, OrtOptions
-    from dbmef.runtime.schedule import alphas_cumprod
+    from dbmef.runtime.noise_schedule import alphas_cumprod
 
     sd = load_sd(tiny_system / "sd")
     module = {

@@ -6,14 +6,15 @@ import math
 import numpy as np
 import pytest
 
+from dbmef.apps.lockstep import score_lockstep
 from dbmef.errors import ConfigError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, replay, t_threshold, van_der_corput_order
-from dbmef.runtime.engine import FunctionEngine
+from dbmef.runtime.early_exit import ExitPolicy, replay, van_der_corput_order
 from dbmef.runtime.method import vote, vote_means
-from dbmef.runtime.noise import NoiseBank
 from dbmef.runtime.scorer import DiffusionScorer
-from tests.runtime.test_scorer import LATENT
+from dbmef.runtime.student_t import t_threshold
+from tests.runtime.conftest import LATENT, close_call_engine, full_errors, score
+from tests.runtime.conftest import make_problem as problem
 
 EXACT = ExitPolicy("exact")
 OFF = ExitPolicy("off")
@@ -176,27 +177,6 @@ def test_policy_and_config_validation():
     assert ScoringConfig().early_exit == "exact"
 
 
-def problem(M=6, C=9, k=4, L=5, D=6, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((M, *LATENT)).astype(np.float32),
-            np.stack([rng.permutation(C)[:k] for _ in range(M)]),
-            scale * rng.standard_normal((C, L, D)).astype(np.float32),
-            scale * rng.standard_normal((M, k, L, D)).astype(np.float32))
-
-
-def close_call_engine(log):
-    """A fused scorer whose per-row error is ``mean((eps - g)^2)``, g a per-condition offset: a
-    candidate wins a vote when its g is nearest that vote's noise mean, so votes disagree and
-    early exit needs several stages."""
-
-    def fn(x0, eps, timestep, emb_pos, emb_neg, lam):
-        log.append(len(x0))
-        g = (emb_pos.mean(axis=(1, 2)) - emb_neg.mean(axis=(1, 2)))[:, None, None, None]
-        return {"error": np.mean((eps - g) ** 2, axis=(1, 2, 3)).astype(np.float32)}
-
-    return FunctionEngine("scorer", ("x0", "eps", "timestep", "emb_pos", "emb_neg", "lam"), ("error",), fn)
-
-
 @pytest.mark.parametrize("mode", ["exact", "adaptive"])
 def test_stagewise_scorer_equals_replay_of_the_full_errors(mode):
     """The scorer's stages, on real engine calls, make the decisions and row counts that replaying
@@ -205,21 +185,19 @@ def test_stagewise_scorer_equals_replay_of_the_full_errors(mode):
     lat, cands, pos, neg = problem()
     cfg = ScoringConfig(k=4, n_timesteps=6, votes=5, unet_batch=7, early_exit=mode, exit_z=1.0, exit_interval=2,
                         exit_min_rows=4)
-    eps = NoiseBank(5, 6, LATENT, cfg.seed).eps  # (V, n, 4, h, w)
-    g = pos[cands].mean(axis=(2, 3)) - neg.mean(axis=(2, 3))  # (M, k)
-    full = ((eps[None, :, :, None] - g[:, None, None, :, None, None, None]) ** 2).mean(axis=(4, 5, 6))
-    want = replay(full.astype(np.float32), cfg.exit_policy)
+    want = replay(full_errors(cfg, cands, pos, neg), cfg.exit_policy)
     calls: list[int] = []
-    r = DiffusionScorer(cfg, close_call_engine(calls), LATENT).score(lat, cands, pos, neg)
+    r = score(cfg, close_call_engine(calls), lat, cands, pos, neg)
     assert list(r.labels) == list(cands[np.arange(len(cands)), want.winner])
-    np.testing.assert_array_equal(r.rows_per_image, want.rows)
-    assert r.rows == want.rows.sum() < 6 * 5 * 6 * 4
-    assert want.stages > 1 and set(calls) == {7} and r.engine_calls == len(calls)
-    # the earlier batch-synchronous schedule: every stage of every image, each stage's tail padded
+    np.testing.assert_array_equal(r.rows, want.rows)
+    assert r.rows.sum() == want.rows.sum() < 6 * 5 * 6 * 4
+    assert want.stages > 1 and set(calls) == {7} and r.stats.engine_calls == len(calls)
+    # the batch-synchronous baseline (dbmef bench's): every stage of every image, each stage's tail padded
     calls.clear()
-    sync = DiffusionScorer(cfg, close_call_engine(calls), LATENT).score(lat, cands, pos, neg, lockstep=True)
-    assert list(sync.labels) == list(r.labels) and list(sync.rows_per_image) == list(r.rows_per_image)
-    assert sync.engine_calls == len(calls) == sum(-(-n // 7) for n in want.stage_rows) >= r.engine_calls
+    sc = DiffusionScorer(cfg, close_call_engine(calls), LATENT)
+    sync, stats = score_lockstep(sc, pos, lat, cands, neg)
+    assert [s.label for s in sync] == list(r.labels) and [s.rows for s in sync] == list(r.rows)
+    assert stats.engine_calls == len(calls) == sum(-(-n // 7) for n in want.stage_rows) >= r.stats.engine_calls
 
 
 @pytest.mark.parametrize("mode", ["off", "exact", "adaptive"])
@@ -227,21 +205,21 @@ def test_stagewise_batching_does_not_depend_on_the_batch(mode):
     lat, cands, pos, neg = problem(seed=3)
     cfg = ScoringConfig(k=4, n_timesteps=6, votes=5, unet_batch=5, early_exit=mode, exit_z=1.0, exit_interval=2,
                         exit_min_rows=4)
-    sc = DiffusionScorer(cfg, close_call_engine([]), LATENT)
-    together = sc.score(lat, cands, pos, neg)
+    engine = close_call_engine([])
+    together = score(cfg, engine, lat, cands, pos, neg)
     for m in range(len(lat)):
-        alone = sc.score(lat[m : m + 1], cands[m : m + 1], pos, neg[m : m + 1])
+        alone = score(cfg, engine, lat[m : m + 1], cands[m : m + 1], pos, neg[m : m + 1])
         assert alone.labels[0] == together.labels[m]
-        assert alone.rows_per_image[0] == together.rows_per_image[m]
+        assert alone.rows[0] == together.rows[m]
         np.testing.assert_array_equal(alone.errors[0], together.errors[m])
 
 
 def test_exact_equals_off_on_the_scorer():
     lat, cands, pos, neg = problem(M=12, seed=5)
     cfg = ScoringConfig(k=4, n_timesteps=4, votes=5, unet_batch=8)
-    off = DiffusionScorer(cfg.replace(early_exit="off"), close_call_engine([]), LATENT).score(lat, cands, pos, neg)
-    ex = DiffusionScorer(cfg, close_call_engine([]), LATENT).score(lat, cands, pos, neg)
+    off = score(cfg.replace(early_exit="off"), close_call_engine([]), lat, cands, pos, neg)
+    ex = score(cfg, close_call_engine([]), lat, cands, pos, neg)
     assert list(ex.labels) == list(off.labels)
-    assert ex.rows < off.rows
+    assert ex.rows.sum() < off.rows.sum()
     done = ~np.isnan(ex.errors).any(axis=2)
     np.testing.assert_array_equal(ex.errors[done], off.errors[done])

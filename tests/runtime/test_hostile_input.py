@@ -6,10 +6,6 @@ import io
 import json
 import os
 import shutil
-import struct
-import subprocess
-import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +15,9 @@ from PIL import Image
 from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
 from dbmef.errors import BundleError, ConfigError, DBMEFError, ImageError
 from dbmef.runtime.preprocess import MAX_IMAGE_PIXELS, load_image
-from tests.conftest import needs_ort
+from tests.conftest import cli, needs_ort, png_declaring
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A 100-byte PNG whose header declares width x height (its data is one compressed row)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1)))
-            + chunk(b"IEND", b""))
 
 
 def real_bomb(path: Path) -> Path:
@@ -99,23 +85,6 @@ def test_fuzzed_files_decode_or_raise_a_dbmef_error():
         except DBMEFError:
             outcomes["refused"] += 1
     assert outcomes["decoded"] > 100 and outcomes["refused"] > 100
-
-
-# The child reports its own peak RSS from /proc/self/status (VmHWM, kB: this address space only).
-# getrusage will not do: RUSAGE_CHILDREN in the parent is the largest child the test process ever had,
-# and Linux keeps RUSAGE_SELF's ru_maxrss across execve, so a child of a large pytest process
-# reports the parent's size.
-_RUN_CLI = ("import re, sys; from dbmef.apps.cli import main; rc = main(sys.argv[1:]); "
-            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
-            "print('PEAK_RSS', hwm, file=sys.stderr); sys.exit(rc)")
-
-
-def cli(*args: str, timeout: int = 300) -> tuple[int, str, str, int]:
-    """Run the dbmef CLI in a child; returns (rc, stdout, stderr, peak RSS of that child in bytes)."""
-    out = subprocess.run([sys.executable, "-c", _RUN_CLI, *args], capture_output=True, text=True, cwd=ROOT,
-                         timeout=timeout)
-    peak = [int(line.split()[1]) for line in out.stderr.splitlines() if line.startswith("PEAK_RSS")]
-    return out.returncode, out.stdout, out.stderr, (peak[-1] if peak else 0) * 1024
 
 
 @needs_ort

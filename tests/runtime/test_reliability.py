@@ -15,8 +15,7 @@ import pytest
 
 from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
 from dbmef.errors import BundleError, ConfigError, ImageError
-from tests.conftest import needs_ort
-from tests.runtime.test_hostile_input import cli
+from tests.conftest import cli, needs_ort
 
 
 def bundle_copy(tmp_path: Path) -> Path:

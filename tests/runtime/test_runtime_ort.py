@@ -53,9 +53,8 @@ def test_parity_with_torch_reference_on_32_plus_images(tiny_bundle, tiny_system,
 @pytest.mark.parametrize("scorer", ["fused", "unet"])
 def test_same_answer_alone_or_in_a_batch(tiny_bundle, many_images, scorer):
     # scorer: the fused graph, or the plain-UNet path of the same bundle
-    rt = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=Protector(np.inf, 0.0), batch_size=8,
-                      scorer="scorer" if scorer == "fused" else "unet")
-    assert rt.describe()["scorer"] == ("scorer" if scorer == "fused" else "unet")
+    rt = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=Protector(np.inf, 0.0), batch_size=8, scorer=scorer)
+    assert rt.describe()["scorer"] == rt.scorer == scorer
     batch = rt.classify(many_images[:8])
     for j in (0, 3, 7):
         alone = rt.classify([many_images[j]])[0]
@@ -70,7 +69,7 @@ def test_fused_and_unet_scorers_agree(tiny_bundle, many_images):
     for x, y in zip(a, b):
         assert x.label == y.label
         np.testing.assert_allclose(x.noise_errors, y.noise_errors, rtol=1e-4)
-    with pytest.raises(BundleError, match="not in bundle"):
+    with pytest.raises(ConfigError, match=r"scorer 'vae_encoder' is not one of \['fused', 'unet'\]"):
         DBMEFRuntime(tiny_bundle, scorer="vae_encoder")
 
 

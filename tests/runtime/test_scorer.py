@@ -10,10 +10,9 @@ from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import FunctionEngine
 from dbmef.runtime.method import combine_and_error, error_from_terms, vote
 from dbmef.runtime.noise import NoiseBank
-from dbmef.runtime.schedule import alphas_cumprod, timestep_grid
+from dbmef.runtime.noise_schedule import alphas_cumprod, timestep_grid
 from dbmef.runtime.scorer import DiffusionScorer
-
-LATENT = (4, 4, 4)
+from tests.runtime.conftest import LATENT, make_fused_engine, make_unet_engine, score, toy_unet
 
 
 def test_lam_and_error_by_hand():
@@ -48,35 +47,6 @@ def test_vote_two_way_tie_ignores_untied_candidate():
     # votes 0,0,1,1: tie; mean c0 = 0.325, c1 = 0.25 -> 1
     w2, c2 = vote(e2)
     assert list(c2) == [2, 2, 0] and w2 == 1
-
-
-def toy_unet(sample, timestep, encoder_hidden_states):
-    """A deterministic stand-in for the UNet, per-row independent."""
-    cond = encoder_hidden_states.mean(axis=(1, 2))[:, None, None, None]
-    return {"noise_pred": (0.5 * sample + cond + 1e-3 * timestep[:, None, None, None]).astype(np.float32)}
-
-
-def make_unet_engine(batch_log):
-    def fn(sample, timestep, encoder_hidden_states):
-        batch_log.append(sample.shape[0])
-        return toy_unet(sample, timestep, encoder_hidden_states)
-
-    return FunctionEngine("unet", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",), fn)
-
-
-def make_fused_engine(batch_log):
-    abar = alphas_cumprod()
-
-    def fn(x0, eps, timestep, emb_pos, emb_neg, lam):
-        batch_log.append(x0.shape[0])
-        a = np.sqrt(abar[timestep]).astype(np.float32)[:, None, None, None]
-        s = np.sqrt(1 - abar[timestep]).astype(np.float32)[:, None, None, None]
-        xt = a * x0 + s * eps
-        p = toy_unet(xt, timestep, emb_pos)["noise_pred"]
-        q = toy_unet(xt, timestep, emb_neg)["noise_pred"]
-        return {"error": combine_and_error(eps, p, q, float(lam[0]))}
-
-    return FunctionEngine("scorer", ("x0", "eps", "timestep", "emb_pos", "emb_neg", "lam"), ("error",), fn)
 
 
 @pytest.fixture
@@ -119,14 +89,13 @@ def test_scorer_matches_naive_loop_and_uses_fixed_batches(problem, kind):
     cfg = ScoringConfig(k=3, n_timesteps=4, votes=3, lam=1.1, unet_batch=7, early_exit="off")
     log: list[int] = []
     engine = make_unet_engine(log) if kind == "unet" else make_fused_engine(log)
-    sc = DiffusionScorer(cfg, engine, LATENT)
-    assert sc.mode == kind
-    r = sc.score(problem["latents"], problem["candidates"], problem["pos"], problem["neg"])
+    assert DiffusionScorer(cfg, engine, LATENT).mode == kind
+    r = score(cfg, engine, problem["latents"], problem["candidates"], problem["pos"], problem["neg"])
     expected = naive_errors(cfg, problem)
     np.testing.assert_allclose(r.errors, expected, rtol=1e-5, atol=1e-6)
     rows = 3 * 3 * 4 * 3
-    assert r.rows == rows and r.engine_calls == math.ceil(rows / 7)
-    assert list(r.unet_evals_per_image) == [2 * 3 * 4 * 3] * 3
+    assert r.rows.sum() == rows and r.stats.engine_calls == math.ceil(rows / 7)
+    assert list(r.unet_evals) == [2 * 3 * 4 * 3] * 3
     per_call = 14 if kind == "unet" else 7  # both conditions in one UNet call
     assert set(log) == {per_call}  # every call has the fixed shape, the tail padded
     for m in range(3):
@@ -137,11 +106,11 @@ def test_scorer_matches_naive_loop_and_uses_fixed_batches(problem, kind):
 
 def test_same_answer_alone_or_in_a_batch(problem):
     cfg = ScoringConfig(k=3, n_timesteps=3, votes=2, unet_batch=5)
-    sc = DiffusionScorer(cfg, make_unet_engine([]), LATENT)
-    together = sc.score(problem["latents"], problem["candidates"], problem["pos"], problem["neg"])
+    engine = make_unet_engine([])
+    together = score(cfg, engine, problem["latents"], problem["candidates"], problem["pos"], problem["neg"])
     for m in range(3):
-        alone = sc.score(problem["latents"][m : m + 1], problem["candidates"][m : m + 1], problem["pos"],
-                         problem["neg"][m : m + 1])
+        alone = score(cfg, engine, problem["latents"][m : m + 1], problem["candidates"][m : m + 1], problem["pos"],
+                      problem["neg"][m : m + 1])
         np.testing.assert_array_equal(alone.errors[0], together.errors[m])
         assert alone.labels[0] == together.labels[m]
 
@@ -151,9 +120,12 @@ def test_scorer_rejects_unknown_engine_and_bad_shapes(problem):
     bad = FunctionEngine("x", ("a",), ("b",), lambda a: a)
     with pytest.raises(EngineError, match="neither a fused scorer"):
         DiffusionScorer(cfg, bad, LATENT)
-    sc = DiffusionScorer(cfg, make_unet_engine([]), LATENT)
-    with pytest.raises(EngineError, match="candidates"):
-        sc.score(problem["latents"], problem["candidates"][:, :2], problem["pos"], problem["neg"])
+    with pytest.raises(EngineError, match=r"candidates have shape \(2,\), expected \(3,\)"):
+        score(cfg, make_unet_engine([]), problem["latents"], problem["candidates"][:, :2], problem["pos"],
+              problem["neg"])
+    with pytest.raises(EngineError, match=r"latent has shape \(4, 4, 2\)"):
+        score(cfg, make_unet_engine([]), problem["latents"][..., :2], problem["candidates"], problem["pos"],
+              problem["neg"])
     with pytest.raises(EngineError, match="inputs"):
         make_unet_engine([])({"sample": problem["latents"]})
 

@@ -19,7 +19,6 @@ from dbmef.runtime.backends.trt_engines import ShapeProfile, engine_file_name, e
 from dbmef.runtime.bundle import load_manifest
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.engine import FunctionEngine, RowScorer
-from dbmef.runtime.scorer import DiffusionScorer
 from tests.conftest import needs_ort, needs_torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,7 +201,7 @@ def test_row_gather_plan_equals_numpy_fancy_indexing():
 def test_device_row_path_of_the_scorer_matches_the_host_path():
     """An engine offering the row path (as TrtEngine does), gathering by the copy plan, gives the
     host path's errors exactly, with calls launched before the previous one is collected."""
-    from tests.runtime.test_scorer import LATENT, make_fused_engine
+    from tests.runtime.conftest import LATENT, make_fused_engine, score
 
     rng = np.random.default_rng(1)
     cfg = ScoringConfig(k=3, n_timesteps=3, votes=2, unet_batch=5)
@@ -248,11 +247,12 @@ def test_device_row_path_of_the_scorer_matches_the_host_path():
             pass
 
     dev = DeviceEngine("scorer", inner.input_names, inner.output_names, inner._fn)
-    a = DiffusionScorer(cfg, inner, LATENT).score(latents, cands, pos, neg)
-    b = DiffusionScorer(cfg, dev, LATENT).score(latents, cands, pos, neg)
+    a = score(cfg, inner, latents, cands, pos, neg)
+    b = score(cfg, dev, latents, cands, pos, neg)
     np.testing.assert_array_equal(a.errors, b.errors)
-    assert list(a.labels) == list(b.labels) and b.engine_calls == a.engine_calls
-    assert b.stats.host_syncs == b.engine_calls  # one wait per call
+    assert list(a.labels) == list(b.labels) and b.stats.engine_calls == a.stats.engine_calls
+    assert b.stats.host_syncs == b.stats.engine_calls  # one wait per call
+    assert dev.most_in_flight == 2  # the next call was launched before the last one was collected
 
 
 @pytest.mark.skipif(device_count() > 0, reason="checks the no-GPU error")

@@ -1,17 +1,25 @@
-"""ClassifierWorker (issue 22/23): the submit/future form gives classify's answers, a kept answer
-never waits for a rethink, overload and deadlines are answered (never lost), close drains."""
+"""ClassifierWorker (issues 22, 23, 33): the submit/future form gives classify's answers, a kept
+answer never waits for a rethink, overload and deadlines are answered (never lost), close drains, a
+rethink is answered while the fast path is busy. Every timing claim is checked on a fake clock, or
+by holding one path and watching the other: no assertion reads the wall clock."""
 
 from __future__ import annotations
+
+import math
+import threading
 
 import numpy as np
 import pytest
 
 from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
+from dbmef.errors import ConfigError
 from dbmef.runtime import RuntimeSpec
-from dbmef.runtime.worker import ClassifierWorker, OverloadedError
+from dbmef.runtime.worker import ClassifierWorker, OverloadedError, WorkerConfig
 from tests.conftest import needs_ort
+from tests.runtime.conftest import FakeClock
 
 pytestmark = needs_ort
+WAIT = 120  # seconds a test waits for a future before it calls the worker stuck
 
 
 @pytest.fixture(scope="module")
@@ -26,60 +34,106 @@ def digits():
     rt.close()
 
 
-def test_futures_give_classifys_answers_and_kept_answers_do_not_wait(digits):
+def hold(monkeypatch, obj, name: str) -> tuple[threading.Event, threading.Event]:
+    """Make ``obj.name`` wait for the returned ``release`` event; ``entered`` is set once it is called."""
+    release, entered = threading.Event(), threading.Event()
+    real = getattr(obj, name)
+
+    def held(*args, **kwargs):
+        entered.set()
+        assert release.wait(WAIT), f"{name} was held for {WAIT} s"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, held)
+    return release, entered
+
+
+def test_futures_give_classifys_answers_and_kept_answers_do_not_wait(digits, monkeypatch):
+    """With the slow path's engine calls held, every kept answer arrives and no rethought one does;
+    once released, every answer is classify's (labels, UNet evaluations, rethink flags)."""
     rt, images, want = digits
-    with ClassifierWorker(rt.pipeline, batch_size=8) as w:
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=8), clock=FakeClock(tick=1e-4)) as w:
+        release, entered = hold(monkeypatch, w.slow.executor, "launch")
         futures = w.submit_many(images)
-        got = [f.result(timeout=300) for f in futures]
+        kept = [f for f, r in zip(futures, want) if not r.rethought]
+        rethought = [f for f, r in zip(futures, want) if r.rethought]
+        assert 0 < len(rethought) < len(futures)
+        for f in kept:
+            assert not f.result(timeout=WAIT).rethought
+        assert entered.wait(WAIT) and not any(f.done() for f in rethought)  # held: none could be answered
+        release.set()
+        got = [f.result(timeout=WAIT) for f in futures]
     assert [g.label for g in got] == [r.label for r in want]
     assert [g.unet_evals for g in got] == [r.unet_evals for r in want]
     assert [g.rethought for g in got] == [r.rethought for r in want]
-    kept = [g.latency_s for g in got if not g.rethought]
-    rethought = [g.latency_s for g in got if g.rethought]
-    assert 0 < len(rethought) < len(got)
-    assert max(kept) < min(rethought)  # every kept answer came before the first rethink was done
     assert w.stats.answered == len(images) and w.stats.rethought == len(rethought)
 
 
-def test_deadline_overload_and_reject_are_answered_never_lost(digits):
+def test_overload_and_reject_are_answered_never_lost(digits, monkeypatch):
+    """Batches of exactly the submitted images (a frozen clock: the fast path waits for a full batch)."""
     rt, images, want = digits
     slow = [im for im, r in zip(images, want) if r.rethought]
     fast_label = [r.backbone_label for r in want if r.rethought]
-    with ClassifierWorker(rt.pipeline, batch_size=8, max_rethinking=1) as w:
-        got = [f.result(timeout=300) for f in w.submit_many(slow[:4])]  # one batch: only one may rethink
+    one_batch = {"batch_wait_s": 1.0, "max_rethinking": 1}
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=4, **one_batch), clock=FakeClock()) as w:
+        got = [f.result(timeout=WAIT) for f in w.submit_many(slow[:4])]  # one batch: only one may rethink
     assert sum(g.rethought for g in got) == 1
     assert [g.rethink_skipped for g in got if not g.rethought] == ["overloaded"] * 3
     assert all(g.label == b for g, b in zip(got, fast_label) if not g.rethought)  # the fast answer
     assert w.stats.rethink_skipped == {"overloaded": 3}
 
-    with ClassifierWorker(rt.pipeline, batch_size=8) as w:  # a deadline no rethink can meet
-        w.submit(slow[0]).result(timeout=300)  # one measured rethink: the worker knows its speed
-        late = [f.result(timeout=300) for f in w.submit_many(slow[:4], deadline_s=1e-3)]
-    assert all(g.rethink_skipped == "deadline" and not g.rethought for g in late)
-    assert [g.label for g in late] == fast_label[:4]
-
-    with ClassifierWorker(rt.pipeline, batch_size=8, max_rethinking=1, on_overload="reject") as w:
-        futures = w.submit_many(slow[:3])
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=3, on_overload="reject", **one_batch),
+                          clock=FakeClock()) as w:
         outcomes = []
-        for f in futures:
+        for f in w.submit_many(slow[:3]):
             try:
-                outcomes.append(f.result(timeout=300).rethought)
+                outcomes.append(f.result(timeout=WAIT).rethought)
             except OverloadedError:
                 outcomes.append("rejected")
     assert sorted(map(str, outcomes)) == ["True", "rejected", "rejected"]
 
-    w = ClassifierWorker(rt.pipeline, batch_size=1, max_queued=2, batch_wait_s=0.5)
+    w = ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=1, max_queued=2), clock=FakeClock(tick=1e-4))
+    release, entered = hold(monkeypatch, rt.pipeline, "fast_path")
     try:
+        first = w.submit(slow[0])
+        assert entered.wait(WAIT)  # the fast thread holds the first request
+        w.submit(slow[0])
+        w.submit(slow[0])  # two wait: the queue is full
         with pytest.raises(OverloadedError, match="max_queued"):
-            for _ in range(50):
-                w.submit(slow[0])
+            w.submit(slow[0])
+        release.set()
+        assert first.result(timeout=WAIT).label == next(r.label for r in want if r.rethought)
     finally:
+        release.set()
         w.close()
+
+
+def test_a_deadline_the_slow_path_cannot_meet_gets_the_fast_answer(digits, monkeypatch):
+    """On a fake clock where every engine call takes one second: a rethink needs hundreds of rows at
+    1/64 s each, so a deadline of 0.5 s is skipped at admission and one of an hour is met."""
+    rt, images, want = digits
+    slow = [im for im, r in zip(images, want) if r.rethought]
+    clock = FakeClock()
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=1), clock=clock) as w:
+        launch = w.slow.executor.launch
+
+        def one_second_call(rows):
+            clock.advance(1.0)
+            return launch(rows)
+
+        monkeypatch.setattr(w.slow.executor, "launch", one_second_call)
+        first = w.submit(slow[0]).result(timeout=WAIT)  # one measured rethink: the worker knows its speed
+        late = [w.submit(im, deadline_s=0.5).result(timeout=WAIT) for im in slow[:3]]
+        met = w.submit(slow[1], deadline_s=3600.0).result(timeout=WAIT)
+    assert first.rethought and met.rethought and met.label == [r.label for r in want if r.rethought][1]
+    assert [g.rethink_skipped for g in late] == ["deadline"] * 3 and not any(g.rethought for g in late)
+    assert [g.label for g in late] == [r.backbone_label for r in want if r.rethought][:3]
+    assert w.stats.rethink_skipped == {"deadline": 3}
 
 
 def test_close_answers_everything_already_taken(digits):
     rt, images, want = digits
-    w = ClassifierWorker(rt.pipeline, batch_size=8)
+    w = ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=8), clock=FakeClock(tick=1e-4))
     futures = w.submit_many(images[:16])
     w.close()
     assert all(f.done() for f in futures)
@@ -88,39 +142,37 @@ def test_close_answers_everything_already_taken(digits):
         w.submit(images[0])
 
 
-def test_a_rethink_is_answered_while_confident_traffic_goes_on(digits):
-    """Confident images keep the fast path's intake never empty (it waits up to a second to fill
-    a batch of 64 while 16 are always pending); the one rethought image is answered, with
-    classify's label, while that traffic goes on. (A liveness check of the slow path under a
-    busy fast path; it did not fail with the unbounded fill wait FILL_WAIT_S replaced, whose
-    bound is a guard, not a measured fix.)"""
-    import threading
-
+def test_a_rethink_is_answered_while_the_fast_path_is_busy(digits, monkeypatch):
+    """Liveness: the fast thread is held inside a batch (so more rows are always 'coming'), and the
+    one rethought image must still be answered: its last engine call, which would not be full, waits
+    for the fast path at most fill_wait_s (on a fake clock that moves 1 ms per reading), then goes
+    padded. With an unbounded fill wait this test fails: the rethink waits for the held fast path."""
     rt, images, want = digits
-    slow = next(im for im, r in zip(images, want) if r.rethought)
-    kept = [im for im, r in zip(images, want) if not r.rethought]
-    stop = threading.Event()
-    with ClassifierWorker(rt.pipeline, batch_size=64, batch_wait_s=1.0) as w:
-
-        def feed() -> None:
-            pending: list = []
-            while not stop.is_set():
-                pending = [f for f in pending if not f.done()]
-                if len(pending) < 16:
-                    pending += w.submit_many(kept[:8])
-            for f in pending:
-                f.result(timeout=300)
-
-        feeder = threading.Thread(target=feed)
-        feeder.start()
+    slow_i = next(j for j, r in enumerate(want) if r.rethought)
+    kept = next(im for im, r in zip(images, want) if not r.rethought)
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=1, fill_wait_s=0.05),
+                          clock=FakeClock(tick=1e-3)) as w:
+        rethink = w.submit(images[slow_i])
+        while w.stats.fast_batches < 1:  # its fast path has run: the image is on the slow path
+            threading.Event().wait(0.01)
+        release, entered = hold(monkeypatch, rt.pipeline, "fast_path")
+        busy = w.submit(kept)
+        assert entered.wait(WAIT)
         try:
-            answer = w.submit(slow).result(timeout=120)
-            still_feeding = feeder.is_alive() and not stop.is_set()
+            answer = rethink.result(timeout=WAIT)
+            fast_still_held = not busy.done()
         finally:
-            stop.set()
-            feeder.join()
-    assert answer.rethought and still_feeding
-    assert answer.label == next(r.label for r in want if r.rethought)
+            release.set()
+        busy.result(timeout=WAIT)
+    assert fast_still_held and answer.rethought and answer.label == want[slow_i].label
+    assert w.stats.scheduler["rows_padding"] + w.stats.scheduler["rows_ahead"] > 0  # the held call went padded
+
+
+def test_worker_config_refuses_bad_values():
+    for bad in ({"batch_size": 0}, {"max_queued": 0}, {"fill_wait_s": math.inf}, {"batch_wait_s": -1.0},
+                {"deadline_s": 0.0}, {"on_overload": "drop"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            WorkerConfig(**bad)
 
 
 def _png(a: np.ndarray, side: int) -> bytes:
@@ -154,7 +206,7 @@ def test_a_large_image_is_decoded_in_its_lane_and_small_ones_do_not_wait(digits,
         return real(src, name)
 
     monkeypatch.setattr(rt.pipeline, "preprocess", held)
-    with ClassifierWorker(rt.pipeline, batch_size=8) as w:
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=8), clock=FakeClock(tick=1e-4)) as w:
         large = w.submit_many([*big, truncated])
         small = w.submit_many(images[:8])
         got = [f.result(timeout=300) for f in small]  # answered while the large ones are held

@@ -36,9 +36,9 @@ def li_schedule(errors: np.ndarray, keep: tuple[int, ...], samples: tuple[int, .
 
 
 @pytest.mark.parametrize("keep,samples", [((5, 1), (4, 16)), ((3, 2, 1), (2, 6, 16)), ((1,), (16,))])
-def test_schedule_matches_a_plain_replay_of_li_et_al(keep, samples):
+def test_keep_best_matches_a_plain_replay_of_li_et_al(keep, samples):
     rng = np.random.default_rng(7)
-    policy = ExitPolicy("schedule", keep=keep, samples=samples)
+    policy = ExitPolicy("keep_best", keep=keep, samples=samples)
     for _ in range(20):
         table = rng.random((16, 6)).astype(np.float32)
         plan = ImagePlan(1, 16, 6, policy)
@@ -48,11 +48,15 @@ def test_schedule_matches_a_plain_replay_of_li_et_al(keep, samples):
         assert (plan.winner, plan.rows) == li_schedule(table, keep, samples)
 
 
-def test_schedule_refuses_what_it_cannot_run():
+def test_keep_best_refuses_what_it_cannot_run_and_its_old_name_is_still_read():
     with pytest.raises(ConfigError, match="keep decreasing to 1"):
-        ExitPolicy("schedule", keep=(2, 3), samples=(4, 8))
+        ExitPolicy("keep_best", keep=(2, 3), samples=(4, 8))
     with pytest.raises(ConfigError, match="one vote over n_timesteps = samples"):
-        ImagePlan(2, 8, 5, ExitPolicy("schedule", keep=(2, 1), samples=(4, 8)))
+        ImagePlan(2, 8, 5, ExitPolicy("keep_best", keep=(2, 1), samples=(4, 8)))
+    with pytest.warns(FutureWarning, match="'schedule' is now called 'keep_best'"):
+        cfg = ScoringConfig.from_dict({"early_exit": "schedule", "exit_keep": [5, 1], "exit_samples": [4, 30],
+                                       "votes": 1})
+    assert cfg.early_exit == cfg.exit_policy.mode == "keep_best"
     with pytest.raises(ConfigError, match="zero-shot"):
         ScoringConfig(zero_shot=True, lam=1.1)
 
@@ -72,7 +76,7 @@ def test_lam_one_runs_the_positive_condition_alone(tiny_bundle, many_images):
     """At lam = 1 the plain UNet graph runs once per row; the fused graph (both conditions, the
     combine inside) gives the same decisions at twice the UNet evaluations."""
     one = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=EVERY).classify(many_images[:6])
-    two = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=EVERY, scorer="scorer").classify(many_images[:6])
+    two = DBMEFRuntime(tiny_bundle, scoring=CFG, protector=EVERY, scorer="fused").classify(many_images[:6])
     assert [r.label for r in one] == [r.label for r in two]
     for a, b in zip(one, two):
         assert a.unet_evals * 2 == b.unet_evals > 0
@@ -86,7 +90,7 @@ def test_zero_shot_is_the_method_over_every_class_without_a_protector(tiny_bundl
     zs = DBMEFRuntime(tiny_bundle, scoring=CFG.replace(zero_shot=True)).classify(many_images[:6])
     # the same work asked for explicitly: k = every class, rethink everything, fused graph at lam 1
     ref = DBMEFRuntime(tiny_bundle, scoring=CFG.replace(k=len(names)), protector=EVERY,
-                       scorer="scorer").classify(many_images[:6])
+                       scorer="fused").classify(many_images[:6])
     assert all(r.rethought for r in zs)
     assert [r.label for r in zs] == [r.label for r in ref]
     assert all(len(r.candidates) == len(names) for r in zs)

@@ -63,7 +63,7 @@ def check_options(backend: str, options: Any) -> None:
     to ONNX Runtime, so its options are ONNX Runtime's)."""
     name = "onnxruntime" if backend == "auto" else backend
     if name not in _REGISTRY:
-        raise ConfigError(f"backend {backend!r} is not registered; known backends: {list(names())}")
+        raise ConfigError(f"backend {backend!r} is not one of the registered backends {list(names())}")
     settings = _REGISTRY[name].settings
     if settings is not None:
         settings(options)

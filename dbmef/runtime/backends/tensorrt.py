@@ -23,6 +23,7 @@ from dbmef.runtime.backends import cuda
 from dbmef.runtime.backends.row_gather import plan_chunk
 from dbmef.runtime.backends.trt_engines import import_tensorrt, trt_logger, usable_engine
 from dbmef.runtime.bundle import Bundle
+from dbmef.runtime.contracts import SCORER
 from dbmef.runtime.engine import Engine, RowScorer
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,7 @@ class RowTables:
             e.destroy()
 
 
-SCORER_DTYPES = {"x0": np.float32, "eps": np.float32, "timestep": np.int64, "emb_pos": np.float32,
-                 "emb_neg": np.float32, "lam": np.float32}
+SCORER_DTYPES = SCORER.input_dtypes  # what the row path's raw device copies assume of each input
 
 
 class TrtEngine(Engine, RowScorer):
@@ -261,7 +261,7 @@ class TrtEngine(Engine, RowScorer):
         wrong = {n: str(self.slots[n].dtype) for n, dt in SCORER_DTYPES.items() if self.slots[n].dtype != dt}
         if wrong:
             raise EngineError(f"engine '{self.name}': input types {wrong} are not the fused scorer's "
-                              f"{ {n: np.dtype(d).name for n, d in SCORER_DTYPES.items()} }; re-export the bundle")
+                              f"{ {n: d.name for n, d in SCORER_DTYPES.items()} }; re-export the bundle")
         if self.slots["x0"].max_shape[0] != batch:
             raise EngineError(f"engine '{self.name}' was built for {self.slots['x0'].max_shape[0]} rows per call, "
                               f"the scorer asks for {batch}; rebuild engines with --unet-batch {batch}")

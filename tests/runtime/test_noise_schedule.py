@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dbmef.errors import ConfigError
-from dbmef.runtime.schedule import alphas_cumprod, scaled_linear_betas, timestep_grid
+from dbmef.runtime.noise_schedule import alphas_cumprod, scaled_linear_betas, timestep_grid
 from tests.conftest import needs_torch
 
 

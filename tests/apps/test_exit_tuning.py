@@ -1,10 +1,10 @@
-"""benchmarks/digits/zero_shot.py's calibrated timestep order, by hand."""
+"""The zero-shot early-exit choice (dbmef/apps/exit_tuning.py): the calibrated timestep order by hand, the rule."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.digits.zero_shot import calibrated_order
+from dbmef.apps.exit_tuning import calibrated_order
 
 
 def test_the_order_puts_the_separating_timesteps_first():
@@ -26,7 +26,7 @@ def test_the_adaptive_choice_is_the_cheapest_admissible_point_on_calibration():
     """choose_adaptive's rule, checked over its own grid: the chosen van der Corput point is within
     0.5 points of the exhaustive accuracy and no admissible van der Corput point is cheaper; the
     normal-threshold pick obeys the same rule among z-test points only."""
-    from benchmarks.digits.zero_shot import choose_adaptive
+    from dbmef.apps.exit_tuning import choose_adaptive
 
     rng = np.random.default_rng(0)
     m, n, c = 30, 20, 4

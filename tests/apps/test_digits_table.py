@@ -1,10 +1,10 @@
-"""benchmarks/digits/table.py's early-exit columns on a hand-made error tensor."""
+"""Table 1's early-exit columns (dbmef/apps/digits_table.py) on a hand-made error tensor."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.digits.table import early_exit_columns
+from dbmef.apps.digits_table import early_exit_columns
 
 
 def test_the_adaptive_column_is_the_adaptive_policy():

@@ -10,7 +10,7 @@ Shape arithmetic (``Shape``, its ``Gather``/``Concat``/``Unsqueeze``, int64 cons
 host, so a call reads the device once, when its outputs are copied back: what the issue's "syncs
 counted" counts (``TorchOnnxEngine.syncs``).
 
-    from benchmarks.torch_onnx import register_torch_backend
+    from dbmef.reference.torch_onnx import register_torch_backend
     register_torch_backend("cuda")          # then DBMEFRuntime(bundle, backend="torch-onnx")
 """
 

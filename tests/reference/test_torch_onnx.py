@@ -1,4 +1,4 @@
-"""benchmarks/torch_onnx.py: the bundle's ONNX graphs interpreted by torch (the device check's CUDA
+"""dbmef/reference/torch_onnx.py: the bundle's ONNX graphs interpreted by torch (the device check's CUDA
 row kernel) give ONNX Runtime's outputs, and what it cannot interpret is refused by name."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _feeds(rng: np.random.Generator) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("component", ["backbone", "vae_encoder", "text_encoder", "unet", "scorer"])
 def test_every_digits_component_matches_onnx_runtime(component):
-    from benchmarks.torch_onnx import TorchOnnxEngine
+    from dbmef.reference.torch_onnx import TorchOnnxEngine
     from dbmef.runtime.backends.onnxruntime import OrtEngine
 
     path = demo_bundle_dir() / f"{component}.onnx"
@@ -57,8 +57,8 @@ def _model(op: str, **attrs):
 def test_what_it_cannot_interpret_is_refused_by_name(tmp_path):
     import onnx
 
-    from benchmarks.torch_onnx import TorchOnnxEngine
     from dbmef.errors import EngineError
+    from dbmef.reference.torch_onnx import TorchOnnxEngine
 
     onnx.save(_model("Hardmax"), tmp_path / "h.onnx")
     with pytest.raises(EngineError, match=r"\['Hardmax'\] are not supported"):

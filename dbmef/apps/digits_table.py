@@ -1,0 +1,310 @@
+"""The paper's Table 1 on the digits test split: one system's ablation and the report's tables
+(``benchmarks/digits/table.py`` runs them over trained runs and writes RESULTS.md).
+
+Columns (each over the 597 test images, per backbone, k = 3 and 5):
+
+* ``top1``: the backbone alone;
+* ``no_protector``: every image rethought with the combined score (lam 1.1, V = 1), i.e. the
+  diffusion classifier alone over the backbone's top-k;
+* ``neg_only``, ``pos_only``, ``combined``: the calibrated protector, rethought images re-ranked
+  by the negative condition only (the candidate whose negative, "the features of {the others}",
+  predicts the noise *worst* wins), by the positive only (lam = 1), or by both (lam = 1.1);
+* ``combined_votes``: the protector, lam = 1.1 and V = 5 votes.
+
+Every diffusion number comes from the bundle's own ONNX engines through the runtime's scorer:
+one pass of UNet rows per image gives all three scores (``DiffusionScorer.score_terms``), and the
+``combined`` column is checked against ``DBMEFRuntime.classify`` (the fused graph the product
+serves). Costs are UNet evaluations per test image and the seconds they take, at the UNet rate
+measured in the same run. n = the bundle's timesteps (30, as in the paper).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dbmef.apps.digits import DigitsSplit, render
+
+COLUMNS = ["top1", "no_protector", "neg_only", "pos_only", "combined", "combined_votes"]
+TITLES = {
+    "top1": "top-1", "no_protector": "w/o protector", "neg_only": "prot + neg", "pos_only": "prot + pos",
+    "combined": "prot + both", "combined_votes": "prot + both + 5 votes",
+}
+
+
+def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runtime: bool = True,
+           keep_errors: bool = False) -> dict[str, Any]:
+    """All Table 1 columns for one bundle and k. Returns accuracies, costs and the runtime check."""
+    from dbmef.runtime import DBMEFRuntime
+    from dbmef.runtime.method import error_from_terms
+
+    images = [np.asarray(render(a)) for a in split.images]
+    y = split.labels
+    with DBMEFRuntime(bundle) as base:
+        cfg = base.manifest.scoring.replace(k=k, votes=1)
+    n = cfg.n_timesteps
+    with DBMEFRuntime(bundle, scoring=cfg) as rt:
+        logits, errs = rt.pipeline.backbone_logits(images)
+        assert not any(errs)
+        gate = rt.protector.gate(logits, k)
+        top, rethink = gate.top, gate.rethink
+        sel = np.flatnonzero(rethink)
+        terms1, terms_v, sec_per_eval = error_terms(rt, cfg, split, top, sel, votes)
+        lam = cfg.lam
+        e_comb = error_from_terms(terms1, lam).mean(axis=1)  # (N, k)
+        pred = predictions(top, rethink, terms1, error_from_terms(terms_v, lam).mean(axis=2), sel, lam)
+        check = runtime_check(rt, images, y, e_comb, pred["combined"]) if check_runtime else {}
+
+    early_inputs = {"e1": error_from_terms(terms1[sel], lam)[:, None].astype(np.float32),
+                    "ev": error_from_terms(terms_v, lam).astype(np.float32), "top": top, "sel": sel, "y": y}
+    if keep_errors:  # beside the bundle, so the early-exit columns can be replayed under other defaults (--replay-only)
+        np.savez_compressed(Path(bundle).parent / f"early_exit_errors_{Path(bundle).name}_k{k}.npz",
+                            **early_inputs)  # type: ignore[arg-type]
+    early = early_exit_from(early_inputs, votes)
+    acc = {c: float((pred[c] == y).mean()) for c in COLUMNS}
+    rate = float(rethink.mean())
+    evals = {"top1": 0.0, "no_protector": 2.0 * n * k, "neg_only": 2.0 * n * k * rate,
+             "pos_only": 2.0 * n * k * rate, "combined": 2.0 * n * k * rate,
+             "combined_votes": 2.0 * n * k * rate * votes}
+    top1 = top[:, 0]
+    return {
+        "bundle": str(bundle), "k": k, "n_timesteps": n, "lam": lam, "votes": votes,
+        "prot": rt.protector.prot, "threshold": rt.protector.threshold, "rethink_rate": rate,
+        "n_images": len(y), "accuracy": acc, "unet_evals_per_image": evals,
+        "unet_seconds_per_eval_during_run": sec_per_eval,
+        "flips": {"fixed": int(((pred["combined"] == y) & (top1 != y)).sum()),
+                  "broken": int(((pred["combined"] != y) & (top1 == y)).sum())},
+        "runtime_check": check,
+        "early_exit": early,
+    }
+
+
+
+
+def error_terms(rt: Any, cfg: Any, split: DigitsSplit, top: np.ndarray, sel: np.ndarray, votes: int
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """One pass of UNet rows through the bundle's plain UNet graph: every image's error terms at V = 1
+    (N, n, k, 3), the rethought images' at V = ``votes`` (M, V, n, k, 3), and seconds per evaluation."""
+    from tqdm.auto import tqdm
+
+    from dbmef.runtime.backends import open_engine
+    from dbmef.runtime.scorer import DiffusionScorer
+
+    pipe, n, k, name = rt.pipeline, cfg.n_timesteps, cfg.k, Path(rt.bundle_dir).name
+    latents = pipe.encode_latents([render(a) for a in split.images])
+    neg, pos = pipe.negative_embeddings(top), pipe.positive_embeddings
+    unet = open_engine(rt.bundle, "unet", "onnxruntime", None)
+    shape = rt.manifest.vae.latent_shape
+    rows1 = len(split.labels) * n * k
+    with tqdm(total=rows1, desc=f"{name} k={k} V=1", unit="row", mininterval=2) as bar:
+        t0 = time.perf_counter()
+        scorer = DiffusionScorer(cfg, unet, shape, rt.manifest.schedule)
+        terms1 = scorer.score_terms(latents, top, pos, neg, bar.update)[:, 0]
+        sec_per_eval = (time.perf_counter() - t0) / (2 * rows1)  # two UNet evaluations per row
+    with tqdm(total=len(sel) * votes * n * k, desc=f"{name} k={k} V={votes}", unit="row", mininterval=2) as bar:
+        terms_v = DiffusionScorer(cfg.replace(votes=votes), unet, shape, rt.manifest.schedule).score_terms(
+            latents[sel], top[sel], pos, neg[sel], bar.update)
+    # Noise banks are prefix-stable: vote 0 of the V-vote run is the V=1 run's noise.
+    np.testing.assert_allclose(terms_v[:, 0], terms1[sel], rtol=1e-5, atol=1e-7)
+    unet.close()
+    return terms1, terms_v, sec_per_eval
+
+
+def predictions(top: np.ndarray, rethink: np.ndarray, terms1: np.ndarray, per_vote: np.ndarray, sel: np.ndarray,
+                lam: float) -> dict[str, np.ndarray]:
+    """Each column's predicted class per image: terms1 (N, n, k, 3) at V = 1, per_vote (M, V, k) the
+    rethought images' per-vote errors at lam."""
+    from dbmef.runtime.method import error_from_terms, vote
+
+    rng = np.arange(len(top))
+    pick = {"combined": error_from_terms(terms1, lam).mean(axis=1).argmin(axis=1),
+            "pos_only": terms1[..., 1].mean(axis=1).argmin(axis=1),
+            "neg_only": terms1[..., 0].mean(axis=1).argmax(axis=1)}
+    top1 = top[:, 0]
+    pred = {"top1": top1, "no_protector": top[rng, pick["combined"]]}
+    for name in ("neg_only", "pos_only", "combined"):
+        pred[name] = np.where(rethink, top[rng, pick[name]], top1)
+    voted = top1.copy()
+    for q, j in enumerate(sel):
+        voted[j] = top[j, vote(per_vote[q])[0]]
+    pred["combined_votes"] = voted
+    return pred
+
+
+def runtime_check(rt: Any, images: list[Any], y: np.ndarray, e_comb: np.ndarray, combined: np.ndarray
+                  ) -> dict[str, Any]:
+    """The product's own path (fused graph, protector, batching) on the same images, against the
+    ``combined`` column: differences, and those not explained by a near tie."""
+    t0 = time.perf_counter()
+    res = rt.classify(images)
+    wall = time.perf_counter() - t0
+    served = np.array([r.label for r in res])
+    margins = np.sort(e_comb, axis=1)
+    close = (margins[:, 1] - margins[:, 0]) < 1e-4 * margins[:, 0]
+    differ = served != combined
+    return {"runtime_accuracy": float((served == y).mean()), "differences": int(differ.sum()),
+            "differences_not_near_ties": int((differ & ~close).sum()), "wall_seconds": wall,
+            "seconds_per_image": wall / len(y)}
+
+
+def early_exit_from(inputs: Any, votes: int) -> dict[str, Any]:
+    """The early-exit columns at V = 1 and V = ``votes`` from the saved inputs (see ``ablate``)."""
+    return {f"V{V}": early_exit_columns(inputs[e], inputs["top"], inputs["sel"], inputs["y"])
+            for V, e in ((1, "e1"), (votes, "ev"))}
+
+
+def early_exit_columns(errors: np.ndarray, top: np.ndarray, sel: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Each early-exit mode (adaptive at the runtime's defaults) replayed over the full per-row errors
+    (M, V, n, k) of the rethought images ``sel``: UNet evaluations per rethought image, agreement with
+    ``off`` on those images, and test accuracy (images not rethought keep the backbone's answer)."""
+    from dbmef.runtime.config import ScoringConfig
+    from dbmef.runtime.early_exit import ExitPolicy, replay
+
+    errors = errors.astype(np.float32)
+    off = replay(errors, ExitPolicy("off"))
+    out: dict[str, Any] = {}
+    for name, policy in (("off", ExitPolicy("off")), ("exact", ExitPolicy("exact")),
+                         ("adaptive", ScoringConfig(early_exit="adaptive").exit_policy)):
+        p = off if name == "off" else replay(errors, policy)
+        pred = top[:, 0].copy()
+        pred[sel] = top[sel, p.winner]
+        out[name] = {"unet_evals_per_rethought_image": float(2 * p.rows.mean()) if len(sel) else 0.0,
+                     "agreement_with_off": float((p.winner == off.winner).mean()) if len(sel) else 1.0,
+                     "accuracy": float((pred == y).mean()),
+                     "policy": {"z": policy.z, "interval": policy.interval, "min_rows": policy.min_rows}}
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    res = data["results"]
+    seeds = sorted({r["seed"] for r in res})
+    spe = data["unet_seconds_per_eval"]
+    # Each bundle's Prot is in its results; the header says what was run rather than what was meant.
+    prots = ", ".join(
+        f"Prot {'/'.join(f'{p:g}' for p in sorted({r['prot'] for r in res if r['backbone'] == b}))} "
+        f"for the {b} backbone" for b in ("weak", "strong") if any(r["backbone"] == b for r in res))
+    lines = [
+        "# Digits: the paper's Table 1 on real held-out images",
+        "",
+        "Regenerate: `for s in 0 1 2; do python -m benchmarks.digits.train --seed $s --out engines/digits/seed$s; "
+        "done` then `python -m benchmarks.digits.table engines/digits/seed{0,1,2} --markdown "
+        f"benchmarks/digits/RESULTS.md`. Machine: {data['machine']['platform']}, {data['machine']['cpus']} CPU "
+        f"cores, no GPU; written {data['date']}. Raw numbers: `benchmarks/digits/results.json`.",
+        "",
+        "Columns: **top-1** the backbone alone; **w/o protector** every image rethought (lam 1.1, V 1), i.e. "
+        "the diffusion classifier alone on the backbone's top-k; **prot + neg / + pos / + both** the calibrated "
+        f"protector ({prots}) with the rethought images re-ranked by the negative condition only (the "
+        "candidate whose negative predicts the noise worst wins), the positive only (lam 1), or both "
+        "(lam 1.1); **+ 5 votes** the same with V = 5. n = 30 timesteps everywhere. The prot + both column is "
+        "what `DBMEFRuntime.classify` serves (checked in the same run, below each block).",
+        "",
+        "## Training",
+        "",
+        "| seed | classifiers s | VAE s | UNet + text encoder s | total s | weak test acc (torch) | "
+        "strong test acc (torch) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for seed in seeds:
+        r = next(x for x in res if x["seed"] == seed)
+        t = r.get("train_seconds", {})
+        acc = r.get("torch_test_accuracy", {})
+        lines.append(f"| {seed} | {t.get('classifiers', 0):.0f} | {t.get('vae', 0):.0f} | {t.get('unet', 0):.0f} | "
+                     f"{t.get('total', 0):.0f} | {acc.get('weak', 0) * 100:.1f} | {acc.get('strong', 0) * 100:.1f} |")
+    lines += [
+        "",
+        "## Table 1 on the digits test split (597 images)",
+        "",
+        f"Mean ± standard deviation over training seeds {seeds} (each seed retrains every model); "
+        "accuracy in %. Below each block: UNet evaluations per test image (exact counts) and the UNet "
+        f"milliseconds per image they cost at {spe * 1e3:.3f} ms per evaluation (the bundle's UNet on ONNX "
+        f"Runtime, {data['machine']['cpus']} CPU cores, median of repeated calls of 128 samples, measured when "
+        "the report was written on an otherwise idle machine).",
+        "",
+    ]
+    for backbone in ("weak", "strong"):
+        for k in sorted({r["k"] for r in res}):
+            rs = [r for r in res if r["backbone"] == backbone and r["k"] == k]
+            if rs:
+                lines += table_block(backbone, k, rs, spe)
+    lines += early_exit_markdown(res)
+    return "\n".join(lines)
+
+
+def table_block(backbone: str, k: int, rs: list[dict[str, Any]], spe: float) -> list[str]:
+    """One backbone's Table 1 block at one k over its seeds ``rs``: accuracies, costs, the runtime check."""
+    lines = [f"### {backbone} backbone, k = {k}", "",
+              "| | " + " | ".join(TITLES[c] for c in COLUMNS) + " |",
+              "|---" * (len(COLUMNS) + 1) + "|"]
+    accs = np.array([[r["accuracy"][c] * 100 for c in COLUMNS] for r in rs])
+    lines.append("| accuracy | " + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in
+                                               zip(accs.mean(0), accs.std(0))) + " |")
+    for r in rs:
+        cells = " | ".join(f"{r['accuracy'][c] * 100:.2f}" for c in COLUMNS)
+        lines.append(f"| seed {r['seed']} | {cells} |")
+    gain = accs[:, COLUMNS.index("combined")] - accs[:, 0]
+    ev = np.mean([[r["unet_evals_per_image"][c] for c in COLUMNS] for r in rs], axis=0)
+    sec = ev * spe * 1e3
+    lines.append("| UNet evals / image | " + " | ".join(f"{v:.1f}" for v in ev) + " |")
+    lines.append("| UNet ms / image | " + " | ".join(f"{v:.1f}" for v in sec) + " |")
+    rate = np.array([r["rethink_rate"] for r in rs]) * 100
+    chk = [r["runtime_check"] for r in rs if r["runtime_check"]]
+    lines += ["", f"Rethink rate {rate.mean():.1f} % (per seed {', '.join(f'{x:.1f}' for x in rate)}); "
+                  f"gain of prot + both over top-1: {', '.join(f'{g:+.2f}' for g in gain)} points; "
+                  "fixed/broken by prot + both: "
+                  + ", ".join(f"{r['flips']['fixed']}/{r['flips']['broken']}" for r in rs) + "."]
+    if chk:
+        lines.append("Runtime check (`DBMEFRuntime.classify`, fused graph): accuracy "
+                     + ", ".join(f"{c['runtime_accuracy'] * 100:.2f}" for c in chk)
+                     + " %, decisions differing from the table's prot + both: "
+                     + ", ".join(str(c["differences"]) for c in chk)
+                     + f"; wall time {np.mean([c['seconds_per_image'] for c in chk]) * 1e3:.1f} ms "
+                     "per test image.")
+    lines.append("")
+    return lines
+
+
+def early_exit_markdown(res: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in res if r.get("early_exit")]
+    if not rows:
+        return []
+    pol = rows[0]["early_exit"]["V1"]["adaptive"]["policy"]
+    low = [f"{r['backbone']} k={r['k']} V={vk[1:]} seed {r['seed']} ({e['adaptive']['agreement_with_off']:.1%})"
+           for r in rows for vk, e in r["early_exit"].items() if e["adaptive"]["agreement_with_off"] < AGREEMENT]
+    lines = ["## Early exit (issue 13)", "",
+             "The rethought images' full per-row errors (the prot + both / + 5 votes columns above) replayed "
+             "through the runtime's early-exit planner (`dbmef.runtime.early_exit.replay`, the code the scorer "
+             f"runs): UNet evaluations per rethought image, decisions equal to `off` on the rethought images, and "
+             f"test accuracy. adaptive at the runtime's defaults (z = {pol['z']}, interval {pol['interval']}, "
+             f"min rows {pol['min_rows']}), chosen on the 200 calibration digits of the committed (seed-0 weak) "
+             "bundle (`python -m benchmarks.digits.exit_defaults`, EXIT_DEFAULTS.md): every row below is held out. "
+             f"Held-out systems where adaptive agrees with off on fewer than {AGREEMENT:.1%} of the rethought "
+             f"images: {', '.join(low) or 'none'}.",
+             "", "| backbone | k | V | seed | evals off | exact | adaptive | agree exact | agree adaptive | "
+             "acc off | acc adaptive |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["backbone"] != "weak", r["k"], r["seed"])):
+        for vk, e in r["early_exit"].items():
+            lines.append(
+                f"| {r['backbone']} | {r['k']} | {vk[1:]} | {r['seed']} | "
+                + " | ".join(f"{e[m]['unet_evals_per_rethought_image']:.0f}" for m in ("off", "exact", "adaptive"))
+                + f" | {e['exact']['agreement_with_off']:.1%} | {e['adaptive']['agreement_with_off']:.1%} | "
+                f"{e['off']['accuracy']:.2%} | {e['adaptive']['accuracy']:.2%} |")
+    return [*lines, ""]
+
+
+NOTES = "## Notes"
+AGREEMENT = 0.995  # issue 25: adaptive must agree with off on at least this share of each held-out system's images
+
+
+def with_notes(generated: str, previous: str) -> str:
+    """The generated report followed by the hand-written ``## Notes`` section of the previous one.
+
+    The tables are regenerated whenever a run is added; the notes (what the numbers mean, what is
+    missing) are written by people and must survive that, so everything from the heading on is kept.
+    """
+    lines = previous.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == NOTES), None)
+    body = generated.rstrip("\n") + "\n"
+    return body if start is None else body + "\n" + "".join(lines[start:])
