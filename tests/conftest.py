@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 
 
 def has(module: str) -> bool:
@@ -21,6 +22,14 @@ def has(module: str) -> bool:
 needs_torch = pytest.mark.skipif(not (has("torch") and has("diffusers") and has("timm")),
                                  reason="needs the [export] extra (torch, diffusers, timm)")
 needs_ort = pytest.mark.skipif(not has("onnxruntime"), reason="needs onnxruntime ([cpu] or [gpu] extra)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Ray tests run last: the local Ray session they share stays up until the test session ends
+    (it cannot be restarted safely in one process: tests/cluster/conftest.py), and its daemons and
+    idle actors take CPU from every test that would run after them. A stable sort: the order is
+    otherwise the files' own."""
+    items.sort(key=lambda item: TESTS / "cluster" in item.path.parents)
 
 
 @pytest.fixture(scope="session", autouse=True)
