@@ -37,7 +37,7 @@ check-trt: $(BIN)/.installed
 # (a native crash at interpreter exit would otherwise print nothing but "Segmentation fault").
 # The service and multi-node Ray tests run in processes of their own: see tests/cluster/conftest.py.
 unit: $(BIN)/.installed
-	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q --ignore=tests/cluster/test_serve.py \
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q --durations=25 --ignore=tests/cluster/test_serve.py \
 	    --ignore=tests/cluster/test_multinode.py
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_serve.py
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_multinode.py
