@@ -91,13 +91,13 @@ def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
 
 
 def _scorer(args: argparse.Namespace) -> str | None:
-    """--scorer, or the old --scorer-graph (its 'scorer' is 'fused'; RuntimeSpec says so once)."""
+    """--scorer, or the old --scorer-graph (its 'scorer' is 'fused')."""
     if args.scorer_graph is not None:
         if args.scorer is not None:
             raise SystemExit("give --scorer only (--scorer-graph is its old name)")
         print("dbmef: --scorer-graph is now called --scorer (fused|unet); the old flag will stop working in a "
               "later release", file=sys.stderr)
-        return str(args.scorer_graph)
+        return "fused" if args.scorer_graph == "scorer" else str(args.scorer_graph)  # said once, here
     return args.scorer
 
 

@@ -139,3 +139,23 @@ def test_every_scoring_flag_reaches_the_scoring_config():
     cfg = ScoringConfig(**runtime_spec(args).scoring)
     assert (cfg.exit_test, cfg.exit_z, cfg.exit_interval, cfg.exit_min_rows) == ("t", 2.0, 2, 3)
     assert cfg.exit_order == (3, 1, 2, 0) and cfg.exit_policy.test == "t"
+
+
+@needs_ort
+def test_the_old_scorer_flag_still_works_and_says_it_was_renamed(tmp_path, capsys):
+    """--scorer-graph scorer|unet was the runtime's spelling before the one vocabulary (--scorer
+    fused|unet): users may have typed it, so it still runs, and says once what it is called now."""
+    from dbmef.apps.digits import demo_bundle_dir, demo_test_split, render
+
+    img = tmp_path / "digit.png"
+    render(demo_test_split().images[3]).save(img)
+    argv = ["-q", "classify", "--bundle", str(demo_bundle_dir()), "--timesteps", "2", "--votes", "1", "--prot", "0",
+            "--json", str(img)]
+    assert main([*argv, "--scorer-graph", "scorer"]) == 0
+    old = capsys.readouterr()
+    assert old.err.count("is now called") == 1 and "--scorer-graph is now called --scorer" in old.err
+    assert main([*argv, "--scorer", "fused"]) == 0
+    new = capsys.readouterr()
+    keys = ("label", "rethought", "candidates", "noise_errors", "votes", "unet_evals")
+    (a,), (b,) = json.loads(old.out), json.loads(new.out)
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys} and b["rethought"]
