@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +30,35 @@ SPEC = RuntimeSpec(str(demo_bundle_dir()), batch_size=8)
 # tests (a cluster of their own) each run in a pytest process of their own (`make unit` runs
 # them apart), and the rest share one local Ray session.
 OWN_PROCESS = ("test_serve.py", "test_multinode.py")
+
+
+# A process that ran a Ray cluster of its own (test_multinode) ends without Ray's driver shutdown: in
+# CI, ray.shutdown() after both multi-node tests had passed let one of Ray's own threads touch the core
+# worker it had just freed ("The core worker has already been shutdown ... The process will exit"), and
+# the process ended with status 1 before pytest printed its summary. So its fixture leaves the driver
+# up and names the cluster's processes here; once pytest has printed its summary they are killed and
+# the process exits with pytest's own status, Ray's atexit shutdown never running.
+KILL_AT_EXIT = pytest.StashKey[list[int]]()
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pids = config.stash.get(KILL_AT_EXIT, None)
+    if pids is None:
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash.get(EXIT_STATUS, 1))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -17,13 +17,14 @@ httpclient = pytest.importorskip("tritonclient.http")
 
 from dbmef.runtime.data import load_labelled  # noqa: E402
 from dbmef.runtime.evaluate import evaluate, read_results  # noqa: E402
-from tests.cluster.conftest import N_IMAGES, SPEC, same_record  # noqa: E402
+from tests.cluster.conftest import KILL_AT_EXIT, N_IMAGES, SPEC, same_record  # noqa: E402
 
 WORKER = {"num_cpus": 2, "include_dashboard": False}
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
+    from ray import serve
     from ray.cluster_utils import Cluster
 
     # The head keeps 1 CPU (read tasks); each actor asks for 2, so actors only fit on the workers.
@@ -32,13 +33,11 @@ def cluster():
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
     yield c, workers
-    try:
-        from ray import serve
-
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    serve.shutdown()
+    # no ray.shutdown(): the process ends after pytest's summary, the cluster's processes killed then
+    # (tests/cluster/conftest.py, KILL_AT_EXIT: why)
+    request.config.stash[KILL_AT_EXIT] = [info.process.pid for node in c.list_all_nodes()
+                                          for infos in node.all_processes.values() for info in infos]
 
 
 def single_process(digits_folder, tmp_path):
