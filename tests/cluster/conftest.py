@@ -51,7 +51,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     pids = config.stash.get(KILL_AT_EXIT, None)
     if pids is None:
         return
-    for pid in pids:
+    for pid in with_descendants(pids):  # the raylets' agents and workers too: they outlive a killed raylet
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -59,6 +59,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 1))
+
+
+def with_descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every process below them (read from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo += [c for c in children.get(pid, []) if c not in out]
+    return out
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
