@@ -56,6 +56,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    import ray._common.utils
+
+    # what Cluster.shutdown does last: forget the cluster's address (/tmp/ray/ray_current_cluster), or the
+    # next ray.init() on this machine takes the dead cluster for a running one and refuses num_cpus
+    ray._common.utils.reset_ray_address()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 1))
