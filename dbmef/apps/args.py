@@ -12,10 +12,12 @@ import sys
 from typing import Any
 
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
-from dbmef.runtime.early_exit import RENAMED_POLICIES
+from dbmef.runtime.early_exit import RENAMED_POLICIES, VARIANCES, VOTE_OPENINGS
+from dbmef.runtime.early_exit import TESTS as EXIT_TESTS
 
 SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
-                 "exit_min_rows", "exit_keep", "exit_samples", "exit_order", "exit_test")
+                 "exit_min_rows", "exit_keep", "exit_samples", "exit_order", "exit_test",
+                 "exit_votes_open", "exit_variance")
 
 
 def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -> None:
@@ -54,9 +56,15 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     g.add_argument("--exit-z", type=float, help="adaptive: drop a candidate this many standard errors behind")
     g.add_argument("--exit-interval", type=int, help="adaptive: timesteps per vote between checkpoints")
     g.add_argument("--exit-min-rows", type=int, help="adaptive: paired rows needed before any drop")
-    g.add_argument("--exit-test", choices=["z", "t"],
-                   help="adaptive: the drop threshold's distribution: z (normal, default) or t (Student's t at "
-                        "--exit-z's level with rows - 1 degrees of freedom: stricter while few rows are in)")
+    g.add_argument("--exit-test", choices=list(EXIT_TESTS),
+                   help="adaptive: the drop threshold: z (normal), t (Student's t at --exit-z's level: stricter "
+                        "while few rows are in) or mixture (a normal-mixture boundary, valid however often it looks)")
+    g.add_argument("--exit-votes-open", choices=list(VOTE_OPENINGS),
+                   help="adaptive: rounds (V//2 + 1 votes, then one at a time, as exact) or all (every vote from "
+                        "the first stage, rows interleaved across votes)")
+    g.add_argument("--exit-variance", choices=list(VARIANCES),
+                   help="adaptive: the paired test's standard error from each candidate's own differences "
+                        "(candidate) or from the two-way residual over every surviving candidate (pooled)")
     g.add_argument("--exit-keep", type=int, nargs="+", metavar="N", help="keep_best: candidates kept after each stage")
     g.add_argument("--exit-samples", type=int, nargs="+", metavar="N", help="keep_best: timesteps done by each stage")
     g.add_argument("--exit-order", type=int, nargs="+", metavar="I",

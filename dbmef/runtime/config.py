@@ -12,7 +12,14 @@ from typing import Any
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
-from dbmef.runtime.early_exit import RENAMED_POLICIES, ExitPolicy, is_grid_order, renamed_policy
+from dbmef.runtime.early_exit import (
+    RENAMED_POLICIES,
+    VARIANCES,
+    VOTE_OPENINGS,
+    ExitPolicy,
+    is_grid_order,
+    renamed_policy,
+)
 from dbmef.runtime.early_exit import TESTS as EXIT_TESTS
 from dbmef.runtime.method import PromptTemplates
 
@@ -24,6 +31,14 @@ MAX_LAM = 100.0
 MAX_UNET_BATCH = 65536
 # Fields of older manifests' scoring configs that now live in the bundle's scheduler record.
 SCHEDULER_FIELDS = ("num_train_timesteps", "beta_start", "beta_end")
+
+
+# Zero-shot mode's adaptive settings (every class a candidate, one vote, lam 1), chosen on the committed
+# digits bundle's 200 calibration digits by benchmarks/digits/zero_shot.py (ZERO_SHOT.md): a bundle's
+# DBMEF settings were chosen for k = 3-5 candidates and 5 votes. `--zero-shot --early-exit adaptive`
+# uses these unless a setting is given (RuntimeSpec.scoring_config).
+ZERO_SHOT_EXIT: dict[str, Any] = {"exit_z": 2.0, "exit_interval": 2, "exit_min_rows": 3, "exit_test": "t",
+                                  "exit_variance": "candidate", "exit_votes_open": "rounds"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,9 @@ class ScoringConfig:
     exit_keep: tuple[int, ...] = ()  # early_exit = keep_best: Li et al.'s to_keep
     exit_samples: tuple[int, ...] = ()  # ... and n_samples
     exit_order: tuple[int, ...] = ()  # adaptive/keep_best: timestep visiting order (() = van der Corput)
-    exit_test: str = ExitPolicy.test  # adaptive: "z" (normal threshold) or "t" (Student's t, rows - 1 df)
+    exit_test: str = ExitPolicy.test  # adaptive: "z" (normal), "t" (Student's t) or "mixture" (always valid)
+    exit_votes_open: str = ExitPolicy.votes_open  # adaptive: "rounds" (exact's) or "all" (every vote at once)
+    exit_variance: str = ExitPolicy.variance  # adaptive: "candidate" (own differences) or "pooled" (two-way)
     # Diffusion Classifier (Li et al.): every class a candidate, the positive condition only (lam 1),
     # no protector; the backbone, where the bundle has one, only orders the candidates.
     zero_shot: bool = False
@@ -92,6 +109,9 @@ class ScoringConfig:
         need(self.exit_interval >= 1, "exit_interval", self.exit_interval, "must be >= 1")
         need(self.exit_min_rows >= 2, "exit_min_rows", self.exit_min_rows, "must be >= 2")
         need(self.exit_test in EXIT_TESTS, "exit_test", self.exit_test, f"must be one of {EXIT_TESTS}")
+        need(self.exit_votes_open in VOTE_OPENINGS, "exit_votes_open", self.exit_votes_open,
+             f"must be one of {VOTE_OPENINGS}")
+        need(self.exit_variance in VARIANCES, "exit_variance", self.exit_variance, f"must be one of {VARIANCES}")
         for name in ("exit_keep", "exit_samples"):
             value = getattr(self, name)
             need(isinstance(value, tuple) and all(isinstance(x, int) and x >= 1 for x in value), name, value,
@@ -107,7 +127,8 @@ class ScoringConfig:
     @property
     def exit_policy(self) -> ExitPolicy:
         return ExitPolicy(self.early_exit, self.exit_z, self.exit_interval, self.exit_min_rows, self.exit_keep,
-                          self.exit_samples, self.exit_order, self.exit_test)
+                          self.exit_samples, self.exit_order, self.exit_test, self.exit_votes_open,
+                          self.exit_variance)
 
     @property
     def unet_evaluations_per_image(self) -> int:

@@ -11,16 +11,25 @@ back. The policies (``ScoringConfig.early_exit``):
   any other could still reach (``lead > runner_up + votes_left``): the remaining votes cannot
   change the majority, and the least-mean-error tie-break only applies to a tie, which is then
   impossible. Decisions are identical to ``off``.
-* ``adaptive`` (opt-in): vote rounds, timesteps visited ``exit_interval`` at a time in van der
-  Corput order (any prefix spans the whole grid), and after each stage a paired sequential test:
-  every candidate shares the image's noise and timesteps, so per-row differences to the current
-  leader are paired. A candidate whose mean excess error over the leader, pooled over all rows
-  evaluated so far (at least ``exit_min_rows``), exceeds ``exit_z`` standard errors is dropped
-  and gets no further rows. Votes and the final tie-break count surviving candidates only. With
-  ``exit_z = inf`` nothing is dropped and the decisions are ``exact``'s. ``exit_test = "t"`` keeps
-  z's one-sided level but reads the threshold from Student's t with (rows - 1) degrees of freedom:
-  the standard error of a few rows is itself uncertain, so the first looks are stricter and later
-  ones the same as ``z``'s.
+* ``adaptive`` (opt-in): timesteps visited ``exit_interval`` at a time in van der Corput order (any
+  prefix spans the whole grid), and after each stage a paired sequential test: every candidate
+  shares the image's noise and timesteps, so per-row differences to the current leader are paired.
+  A candidate whose mean excess error over the leader, pooled over all rows evaluated so far (at
+  least ``exit_min_rows``), exceeds the threshold in standard errors is dropped and gets no further
+  rows. Votes and the final tie-break count surviving candidates only. Its parts (issue 39):
+
+  - which votes a stage serves (``exit_votes_open``): ``rounds``, exact's vote rounds; or ``all``,
+    every vote from the first stage with vote v's order shifted by v * n / V grid positions, so
+    each stage spreads over the grid and the test decides the vote as a whole;
+  - the standard error (``exit_variance``): each candidate's own paired differences (``candidate``);
+    the residual of the two-way (row x candidate) layout over every survivor (``pooled``: many
+    more degrees of freedom from a few rows); or that with a candidate effect per block of the grid
+    (``stratified``);
+  - the threshold (``exit_test``): ``z`` itself; Student's ``t`` at z's level with the standard
+    error's degrees of freedom (stricter while few rows are in); or ``mixture``, a normal-mixture
+    confidence sequence at z's level, valid however often it looks (and so much stricter).
+
+  With ``exit_z = inf`` nothing is dropped and the decisions are ``off``'s.
 * ``keep_best`` (Li et al.'s Diffusion Classifier, for comparison; called ``schedule`` before, a
   name still read): one vote; after ``exit_samples[j]`` timesteps the ``exit_keep[j]`` candidates
   with the least mean error go on.
@@ -45,7 +54,9 @@ from dbmef.runtime.student_t import t_threshold
 
 POLICIES = ("off", "exact", "adaptive", "keep_best")
 RENAMED_POLICIES = {"schedule": "keep_best"}  # old name -> new: still read from manifests and flags
-TESTS = ("z", "t")
+TESTS = ("z", "t", "mixture")
+VOTE_OPENINGS = ("rounds", "all")
+VARIANCES = ("candidate", "pooled", "stratified")
 Index = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # rows (m, v, i, c) of M images, each (R,) int64
 
 
@@ -80,12 +91,14 @@ class ExitPolicy:
 
     mode: str = "exact"
     # adaptive's defaults, chosen on the committed digits bundle's 200 calibration digits, never on test
-    # images (benchmarks/digits/EXIT_DEFAULTS.md: the cheapest setting that, with two z steps of slack,
-    # decides every one of them as off does at k = 3, 5 and V = 1, 5: 304 UNet evaluations per digit
-    # instead of 1 500 at k = 5, V = 5); benchmarks/digits/RESULTS.md reports them on 12 held-out systems.
-    z: float = 2.5
-    interval: int = 5
-    min_rows: int = 6
+    # images (benchmarks/digits/EXIT_DEFAULTS.md, issue 39: the cheapest of 576 settings of 12 families
+    # that, with z - 0.5 and z - 1 as slack, decides every one of them as off does at k = 3, 5 and
+    # V = 1, 5: 260 UNet evaluations per digit instead of 1 500 at k = 5, V = 5, where the first
+    # round's defaults (rounds / candidate / z 2.5 / interval 5 / min rows 6) needed 304);
+    # benchmarks/digits/EXIT_HELDOUT.md reports them on held-out digits.
+    z: float = 3.0
+    interval: int = 1
+    min_rows: int = 10
     keep: tuple[int, ...] = ()
     samples: tuple[int, ...] = ()
     # adaptive and keep_best: the order in which a vote visits the timestep grid; () is van der Corput.
@@ -93,10 +106,19 @@ class ExitPolicy:
     # the zero-shot digits (benchmarks/digits/ZERO_SHOT.md), loses accuracy: its first rows are
     # correlated, so the paired test's standard error is too small. An option, not a default.
     order: tuple[int, ...] = ()
-    # adaptive: the elimination threshold's distribution, "z" (the normal: z itself) or "t" (Student's
-    # t at z's level with rows - 1 degrees of freedom). "t" is what the zero-shot benchmark chose on its
-    # calibration split; the default stays "z", on which the DBMEF defaults and Table 1 were measured.
+    # adaptive: the elimination threshold, "z" (the normal: z itself), "t" (Student's t at z's level with
+    # the standard error's degrees of freedom) or "mixture" (an always-valid boundary). "t" is what the
+    # zero-shot benchmark chose on its calibration split (ZERO_SHOT_EXIT); DBMEF mode's choice is "z".
     test: str = "z"
+    # adaptive: which votes a stage serves. "rounds": the first V//2 + 1 votes, then one more while
+    # undecided (exact's rounds). "all": every vote from the first stage, so row r of every vote comes
+    # before row r + 1 of any and the pooled test sees all V noise draws at once.
+    votes_open: str = "all"
+    # adaptive: the paired test's standard error. "candidate": each candidate's own paired differences
+    # to the leader (rows - 1 degrees of freedom). "pooled": the residual variance of the two-way
+    # (row x candidate) layout over all survivors, (rows - 1)(survivors - 1) degrees of freedom: a
+    # few rows give a usable estimate because every candidate contributes to it.
+    variance: str = "stratified"
 
     def __post_init__(self) -> None:
         if self.mode in RENAMED_POLICIES:
@@ -105,13 +127,60 @@ class ExitPolicy:
             raise ConfigError(f"early_exit = {self.mode!r} is not one of {POLICIES}")
         if self.test not in TESTS:
             raise ConfigError(f"early-exit test {self.test!r} is not one of {TESTS} (z: normal threshold, t: "
-                              "Student's t with rows - 1 degrees of freedom)")
+                              "Student's t at z's level, mixture: an always-valid normal-mixture boundary)")
+        if self.votes_open not in VOTE_OPENINGS:
+            raise ConfigError(f"early-exit votes_open {self.votes_open!r} is not one of {VOTE_OPENINGS} (rounds: "
+                              "V//2 + 1 votes first, then one at a time; all: every vote from the first stage)")
+        if self.variance not in VARIANCES:
+            raise ConfigError(f"early-exit variance {self.variance!r} is not one of {VARIANCES} (candidate: each "
+                              "candidate's paired differences; pooled: the two-way residual over all survivors)")
         if self.mode == "keep_best":
             k, s = tuple(self.keep), tuple(self.samples)
             if not k or len(k) != len(s) or k[-1] != 1 or any(a <= b for a, b in zip(s[1:], s)) or s[0] < 1 \
                     or any(a >= b for a, b in zip(k[1:], k)) or k[0] < 1:
                 raise ConfigError(f"early_exit 'keep_best' needs keep {k} and samples {s} of one length, samples "
                                   "increasing, keep decreasing to 1 (Li et al.'s CIFAR-10: keep 5 1, samples 50 500)")
+
+
+def paired_standard_error(e: np.ndarray, lead: int, variance: str,
+                          strata: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Standard error of each candidate's mean paired excess over candidate ``lead``, from rows
+    ``e`` (r, a) that all a candidates have, and its degrees of freedom.
+
+    "candidate": the sample sd of that candidate's own differences (r - 1 df; 0 for the leader).
+    "pooled": every row is a block, e[j, c] = row_j + cand_c + residual; the residual variance s2
+    over all candidates has (r - 1)(a - 1) df, and a difference of two candidates' means has
+    variance 2 s2 / r. "stratified": the same with a candidate effect per stratum (``strata`` (r,),
+    timestep blocks), e[j, c] = row_j + cell_{b(j), c} + residual, (r - B)(a - 1) df: what the
+    stratum means explain (a candidate better at mid timesteps than at late ones) is no longer
+    counted as noise, which is right when every stage samples each stratum alike. With fewer rows
+    than that needs it is "pooled"."""
+    r, a = e.shape
+    if variance == "candidate":
+        d = e - e[:, [lead]]
+        return d.std(axis=0, ddof=1) / math.sqrt(r), r - 1
+    labels = strata if variance == "stratified" and strata is not None else np.zeros(r, np.int64)
+    inv = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    b = int(inv.max()) + 1
+    if (r - b) * (a - 1) <= 0:
+        inv, b = np.zeros(r, np.int64), 1
+    cell = np.zeros((b, a))
+    np.add.at(cell, inv, e)
+    cell /= np.bincount(inv, minlength=b)[:, None]  # stratum x candidate means
+    res = e - e.mean(axis=1, keepdims=True) - cell[inv] + cell.mean(axis=1, keepdims=True)[inv]
+    df = (r - b) * (a - 1)
+    s2 = float((res**2).sum()) / df
+    return np.full(a, math.sqrt(2.0 * s2 / r)), df
+
+
+def mixture_threshold(z: float, rows: int, rho: float) -> float:
+    """The normal-mixture confidence sequence's boundary in standard errors after ``rows`` rows
+    (Robbins; Howard et al. 2021, eq. 14): with S the sum of r paired differences of variance s2,
+    P(some r has |S_r| >= sqrt((r + rho) s2 (2 ln(1/alpha) + ln((r + rho) / rho)))) <= alpha under
+    the null of no difference, however often one looks. alpha is z's one-sided normal tail, rho
+    (in rows) the mixture's scale: the boundary is tightest near r = rho (``min_rows``)."""
+    alpha = 0.5 * math.erfc(z / math.sqrt(2.0))
+    return math.sqrt((1.0 + rho / rows) * (2.0 * math.log(1.0 / alpha) + math.log(1.0 + rows / rho)))
 
 
 class ImagePlan:
@@ -133,7 +202,8 @@ class ImagePlan:
         self.winner = -1  # candidate position once settled
         self.rows = 0  # rows evaluated (each 2 UNet evaluations, 1 positive-only at lam = 1)
         self.stages = 0  # stages fed
-        self.opened = votes if policy.mode == "off" else votes // 2 + 1  # votes opened so far
+        every = policy.mode == "off" or (policy.mode == "adaptive" and policy.votes_open == "all")
+        self.opened = votes if every else votes // 2 + 1  # votes opened so far
         self.cursor = np.zeros(votes, dtype=np.int64)  # timesteps visited per vote
         spread = policy.mode in ("adaptive", "keep_best")
         if not is_grid_order(policy.order, n_timesteps):
@@ -141,6 +211,13 @@ class ImagePlan:
                               "timestep grid positions 0..n-1")
         self.order = (np.array(policy.order, np.int64) if spread and policy.order else
                       van_der_corput_order(n_timesteps) if spread else np.arange(n_timesteps))
+        # votes opened all at once visit the order shifted by v * n / V positions: every stage spreads
+        # over the grid (the first of V = 5, n = 30 sees positions 0, 6, 12, 18, 24)
+        shift = policy.mode == "adaptive" and policy.votes_open == "all"
+        self.orders = np.stack([(self.order + (v * n_timesteps) // votes) % n_timesteps if shift else self.order
+                                for v in range(votes)])
+        # the strata of "stratified": V blocks of the grid, one per vote's shift, as rows (v, i) flatten
+        self.strata = np.tile(np.arange(n_timesteps) * votes // n_timesteps, votes)
         self.step = max(1, policy.interval) if policy.mode == "adaptive" else n_timesteps
         if policy.mode == "keep_best":
             if votes != 1 or policy.samples[-1] != n_timesteps or policy.keep[0] > k:
@@ -158,7 +235,7 @@ class ImagePlan:
             a = int(cursor[v])
             if a >= self.n:
                 continue
-            pos = np.sort(self.order[a : self._stage_end(a)])
+            pos = np.sort(self.orders[v, a : self._stage_end(a)])
             grid = np.stack(np.meshgrid(pos, cand, indexing="ij"), -1).reshape(-1, 2)  # (steps*|cand|, 2)
             parts.append(np.column_stack([np.full(len(grid), v), grid]))
         return np.concatenate(parts).astype(np.int64) if parts else np.empty((0, 3), np.int64)
@@ -243,17 +320,24 @@ class ImagePlan:
         if not math.isfinite(z) or len(alive) < 2:
             return
         e = self.errors[:, :, alive].reshape(-1, len(alive)).astype(np.float64)
-        e = e[~np.isnan(e).any(axis=1)]  # rows every survivor has: all rows since they were dropped
+        have = ~np.isnan(e).any(axis=1)  # rows every survivor has: all rows since they were dropped
+        e = e[have]
         r = len(e)
         if r < max(2, self.policy.min_rows):
             return
         lead = int(np.argmin(e.mean(axis=0)))
-        d = e - e[:, [lead]]  # (r, |alive|) paired excess error over the leader
-        mean = d.mean(axis=0)
-        se = d.std(axis=0, ddof=1) / math.sqrt(r)
-        threshold = t_threshold(z, r - 1) if self.policy.test == "t" else z
-        drop = (mean > threshold * se) & (np.arange(len(alive)) != lead)
+        excess = (e - e[:, [lead]]).mean(axis=0)  # mean paired excess error over the leader
+        se, df = paired_standard_error(e, lead, self.policy.variance, self.strata[have])
+        drop = (excess > self._threshold(r, df) * se) & (np.arange(len(alive)) != lead)
         self.alive[alive[drop]] = False
+
+    def _threshold(self, rows: int, df: int) -> float:
+        """The elimination threshold in standard errors after ``rows`` paired rows."""
+        if self.policy.test == "t":
+            return t_threshold(self.policy.z, df)
+        if self.policy.test == "mixture":
+            return mixture_threshold(self.policy.z, rows, self.policy.min_rows)
+        return self.policy.z
 
     def _keep_best(self) -> None:
         """Li et al.'s rule after a stage: the ``keep[j]`` candidates with the least mean error over

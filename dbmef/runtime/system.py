@@ -22,7 +22,7 @@ from dbmef.errors import BundleError, ConfigError
 from dbmef.runtime.backends import check_options, open_engine
 from dbmef.runtime.backends import names as backend_names
 from dbmef.runtime.bundle import Bundle, BundleManifest
-from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.config import ZERO_SHOT_EXIT, ScoringConfig
 from dbmef.runtime.contracts import SCORER_KINDS, kind_of_component, scorer_kind
 from dbmef.runtime.engine import Engine, LazyEngine
 from dbmef.runtime.pipeline import DBMEFPipeline, EmbeddingCache, PipelineEngines
@@ -106,10 +106,15 @@ class RuntimeSpec:
         return Protector.fixed(self.prot)
 
     def scoring_config(self, bundle: Bundle) -> ScoringConfig:
-        """The bundle's scoring config with this spec's overrides."""
+        """The bundle's scoring config with this spec's overrides. Where the overrides turn zero-shot
+        mode on with adaptive early exit, the adaptive settings not given are zero-shot's own
+        (``ZERO_SHOT_EXIT``, chosen for ten candidates and one vote), not the bundle's DBMEF ones."""
         if not self.scoring:
             return bundle.manifest.scoring
-        return ScoringConfig.from_dict({**bundle.manifest.scoring.to_dict(), **self.scoring})
+        merged = {**bundle.manifest.scoring.to_dict(), **self.scoring}
+        if self.scoring.get("zero_shot") and merged.get("early_exit") == "adaptive":
+            merged.update({k: v for k, v in ZERO_SHOT_EXIT.items() if k not in self.scoring})
+        return ScoringConfig.from_dict(merged)
 
     def build(self, bundle: Bundle | None = None) -> DBMEFRuntime:
         """The runtime; ``bundle``: this spec's bundle already opened (not opened again)."""

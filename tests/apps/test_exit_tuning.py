@@ -25,7 +25,8 @@ def test_the_order_puts_the_separating_timesteps_first():
 def test_the_adaptive_choice_is_the_cheapest_admissible_point_on_calibration():
     """choose_adaptive's rule, checked over its own grid: the chosen van der Corput point is within
     0.5 points of the exhaustive accuracy and no admissible van der Corput point is cheaper; the
-    normal-threshold pick obeys the same rule among z-test points only."""
+    normal-threshold pick obeys the same rule among z-test points only, the own-variance pick among
+    the points whose standard error is each candidate's own."""
     from dbmef.apps.exit_tuning import choose_adaptive
 
     rng = np.random.default_rng(0)
@@ -35,9 +36,12 @@ def test_the_adaptive_choice_is_the_cheapest_admissible_point_on_calibration():
     e[np.arange(m), 0, :, labels] -= 0.25  # the true class predicts the noise a little better
     exhaustive = float((e[:, 0].mean(axis=1).argmin(axis=1) == labels).mean())
     sel = choose_adaptive(e.astype(np.float32), labels, n, exhaustive)
-    for key, tests in (("chosen", ("z", "t")), ("chosen_z_test", ("z",))):
-        pts = [g for g in sel["grid"] if g["order"] == "van der Corput" and g["test"] in tests]
+    both = ("candidate", "pooled")
+    for key, tests, variances in (("chosen", ("z", "t"), both), ("chosen_z_test", ("z",), both),
+                                  ("chosen_own_variance", ("z", "t"), ("candidate",))):
+        pts = [g for g in sel["grid"] if g["order"] == "van der Corput" and g["test"] in tests
+               and g["variance"] in variances]
         ok = [g for g in pts if g["accuracy"] >= exhaustive - 0.005]
         assert ok and sel[key] in ok and sel[key]["test"] in tests
         assert sel[key]["unet_evals_per_image"] == min(g["unet_evals_per_image"] for g in ok)
-    assert {g["test"] for g in sel["grid"]} == {"z", "t"} and {g["min_rows"] for g in sel["grid"]} == {3, 6}
+    assert {g["test"] for g in sel["grid"]} == {"z", "t"} and {g["min_rows"] for g in sel["grid"]} == {2, 3, 6}

@@ -77,9 +77,11 @@ def test_adaptive_with_infinite_z_equals_exact():
     rng = np.random.default_rng(7)
     e = rng.gamma(2.0, 0.1, size=(60, 5, 6, 4)).astype(np.float32)
     exact = replay(e, EXACT)
-    inf = replay(e, ExitPolicy("adaptive", z=float("inf"), interval=2, min_rows=4))
+    inf = replay(e, ExitPolicy("adaptive", z=float("inf"), interval=2, min_rows=4, votes_open="rounds"))
     assert list(inf.winner) == list(exact.winner)
     np.testing.assert_array_equal(inf.rows, exact.rows)  # the same votes, visited in another order
+    every = replay(e, ExitPolicy("adaptive", z=float("inf"), interval=2, min_rows=4, votes_open="all"))
+    assert list(every.winner) == list(exact.winner) and (every.rows == 5 * 6 * 4).all()  # all votes, always
 
 
 def test_adaptive_drops_a_clear_loser_and_keeps_a_close_call():
@@ -103,10 +105,12 @@ def test_adaptive_decides_with_one_survivor_before_any_vote_completes():
     e = np.zeros((1, 5, 30, 4), np.float32)
     e[..., 0] = 1.0
     e[..., 1:] = 3.0 + np.random.default_rng(0).standard_normal((1, 5, 30, 3)).astype(np.float32) * 0.1
-    p = replay(e, ExitPolicy("adaptive", z=3.0, interval=3, min_rows=6))
+    p = replay(e, ExitPolicy("adaptive", z=3.0, interval=3, min_rows=6, votes_open="rounds"))
     assert p.winner[0] == 0
     assert p.rows[0] == 3 * 3 * 4  # one checkpoint: 3 votes x 3 timesteps x 4 candidates
     assert p.stages == 1
+    every = replay(e, ExitPolicy("adaptive", z=3.0, interval=3, min_rows=6, votes_open="all"))
+    assert (every.winner[0], every.rows[0], every.stages) == (0, 5 * 3 * 4, 1)  # all 5 votes' first 3 timesteps
 
 
 def test_a_calibrated_order_visits_the_informative_timesteps_first():

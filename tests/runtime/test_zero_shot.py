@@ -127,3 +127,24 @@ def test_a_bundle_without_a_classifier_runs_zero_shot_only(tiny_bundle, many_ima
     for a, b in zip(got, ref):
         order = list(b.candidates)
         np.testing.assert_allclose(errors(a)[:, order], errors(b), rtol=1e-4, atol=1e-6)
+
+
+def test_zero_shot_adaptive_takes_its_own_defaults_unless_given(tiny_bundle):
+    """`--zero-shot --early-exit adaptive` uses the settings chosen for zero-shot (ten candidates, one
+    vote), not the bundle's DBMEF ones; a setting given explicitly wins; DBMEF mode is unchanged."""
+    from dbmef.runtime import RuntimeSpec
+    from dbmef.runtime.config import ZERO_SHOT_EXIT
+
+    b = Bundle.open(tiny_bundle)
+    manifest = b.manifest.scoring
+    zs = RuntimeSpec(bundle=str(tiny_bundle), scoring={"zero_shot": True, "lam": 1.0, "early_exit": "adaptive"})
+    cfg = zs.scoring_config(b)
+    for name, value in ZERO_SHOT_EXIT.items():
+        assert getattr(cfg, name) == value, name
+    given = zs.replace(scoring={**zs.scoring, "exit_z": 3.5}).scoring_config(b)
+    assert given.exit_z == 3.5 and given.exit_interval == ZERO_SHOT_EXIT["exit_interval"]
+    dbmef = RuntimeSpec(bundle=str(tiny_bundle), scoring={"early_exit": "adaptive"}).scoring_config(b)
+    assert (dbmef.exit_z, dbmef.exit_interval, dbmef.exit_min_rows) == (manifest.exit_z, manifest.exit_interval,
+                                                                         manifest.exit_min_rows)
+    exact = zs.replace(scoring={"zero_shot": True, "lam": 1.0, "early_exit": "exact"}).scoring_config(b)
+    assert exact.exit_z == manifest.exit_z

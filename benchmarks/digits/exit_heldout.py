@@ -1,0 +1,152 @@
+"""Issue 39's held-out report: adaptive's families, chosen on the calibration split
+(``benchmarks.digits.exit_defaults``, EXIT_DEFAULTS.md), replayed once on test digits.
+
+    python -m benchmarks.digits.exit_heldout    # after exit_defaults; writes EXIT_HELDOUT.md, exit_heldout.json, .png
+
+The committed bundle is the seed-0 weak system of Table 1 (RESULTS.md). Its 597 test digits, its
+protector: the rethought digits' full per-row errors at k = 3 and 5 (V = 5; V = 1 is the first vote)
+are computed once through the plain UNet graph (kept in ``--cache``), and every policy is the
+runtime's planner replayed over them (``early_exit.replay``): UNet evaluations per rethought digit,
+decisions unlike ``off``'s, accuracy over all 597. Policies: ``off``, ``exact``, adaptive's previous
+defaults, the chosen defaults, and each family's own choice on calibration. The plot: evaluations
+per rethought image against agreement with ``off`` at k = 5, V = 5, one curve per family (its z
+swept at its chosen interval and min rows), calibration split and held-out test digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.digits.early_exit import full_errors
+from benchmarks.digits.exit_defaults import PREVIOUS, SETTINGS, Z_GRID, errors_for
+from dbmef.apps.digits import demo_bundle_dir, demo_test_split
+from dbmef.runtime.early_exit import ExitPolicy, replay
+
+HERE = Path(__file__).parent
+FIELDS = ("votes_open", "variance", "test", "z", "interval", "min_rows")
+
+
+def policy_of(p: dict[str, Any], **changes: Any) -> ExitPolicy:
+    q = {**{f: p[f] for f in FIELDS}, **changes}
+    return ExitPolicy("adaptive", q["z"], q["interval"], q["min_rows"], test=q["test"], votes_open=q["votes_open"],
+                      variance=q["variance"])
+
+
+def test_errors(bundle: Path, k: int, cache: Path) -> dict[str, Any]:
+    path = cache / f"test_rethought_k{k}_V5.npz"
+    if path.exists():
+        return dict(np.load(path))
+    d = full_errors(bundle, demo_test_split(), k, 5, all_images=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{n: np.asarray(d[n]) for n in ("errors", "top", "rethink", "labels")})
+    return d
+
+
+def measure(e: np.ndarray, policy: ExitPolicy, off: np.ndarray, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluations per image, decisions unlike off and (with the test data) accuracy over all digits."""
+    p = replay(e, policy)
+    out = {"unet_evals_per_rethought_image": float(2 * p.rows.mean()), "images": len(e),
+           "disagreements": int((p.winner != off).sum()), "agreement": float((p.winner == off).mean())}
+    if data is not None:
+        top, sel, y = data["top"], np.flatnonzero(data["rethink"]), data["labels"]
+        pred = top[:, 0].copy()
+        pred[sel] = top[sel, p.winner]
+        out["accuracy"] = float((pred == y).mean())
+    return out
+
+
+def run(bundle: Path, cache: Path) -> dict[str, Any]:
+    chosen = json.loads((HERE / "exit_defaults.json").read_text())
+    cal = {k: errors_for(bundle, k, cache / "calibration-errors") for k in (3, 5)}
+    test = {k: test_errors(bundle, k, cache / "test-errors") for k in (3, 5)}
+    policies: dict[str, ExitPolicy] = {"off": ExitPolicy("off"), "exact": ExitPolicy("exact"),
+                                       "adaptive, previous defaults": policy_of(PREVIOUS),
+                                       "adaptive, chosen defaults": policy_of(chosen["chosen"])}
+    for p in chosen["family_best"]:
+        policies.setdefault(f"adaptive {p['votes_open']} / {p['variance']} / {p['test']}", policy_of(p))
+    table: dict[str, Any] = {}
+    for name, pol in policies.items():
+        table[name] = {"policy": dataclasses.asdict(pol)}
+        for k, v in SETTINGS:
+            e, d = test[k]["errors"][:, :v], test[k]
+            off = replay(e, ExitPolicy("off")).winner
+            table[name][f"k{k} V{v}"] = measure(e, pol, off, d)
+    curves: dict[str, Any] = {}
+    for p in chosen["family_best"]:
+        fam = f"{p['votes_open']} / {p['variance']} / {p['test']}"
+        curves[fam] = {}
+        for split, e in (("calibration", cal[5]), ("test", test[5]["errors"])):
+            off = replay(e, ExitPolicy("off")).winner
+            curves[fam][split] = [{"z": z, **measure(e, policy_of(p, z=z), off)} for z in Z_GRID]
+    return {"date": time.strftime("%Y-%m-%d"), "rethought": int(test[5]["rethink"].sum()),
+            "test_images": len(test[5]["labels"]), "table": table, "curves": curves,
+            "chosen": chosen["chosen"], "family_best": chosen["family_best"]}
+
+
+def plot(r: dict[str, Any], path: Path) -> Path:
+    from dbmef.apps.report import pyplot, save_figure
+
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.3), sharey=True)
+    for ax, split in zip(axes, ("calibration", "test")):
+        for j, (fam, c) in enumerate(r["curves"].items()):
+            pts = c[split]
+            ax.plot([q["unet_evals_per_rethought_image"] for q in pts], [q["agreement"] for q in pts], "o-",
+                    ms=3, color=f"C{j % 10}", label=fam)
+        full = 2 * 30 * 5 * 5
+        ax.axvline(full / 10, color="k", ls=":", lw=1)
+        ax.text(full / 10, 0.9, " 0.1x full", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("UNet evaluations per rethought image (k 5, V 5; full method 1500)")
+        what = "200 calibration digits, all rethought" if split == "calibration" else \
+            f"{r['rethought']} rethought test digits (held out)"
+        ax.set_title(what, fontsize=9)
+    axes[0].set_ylabel("decisions equal to the full method's")
+    axes[1].legend(fontsize=6, loc="lower right", title="votes / variance / test (z swept)", title_fontsize=6)
+    return save_figure(fig, path)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    c = r["chosen"]
+    head = ("| policy | " + " | ".join(f"evals k{k} V{v}" for k, v in SETTINGS)
+            + " | != off k5 V5 (of rethought) | != off k3 V1, k3 V5, k5 V1 | accuracy k5 V5 |")
+    lines = ["# adaptive on held-out digits (issue 39)", "",
+             f"Command: `python -m benchmarks.digits.exit_heldout` ({r['date']}). The committed bundle (Table 1's "
+             f"seed-0 weak system), its protector, its {r['test_images']} test digits, of which it rethinks "
+             f"{r['rethought']}; the paper's scoring (lam 1.1, n 30). Policies chosen on the calibration split only "
+             "(EXIT_DEFAULTS.md, committed before this file was first written); each replayed once here. Chosen "
+             f"defaults: votes {c['votes_open']}, variance {c['variance']}, test {c['test']}, z {c['z']:g}, interval "
+             f"{c['interval']}, min rows {c['min_rows']}.", "", head, "|---|" + "---:|" * (len(SETTINGS) + 3)]
+    for name, row in r["table"].items():
+        ev = " | ".join(f"{row[f'k{k} V{v}']['unet_evals_per_rethought_image']:.0f}" for k, v in SETTINGS)
+        other = ", ".join(str(row[f"k{k} V{v}"]["disagreements"]) for k, v in SETTINGS if (k, v) != (5, 5))
+        main = row["k5 V5"]
+        lines.append(f"| {name} | {ev} | {main['disagreements']} of {main['images']} | {other} | "
+                     f"{main['accuracy']:.2%} |")
+    costs = ", ".join(str(2 * 30 * k * v) for k, v in SETTINGS)
+    lines += ["", f"UNet evaluations per rethought digit; `off` costs {costs}.",
+              "", "![evaluations against agreement](exit_heldout.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.digits.exit_heldout", description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, default=demo_bundle_dir())
+    ap.add_argument("--cache", type=Path, default=Path("engines/digits"),
+                    help="error tensors are kept under here (calibration-errors/ is exit_defaults' cache)")
+    a = ap.parse_args(argv)
+    r = run(a.bundle, a.cache)
+    (HERE / "exit_heldout.json").write_text(json.dumps(r, indent=1) + "\n")
+    plot(r, HERE / "exit_heldout.png")
+    (HERE / "EXIT_HELDOUT.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
