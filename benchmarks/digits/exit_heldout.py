@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,19 @@ def measure(e: np.ndarray, policy: ExitPolicy, off: np.ndarray, data: dict[str, 
     return out
 
 
+def separation(e: np.ndarray) -> dict[str, Any]:
+    """How far the full method's winner is from its runner-up in the image's own evidence: the
+    paired z of the two over all V n rows. An image at z < 3 cannot be decided by any test at
+    z ~ 3 before nearly all its rows of both candidates are in (a prefix of r rows has an expected
+    z of z_full sqrt(r / (V n)))."""
+    x = e.astype(np.float64).reshape(len(e), -1, e.shape[-1])
+    order = np.argsort(x.mean(axis=1), axis=1)
+    m = np.arange(len(e))
+    d = x[m, :, order[:, 1]] - x[m, :, order[:, 0]]
+    z = d.mean(axis=1) / d.std(axis=1, ddof=1) * math.sqrt(x.shape[1])
+    return {"median_z": float(np.median(z)), **{f"share_z_below_{t}": float((z < t).mean()) for t in (3, 5, 8)}}
+
+
 def run(bundle: Path, cache: Path) -> dict[str, Any]:
     chosen = json.loads((HERE / "exit_defaults.json").read_text())
     cal = {k: errors_for(bundle, k, cache / "calibration-errors") for k in (3, 5)}
@@ -85,31 +99,43 @@ def run(bundle: Path, cache: Path) -> dict[str, Any]:
         for split, e in (("calibration", cal[5]), ("test", test[5]["errors"])):
             off = replay(e, ExitPolicy("off")).winner
             curves[fam][split] = [{"z": z, **measure(e, policy_of(p, z=z), off)} for z in Z_GRID]
-    return {"date": time.strftime("%Y-%m-%d"), "rethought": int(test[5]["rethink"].sum()),
+    sep = {"calibration": separation(cal[5]), "test": separation(test[5]["errors"])}
+    return {"date": time.strftime("%Y-%m-%d"), "rethought": int(test[5]["rethink"].sum()), "separation": sep,
             "test_images": len(test[5]["labels"]), "table": table, "curves": curves,
             "chosen": chosen["chosen"], "family_best": chosen["family_best"]}
 
 
 def plot(r: dict[str, Any], path: Path) -> Path:
-    from dbmef.apps.report import pyplot, save_figure
+    from dbmef.apps.report import pyplot
 
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.3), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 5.6), sharey=True)
     for ax, split in zip(axes, ("calibration", "test")):
         for j, (fam, c) in enumerate(r["curves"].items()):
             pts = c[split]
-            ax.plot([q["unet_evals_per_rethought_image"] for q in pts], [q["agreement"] for q in pts], "o-",
-                    ms=3, color=f"C{j % 10}", label=fam)
+            ax.plot([q["unet_evals_per_rethought_image"] for q in pts], [q["agreement"] for q in pts],
+                    "o-" if j < 10 else "s--", ms=3, color=f"C{j % 10}", label=fam)
+        c = r["chosen"]
+        fam = f"{c['votes_open']} / {c['variance']} / {c['test']}"
+        best = next(q for q in r["curves"][fam][split] if q["z"] == c["z"])
+        ax.plot([best["unet_evals_per_rethought_image"]], [best["agreement"]], "k*", ms=12, zorder=5,
+                label="the chosen defaults")
         full = 2 * 30 * 5 * 5
         ax.axvline(full / 10, color="k", ls=":", lw=1)
-        ax.text(full / 10, 0.9, " 0.1x full", fontsize=7)
+        ax.text(full / 10, 0.02, " 0.1x the full method", fontsize=7, transform=ax.get_xaxis_transform())
         ax.set_xscale("log")
         ax.set_xlabel("UNet evaluations per rethought image (k 5, V 5; full method 1500)")
         what = "200 calibration digits, all rethought" if split == "calibration" else \
             f"{r['rethought']} rethought test digits (held out)"
         ax.set_title(what, fontsize=9)
     axes[0].set_ylabel("decisions equal to the full method's")
-    axes[1].legend(fontsize=6, loc="lower right", title="votes / variance / test (z swept)", title_fontsize=6)
-    return save_figure(fig, path)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, title="votes / variance / test, z swept "
+               f"over {list(Z_GRID)} at the family's chosen interval and min rows", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -130,8 +156,35 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {ev} | {main['disagreements']} of {main['images']} | {other} | "
                      f"{main['accuracy']:.2%} |")
     costs = ", ".join(str(2 * 30 * k * v) for k, v in SETTINGS)
-    lines += ["", f"UNet evaluations per rethought digit; `off` costs {costs}.",
-              "", "![evaluations against agreement](exit_heldout.png)", ""]
+    t, prev, sep = r["table"], r["table"]["adaptive, previous defaults"], r["separation"]
+    new = t["adaptive, chosen defaults"]
+    lines += ["", f"UNet evaluations per rethought digit; `off` costs {costs}.", "",
+              "**The result, a negative one against issue 39's target.** The chosen defaults make the full method's "
+              f"decision on all {new['k5 V5']['images']} rethought test digits at every (k, V) (and so on all held-out "
+              f"rows available here), but cost {new['k5 V5']['unet_evals_per_rethought_image']:.0f} UNet evaluations "
+              f"per rethought digit at k 5, V 5 ({new['k5 V5']['unet_evals_per_rethought_image'] / 1500:.2f}x the full "
+              f"method; the first round's defaults: {prev['k5 V5']['unet_evals_per_rethought_image']:.0f}), not the "
+              "150 (0.10x) the issue asks. On the calibration digits they cost "
+              f"{r['chosen']['evals']['k5 V5']:.0f}; the rethought test digits are harder, and no family reaches "
+              "0.10x on either split without changing decisions (the plot).", "",
+              "Why: a sequential test can stop only when the image's own rows separate the winner from the runner-up, "
+              "and the protector sends exactly the images where they are close. Over all V n = 150 rows of both "
+              "candidates, the paired z of the full method's winner over its runner-up has "
+              "median "
+              f"{sep['test']['median_z']:.1f} on the rethought test digits "
+              f"({sep['calibration']['median_z']:.1f} on the calibration digits); "
+              f"{sep['test']['share_z_below_3']:.0%} of the rethought test digits are below 3 "
+              f"({sep['calibration']['share_z_below_3']:.0%} of the calibration "
+              "digits), "
+              f"{sep['test']['share_z_below_5']:.0%} below 5. A digit at z 3 after 150 rows is at about "
+              "3 sqrt(r / 150) after r rows: no test at the confidence that keeps every decision stops it before "
+              "nearly all rows of "
+              "both candidates (600 evaluations) are in, and a third of the digits like that alone cost about 200 "
+              "evaluations per rethought digit. Reaching 0.10x here takes either accepting disagreements on "
+              "near-ties "
+              "(where the full method's own answer is close to a coin flip of its noise) or a cheaper evaluation, "
+              "not a sharper test.", "",
+              "![evaluations against agreement](exit_heldout.png)", ""]
     return "\n".join(lines)
 
 
