@@ -94,10 +94,9 @@ def main() -> int:
     args = ap.parse_args()
     r = json.loads(Path(args.from_json).read_text()) if args.from_json else measure()
     (HERE / "stream.json").write_text(json.dumps(r, indent=2, default=float) + "\n")
-    if not args.from_json:
-        from dbmef.apps.bench import plot
+    from dbmef.apps.bench import plot
 
-        plot(r, HERE / "stream.png")
+    plot(r, HERE / "stream.png")
     (HERE / "STREAM.md").write_text(report(r))
     print(f"wrote {HERE / 'STREAM.md'}")
     return 0
