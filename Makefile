@@ -7,12 +7,15 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck check-imports check-trt unit device-wheels clean
+.PHONY: demo test lint typecheck check-imports check-trt unit wheel device-wheels clean
 
 $(BIN)/.installed: pyproject.toml Makefile
+	@echo "make: creating $(VENV) and installing dbmef (once; a few minutes on a fresh machine)"
 	$(PY) -m venv $(VENV)
+	@echo "make: 1/2 $(TORCH_PIN)"
 	$(PIP) $(TORCH_PIN) 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import torch, torchvision"
+	@echo "make: 2/2 dbmef and its extras cpu, export, test, ray, digits (onnxruntime, diffusers, timm, ray, ...)"
 	$(PIP) -e '.[cpu,export,test,ray,digits]' 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import dbmef.runtime, onnxruntime, diffusers, timm, ray.data, ray.serve, sklearn"
 	touch $@
@@ -44,6 +47,14 @@ unit: $(BIN)/.installed
 
 test: lint typecheck check-imports check-trt unit
 
+# The wheel the README's Install table installs (pip install 'dist/dbmef-<version>-py3-none-any.whl[cpu]');
+# tests/test_install_cpu_only.py builds it the same way. build/ is removed first: an in-tree build
+# would otherwise package modules that no longer exist in the sources.
+wheel: $(BIN)/.installed
+	rm -rf build
+	$(BIN)/python -m pip wheel -q --no-deps --disable-pip-version-check -w dist .
+	@ls dist/*.whl
+
 # What benchmarks/device_check.py needs on the GPU machine beyond its torch, onnx and CUDA (it has no
 # package registry): diffusers and what it imports, at this venv's versions, pure-python or abi3
 # wheels plus regex for Python 3.10-3.13. A few MB, unpacked there by the check itself.
@@ -58,4 +69,4 @@ device-wheels: $(BIN)/.installed
 	du -sh .device/wheels
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist

@@ -24,6 +24,16 @@ needs_torch = pytest.mark.skipif(not (has("torch") and has("diffusers") and has(
 needs_ort = pytest.mark.skipif(not has("onnxruntime"), reason="needs onnxruntime ([cpu] or [gpu] extra)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Results files a test writes by default (``dbmef eval`` / ``calibrate`` without --results)
+    go to a scratch folder of this session, never to the user's ~/.cache/dbmef; subprocesses
+    inherit it."""
+    import os
+    import tempfile
+
+    os.environ["DBMEF_HOME"] = tempfile.mkdtemp(prefix="dbmef-home-")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The Ray tests run last: the local Ray session they share stays up until the test session ends
     (it cannot be restarted safely in one process: tests/cluster/conftest.py), and its daemons and

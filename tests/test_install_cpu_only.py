@@ -1,5 +1,7 @@
-"""A production service installs only the runtime: `pip install 'dbmef[cpu]'` into a fresh virtual
-environment (no torch, diffusers, transformers, timm) classifies with a bundle from the export side."""
+"""A production service installs only the runtime: the wheel `make wheel` builds, installed with
+`[cpu]` into a fresh virtual environment (no torch, diffusers, transformers, timm), classifies a digit
+with the digits bundle inside the installed package and with a bundle from the export side: the
+README's Install commands, run as written."""
 
 from __future__ import annotations
 
@@ -18,12 +20,21 @@ from tests.conftest import needs_ort, needs_torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fresh_venv(venv: Path, extras: str, heavy: tuple[str, ...]) -> list[str]:
-    """A new virtual environment with ``dbmef[extras]`` installed from this checkout; returns which
-    of the ``heavy`` modules it can import (the callers require none)."""
+def build_wheel(out: Path) -> Path:
+    """The wheel, built as `make wheel` builds it (pip wheel --no-deps -w DIR .)."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+                        "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = out.glob("dbmef-*.whl")
+    return wheel
+
+
+def fresh_venv(venv: Path, extras: str, heavy: tuple[str, ...], source: Path = ROOT) -> list[str]:
+    """A new virtual environment with ``source[extras]`` installed (this checkout or a wheel);
+    returns which of the ``heavy`` modules it can import (the callers require none)."""
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{ROOT}[{extras}]"],
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{source}[{extras}]"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     probe = f"import importlib.util as u; print([m for m in {heavy!r} if u.find_spec(m)])"
@@ -34,17 +45,35 @@ def fresh_venv(venv: Path, extras: str, heavy: tuple[str, ...]) -> list[str]:
 @needs_torch
 @needs_ort
 @pytest.mark.skipif(os.environ.get("DBMEF_SKIP_INSTALL_TEST") == "1", reason="DBMEF_SKIP_INSTALL_TEST=1")
-def test_cpu_extra_in_fresh_venv_classifies(tiny_bundle, tmp_path):
+def test_the_wheel_with_the_cpu_extra_in_a_fresh_venv_classifies(tiny_bundle, tmp_path):
+    from dbmef.apps.digits import demo_test_split, render
+
+    wheel = build_wheel(tmp_path / "dist")
     venv = tmp_path / "venv"
-    heavy = fresh_venv(venv, "cpu", ("torch", "diffusers", "transformers", "timm", "onnx"))
+    heavy = fresh_venv(venv, "cpu", ("torch", "diffusers", "transformers", "timm", "onnx", "matplotlib"), wheel)
     assert heavy == [], f"the cpu extra pulled in {heavy}"
+    split = demo_test_split()
+    digit = tmp_path / "digit.png"
+    render(split.images[0]).save(digit)
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "from dbmef.apps.digits import demo_bundle_dir; "
+                            "print(demo_bundle_dir())"], capture_output=True, text=True, check=True, cwd=tmp_path)
+    installed = Path(where.stdout.strip())
+    assert installed.is_relative_to(venv), installed  # the wheel's own copy, not this checkout's
+    r = subprocess.run([str(venv / "bin" / "dbmef"), "classify", "-q", "--bundle", str(installed), "--json",
+                        "--prot", "0", str(digit)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out[0]["error"] is None and out[0]["rethought"] is True and out[0]["label"] == int(split.labels[0])
     sample = ROOT / "dbmef" / "assets" / "sample.png"
     r = subprocess.run([str(venv / "bin" / "dbmef"), "-q", "classify", "--bundle", str(tiny_bundle), "--json",
                         "--timesteps", "2", "--votes", "1", "--prot", "0", str(sample)],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout)
-    assert out[0]["error"] is None and out[0]["rethought"] is True and out[0]["class_name"]
+    assert json.loads(r.stdout)[0]["class_name"]
+    # a command that needs an extra this venv lacks says which and how to install it
+    r = subprocess.run([str(venv / "bin" / "dbmef-export"), "--backbone", "resnet50", "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "pip install 'dbmef[export,cpu]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @needs_torch

@@ -25,7 +25,9 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     from dbmef.runtime.backends import names
 
     p.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
-    p.add_argument("--backend", choices=list(names()), default="onnxruntime")
+    p.add_argument("--backend", choices=list(names()), default="onnxruntime",
+                   help="the engines' runtime: onnxruntime (the bundle's ONNX graphs), tensorrt (engines built by "
+                        "`dbmef build-engines` on this GPU) or auto (TensorRT where built, else ONNX Runtime)")
     p.add_argument("--device", choices=["cpu", "cuda", "tensorrt", "auto"], default="auto",
                    help="ONNX Runtime execution provider")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime decides)")
@@ -42,13 +44,24 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
                         "never change; --no-rows-ahead pads instead)")
     p.add_argument("--expect-digest", metavar="SHA256",
                    help="refuse any bundle whose digest (printed by `dbmef info`) is not this one")
+    g = add_scoring_args(p)
+    if prot_help:
+        g.add_argument("--prot", type=float, default=0.95, help=prot_help)
+    else:
+        g.add_argument("--prot", type=float, help="rethink everything (0) or nothing (1) regardless of calibration")
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> Any:
+    """The scoring overrides (``SCORING_FLAGS``): the method's settings and early exit."""
     g = p.add_argument_group("scoring overrides (default: the bundle's)")
-    g.add_argument("--k", type=int)
-    g.add_argument("--timesteps", type=int, dest="n_timesteps")
-    g.add_argument("--votes", type=int)
-    g.add_argument("--lam", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--unet-batch", type=int)
+    g.add_argument("--k", type=int, help="candidates re-ranked: the backbone's top k (paper: 5)")
+    g.add_argument("--timesteps", type=int, dest="n_timesteps",
+                   help="timesteps per vote, on a uniform grid of the noise schedule (paper: 30)")
+    g.add_argument("--votes", type=int, help="repeats with independent noise, decided by majority (paper: 5)")
+    g.add_argument("--lam", type=float, help="guidance weight: 1 is the positive condition alone (paper: 1.1)")
+    g.add_argument("--seed", type=int, help="root of every noise bank (same seed, same answers)")
+    g.add_argument("--unet-batch", type=int,
+                   help="rows per UNet engine call (fixed; the bundle's fused graph was exported for one size)")
     g.add_argument("--early-exit", choices=[*EARLY_EXIT_MODES, *RENAMED_POLICIES],
                    help="off: every UNet row (the paper); exact (default): stop voting once the majority is "
                         "settled, same decisions; adaptive: also drop clearly losing candidates; keep_best: Li et "
@@ -73,10 +86,7 @@ def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -
     g.add_argument("--zero-shot", action="store_true",
                    help="Diffusion Classifier mode: every class a candidate, the positive condition only (lam 1), "
                         "no protector")
-    if prot_help:
-        g.add_argument("--prot", type=float, default=0.95, help=prot_help)
-    else:
-        g.add_argument("--prot", type=float, help="rethink everything (0) or nothing (1) regardless of calibration")
+    return g
 
 
 def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.errors import ConfigError, DBMEFError
+from dbmef.errors import ConfigError, DBMEFError, missing_extra
 from dbmef.runtime import RuntimeSpec
 from dbmef.runtime.bundle import Bundle, read_manifest
 from dbmef.runtime.data import LabelledImage
-from dbmef.runtime.evaluate import default_results, evaluate, read_results, write_protector
+from dbmef.runtime.evaluate import default_results, evaluate, read_results, records_for, write_protector
 from dbmef.runtime.operating_point import Choice, Point, RethinkAllPass, check_rule, choose, curve, sweep, wilson
+
+log = logging.getLogger("dbmef")
 
 MIN_SAMPLES = 100  # correctly classified calibration images a written threshold needs (--min-samples)
 
@@ -79,7 +82,7 @@ def _pass_and_choice(spec: RuntimeSpec, bundle: Bundle, items: Sequence[Labelled
             evaluate(rt, items, path, resume=resume, progress=progress)
             device = describe_device(rt)
     recs = read_results(path)
-    records = [recs[it.path] for it in items if it.path in recs]
+    records = records_for(items, recs)
     cp = RethinkAllPass.from_records(records)
     choice = choose(cp, rule, value)
     n_correct = int((cp.backbone == cp.truth).sum())
@@ -112,7 +115,7 @@ def rule_from_args(args: Any) -> tuple[str, float]:
 
 def run_from_args(args: Any, spec: RuntimeSpec) -> int:
     """``dbmef calibrate``: the pass (or ``--backbone-only``), the table or JSON, the plot."""
-    from dbmef.apps.report import progress_bar, table
+    from dbmef.apps.report import interrupted, progress_bar, table
     from dbmef.runtime.data import load_labelled
 
     rule, value = rule_from_args(args)
@@ -126,12 +129,22 @@ def run_from_args(args: Any, spec: RuntimeSpec) -> int:
     bar = progress_bar(len(items), "calibrate: rethink every image once", quiet)
     ray_options = {"fast_actors": args.ray_fast_actors, "rethink_actors": args.ray_rethink_actors,
                    "gpus_per_rethink_actor": args.ray_gpus_per_actor}
-    report = calibrate_operating_point(spec, items, rule, value, data=str(args.data), results=args.results,
-                                       resume=not args.no_resume, ray=args.ray, write=not args.dry_run,
-                                       progress=bar.update, ray_options=ray_options, min_samples=args.min_samples)
+    results = args.results or str(default_results(spec.bundle, args.data, "calibration"))
+    try:
+        report = calibrate_operating_point(spec, items, rule, value, data=str(args.data), results=results,
+                                           resume=not args.no_resume, ray=args.ray, write=not args.dry_run,
+                                           progress=bar.update, ray_options=ray_options,
+                                           min_samples=args.min_samples)
+    except KeyboardInterrupt:
+        bar.close()
+        return interrupted("dbmef calibrate", results, len(items))
     bar.close()
     png = Path(args.plot) if args.plot else Path(report["results"]).with_suffix(".png")
-    report["plot"] = str(plot_curve(report, png))
+    try:
+        report["plot"] = str(plot_curve(report, png))
+    except ModuleNotFoundError as exc:  # the threshold is written; only the picture needs matplotlib
+        report["plot"] = None
+        log.warning("no curve PNG: %s", missing_extra(exc, "dbmef calibrate") or exc)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -145,7 +158,7 @@ def run_from_args(args: Any, spec: RuntimeSpec) -> int:
           f"{'' if args.dry_run else '; written to ' + str(spec.bundle)}")
     for w in c["warnings"]:
         print(f"note: {w}")
-    print(f"curve: {report['plot']}")
+    print(f"curve: {report['plot'] or 'not drawn (see the warning above)'}")
     return 0
 
 
@@ -221,14 +234,17 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     sw = report["sweep"]
     x = np.array(sw["rethink_rate"]) * 100
     acc, lo, hi = (np.array(sw[k]) * 100 for k in ("accuracy", "ci_low", "ci_high"))
-    fig, ax = pyplot().subplots(figsize=(7.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7.5, 5.2))
     ax.fill_between(x, lo, hi, alpha=0.2, color="C0", step="post", label="DBMEF accuracy, 95 % interval")
     ax.step(x, acc, where="post", color="C0", label="DBMEF accuracy")
     ax.axhline(pts[0]["backbone_accuracy"] * 100, color="gray", ls=":", label="backbone alone")
+    # neighbouring Prot points (0.97 and 0.99 often sit a fraction of a point apart) get their labels
+    # on four different sides, so no two consecutive ones overlap
+    sides = ((5, 5), (5, -12), (-50, 5), (-50, -12))
     for j, p in enumerate(q for q in pts if q.get("prot") is not None):
         ax.plot(p["rethink_rate"] * 100, p["accuracy"] * 100, "o", color="C0", ms=4)
         ax.annotate(f"Prot {p['prot']:.2f}", (p["rethink_rate"] * 100, p["accuracy"] * 100), fontsize=7,
-                    xytext=(4, -11 if j % 2 else 5), textcoords="offset points")
+                    xytext=sides[j % len(sides)], textcoords="offset points")
     c = report["chosen"]["point"]
     ax.plot(c["rethink_rate"] * 100, c["accuracy"] * 100, "*", color="C3", ms=14,
             label=f"chosen ({report['chosen']['rule']} {report['chosen']['value']:g})")
@@ -240,7 +256,8 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     ax2.set_ylabel("images/s at that rethink rate (expected, log)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
+    # below the axes, never over the curve
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     ax.set_title(f"operating points: {report['n_images']} calibration images, one slow pass "
                  f"({report['unet_evaluations']} UNet evaluations)\n{report['device']}", fontsize=9)
     return save_figure(fig, path)

@@ -8,17 +8,18 @@ Every feature is reachable from Python: see ``dbmef.runtime.system.DBMEFRuntime`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import math
+import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from dbmef.apps.args import add_ray_args, add_runtime_args, make_runtime, runtime_spec
-from dbmef.apps.report import progress_bar, table
-from dbmef.errors import DBMEFError
+from dbmef.apps.report import interrupted, progress_bar, table
+from dbmef.apps.tools_cli import add_tools
+from dbmef.errors import DBMEFError, missing_extra
 from dbmef.logs import configure as configure_logging
 
 log = logging.getLogger("dbmef")
@@ -26,20 +27,21 @@ log = logging.getLogger("dbmef")
 
 # -- sub-commands --------------------------------------------------------------------------------
 def cmd_classify(args: argparse.Namespace) -> int:
+    from dbmef.apps.outputs import COLUMNS, check_output, rows, write_output
     from dbmef.runtime.data import expand_inputs
 
+    check_output(args.output)
     rt = make_runtime(args)
     images = expand_inputs(args.images)
     bar = progress_bar(len(images), "classify", args.quiet or args.json)
     results = rt.classify(images, progress=bar.update)
     bar.close()
+    if args.output:
+        log.info("wrote %s", write_output(args.output, results, rt.class_names))
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
-        rows = [[r.name, r.label, r.class_name, r.rethought, r.max_prob,
-                 rt.class_names[r.backbone_label] if r.backbone_label is not None else None, r.error]
-                for r in results]
-        print(table(rows, ["image", "label", "class_name", "rethought", "p_top1", "backbone", "error"]))
+        print(table(rows(results, rt.class_names), COLUMNS))
     return 1 if all(r.error for r in results) else 0
 
 
@@ -55,22 +57,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dbmef.runtime.evaluate import default_results, evaluate
 
     results = str(args.results or default_results(args.bundle, args.data, "eval"))
-    if args.ray is not None:
-        from dbmef.cluster.ray_eval import ray_evaluate
-
+    spec = runtime_spec(args)
+    with contextlib.ExitStack() as stack:  # a bad flag is refused (the runtime built) before the data is read
+        rt = None if args.ray is not None else stack.enter_context(make_runtime(args))
         m = read_manifest(args.bundle)
         items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))
-        bar = progress_bar(len(items), "eval (ray)", args.quiet or args.json)
-        summary = ray_evaluate(runtime_spec(args), items, results, address=None if args.ray == "local" else args.ray,
-                               resume=not args.no_resume, fast_actors=args.ray_fast_actors,
-                               rethink_actors=args.ray_rethink_actors,
-                               gpus_per_rethink_actor=args.ray_gpus_per_actor, batch_size=args.batch_size,
-                               progress=bar.update)
-    else:
-        rt = make_runtime(args)
-        items = load_labelled(args.data, rt.class_names, rt.manifest.sources.get("class_wnids"))
-        bar = progress_bar(len(items), "eval", args.quiet or args.json)
-        summary = evaluate(rt, items, results, resume=not args.no_resume, progress=bar.update)
+        bar = progress_bar(len(items), "eval (ray)" if rt is None else "eval", args.quiet or args.json)
+        try:
+            if rt is None:
+                from dbmef.cluster.ray_eval import ray_evaluate
+
+                summary = ray_evaluate(spec, items, results, address=None if args.ray == "local" else args.ray,
+                                       resume=not args.no_resume, fast_actors=args.ray_fast_actors,
+                                       rethink_actors=args.ray_rethink_actors,
+                                       gpus_per_rethink_actor=args.ray_gpus_per_actor, batch_size=args.batch_size,
+                                       progress=bar.update)
+            else:
+                summary = evaluate(rt, items, results, resume=not args.no_resume, progress=bar.update)
+        except KeyboardInterrupt:
+            bar.close()
+            return interrupted("dbmef eval", results, len(items))
     bar.close()
     summary["results_file"] = results
     if args.json:
@@ -128,122 +134,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from dbmef.runtime.bundle import Bundle
-    from dbmef.runtime.contracts import kind_of_component
-
-    b = Bundle.open(args.bundle, verify=not args.no_verify)
-    m = b.manifest
-    if args.json:
-        print(json.dumps({**m.to_dict(), "digest": m.digest()}, indent=2))
-        return 0
-    rows = []
-    for name, rec in m.components.items():
-        size = sum(b.path(f).stat().st_size for f, _ in rec.files())
-        val = rec.validation.get("status", "-")
-        worst = max((c.get("max_abs", 0) for c in rec.validation.get("checks", [])), default=None)
-        rows.append([name, rec.file, rec.precision, round(size / 2**20, 2), val, worst,
-                     ", ".join(f"{t.name}{tuple(t.shape)}" for t in rec.inputs)])
-    print(f"bundle      {args.bundle} (format v{m.format_version}, created {m.created})")
-    print(f"digest      {m.digest()}")
-    print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
-    print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
-    print(f"scorer      {kind_of_component(m.scorer_component)}; latent {m.vae.latent_shape} from {m.vae.image_size}px")
-    print(f"scoring     {json.dumps({k: v for k, v in m.scoring.to_dict().items() if k != 'templates'})}")
-    print(f"protector   {m.protector.to_dict() if m.protector else 'not calibrated (rethinks everything)'}")
-    cal = m.sources.get("calibration", {})
-    if "chosen" in cal:
-        c, p = cal["chosen"], cal["chosen"]["point"]
-        print(f"chosen by   {c['rule']} {c['value']:g} on {cal['n_images']} images ({cal['data']}): rethink rate "
-              f"{p['rethink_rate']:.1%}, accuracy {p['accuracy']:.2%} (backbone {p['backbone_accuracy']:.2%}), "
-              f"{p['mean_ms']:.2f} ms/image expected on {cal['device']}")
-        for w in c.get("warnings", []):
-            print(f"            note: {w}")
-    print(f"tools       {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
-    print()
-    print(table(rows, ["component", "file", "precision", "MiB", "validation", "max_abs_err", "inputs"]))
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from dbmef.apps.bench import plot, run_bench
-
-    bar = None if (args.quiet or args.json) else (lambda msg: print(f"[bench] {msg}", file=sys.stderr))
-    if args.images is not None and args.images < 1:
-        raise DBMEFError(f"--images {args.images} is invalid: keep at least 1 image of the data")
-    report = run_bench(runtime_spec(args), data=args.data, source=args.source, n_images=args.images,
-                       repeats=args.repeats, modes=args.modes, baselines=tuple(args.baselines), profile=args.profile,
-                       progress=bar)
-    if args.plot:
-        report["plot"] = str(plot(report, args.plot))
-    if args.json:
-        print(json.dumps(report, indent=2, default=float))
-        return 0
-    d = report["data"]
-    print(f"{d['images']} images from {d['source']}, {d['rethought']} rethought; --batch-size {report['batch_size']}")
-    rows = []
-    for m, v in report["modes"].items():
-        for p in ("sync", "scheduler"):
-            st = v["stream"][p]
-            rows.append([m, p, st["slow_path_s"], st["unet_evals_per_rethought_image"],
-                         st["rows"]["rows_sent_per_row_needed"], st["rows"]["engine_calls"],
-                         st["latency_rethought_s"]["p50"], st["latency_rethought_s"]["p95"]])
-    print(table(rows, ["mode", "slow path", "slow s", "UNet evals/img", "rows sent/needed", "calls",
-                       "latency p50 s", "p95 s"]))
-    print()
-    once = [[m, v["all_at_once"]["wall_s"]["p50"], v["all_at_once"]["latency_s"]["p50"],
-             v["all_at_once"]["median_over_last"], v.get("at_rate", {}).get("latency_s", {}).get("p50", math.nan),
-             v.get("speedup_vs_paper_scripts", math.nan)] for m, v in report["modes"].items()]
-    print(table(once, ["mode", "all rethought at once: wall s", "latency p50 s", "median/last",
-                       "at 50% load: p50 s", "speed-up vs paper_scripts"]))
-    for k in ("speedup_vs_paper_scripts_equal_decisions", "speedup_vs_paper_scripts_equal_work",
-              "speedup_vs_paper_scripts_adaptive", "speedup_vs_paper_scripts", "speedup_vs_torch_batched"):
-        if k in report:
-            print(f"{k} {report[k]:.2f}x")
-    for k, v in report["roofline"].items():
-        if isinstance(v, dict) and "fraction_of_peak" in v:
-            print(f"fraction of peak ({k}) {v['fraction_of_peak']:.1%}")
-    return 0
-
-
-def cmd_build_engines(args: argparse.Namespace) -> int:
-    from dbmef.export.trt_build import build_engines
-
-    recs = build_engines(args.bundle, components=args.components, force=args.force,
-                         workspace_bytes=int(args.workspace_gb * 2**30), unet_batch=args.unet_batch,
-                         optimization_level=args.opt_level, device=args.device_id, tf32=args.tf32)
-    rows = [[n, r.file, r.precision, r.gpu, r.compute_capability, r.trt_version, r.build_seconds]
-            for n, r in recs.items()]
-    print(table(rows, ["component", "engine", "precision", "gpu", "cc", "tensorrt", "build_s"]))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from dbmef.apps.demo import run_demo
-
-    report = run_demo(args.out, bundle=args.bundle, limit=args.limit, progress=not args.quiet)
-    if args.json:
-        import dataclasses
-
-        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(report).items()},
-                         indent=1))
-    else:
-        print("\n".join(report.lines()))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from dbmef.apps.calibrate import MIN_SAMPLES
 
     p = argparse.ArgumentParser(prog="dbmef", description="DBMEF: diffusion re-ranking of uncertain classifications.")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no info lines")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("classify", help="classify images (files or folders)")
     add_runtime_args(c)
     c.add_argument("images", nargs="+", help="image files or folders")
     c.add_argument("--json", action="store_true", help="print a JSON list, one object per input")
+    c.add_argument("--output", metavar="FILE", help="also write the results: .csv (the table's columns) or .jsonl "
+                                                    "(one full result per line)")
     c.set_defaults(func=cmd_classify)
 
     k = sub.add_parser("calibrate", help="choose the operating point (protector threshold) on a labelled set from "
@@ -258,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the highest rethink rate whose expected mean latency per image fits L ms")
     k.add_argument("--backbone-only", action="store_true",
                    help="only the backbone pass (--prot only; no curve, no slow path): the quick calibration")
-    k.add_argument("--results", help="per-image JSONL of the pass (default: <bundle>/calibration/<data name>.jsonl)")
+    k.add_argument("--results", help="per-image JSONL of the pass (default: ~/.cache/dbmef/calibration/"
+                                     "<bundle>-<digest>/<data name>.jsonl; $DBMEF_HOME replaces ~/.cache/dbmef)")
     k.add_argument("--min-samples", type=int, default=MIN_SAMPLES, metavar="N",
                    help=f"correctly classified calibration images a threshold needs before it is written "
                         f"(default {MIN_SAMPLES})")
     k.add_argument("--no-resume", action="store_true", help="start the pass over instead of resuming")
-    k.add_argument("--plot", metavar="PNG", help="write the curve (default: <bundle>/calibration/<data name>.png)")
+    k.add_argument("--plot", metavar="PNG", help="write the curve (default: beside the results file)")
     k.add_argument("--dry-run", action="store_true", help="report the curve and the choice; leave the bundle as is")
     k.add_argument("--json", action="store_true", help="print the report as JSON")
     add_ray_args(k)
@@ -271,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval(sub)
     _add_serve(sub)
-    _add_tools(sub)
+    add_tools(sub)
+    for sp in sub.choices.values():  # -v / -q also after the sub-command (`dbmef classify -q ...`)
+        g = sp.add_argument_group("output")
+        g.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log lines (-vv: debug)")
+        g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress and no info lines")
     return p
 
 
@@ -279,7 +189,8 @@ def _add_eval(sub: Any) -> None:
     e = sub.add_parser("eval", help="accuracy of backbone vs DBMEF on a labelled set, resumable")
     add_runtime_args(e)
     e.add_argument("--data", required=True, help="ImageFolder root or a 'path label' file list")
-    e.add_argument("--results", help="per-image JSONL (default: <bundle>/eval/<data name>.jsonl)")
+    e.add_argument("--results", help="per-image JSONL (default: ~/.cache/dbmef/eval/<bundle>-<digest>/<data "
+                                     "name>.jsonl; $DBMEF_HOME replaces ~/.cache/dbmef)")
     e.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     e.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_ray_args(e)
@@ -340,52 +251,6 @@ Kubernetes probes (the container runs `dbmef serve --host 0.0.0.0 --bundle /bund
 """
 
 
-def _add_tools(sub: Any) -> None:
-    """info, bench, build-engines, demo."""
-    i = sub.add_parser("info", help="show what a bundle holds")
-    i.add_argument("--bundle", required=True)
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--no-verify", action="store_true")
-    i.set_defaults(func=cmd_info)
-
-    n = sub.add_parser("bench", help="the slow path on real data: batch-synchronous vs the row scheduler, latency, "
-                                     "paper_scripts, roofline")
-    add_runtime_args(n)
-    n.add_argument("--data", help="images to measure on: a labelled ImageFolder / file list or any image folder "
-                                  "(default: the digits test split for the digits system, else synthetic pictures)")
-    n.add_argument("--source", help="the system folder the bundle was exported from (enables the torch baselines)")
-    n.add_argument("--images", type=int, default=None, help="keep the first N images of the data (default: all; "
-                                                            "4 synthetic pictures)")
-    n.add_argument("--modes", nargs="+", choices=["off", "exact", "adaptive"], default=["off", "exact", "adaptive"],
-                   help="early-exit modes to measure (default: all three)")
-    n.add_argument("--repeats", type=int, default=3)
-    n.add_argument("--baselines", nargs="*", default=["paper_scripts", "torch_batched"])
-    n.add_argument("--profile", action="store_true", help="ONNX Runtime profile of the scorer by op type")
-    n.add_argument("--plot", help="write a PNG here")
-    n.add_argument("--json", action="store_true")
-    n.set_defaults(func=cmd_bench)
-
-    b = sub.add_parser("build-engines", help="build TensorRT engines for this GPU (export once, build per target)")
-    b.add_argument("--bundle", required=True)
-    b.add_argument("--components", nargs="+", help="default: backbone, text_encoder, vae_encoder and the scorer")
-    b.add_argument("--force", action="store_true", help="rebuild even when the engine key matches")
-    b.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace memory-pool limit")
-    b.add_argument("--unet-batch", type=int, help="static scorer batch (default: the bundle's)")
-    b.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
-    b.add_argument("--tf32", action="store_true",
-                   help="allow TF32 math in fp32 engines (faster, ~1e-3 relative error; off by default)")
-    b.add_argument("--device-id", type=int, default=0)
-    b.set_defaults(func=cmd_build_engines)
-
-    d = sub.add_parser("demo", help="classify the digits test split with the committed digits bundle: backbone "
-                       "accuracy -> DBMEF accuracy, flips, and a PNG of the rethought digits")
-    d.add_argument("--out", default="engines/demo", help="folder for the PNG grid of rethought digits")
-    d.add_argument("--bundle", default=None, help="another digits bundle (default: the committed one)")
-    d.add_argument("--limit", type=int, default=None, help="only the first N test digits")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_demo)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
@@ -394,6 +259,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DBMEFError as exc:
         print(f"dbmef: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        msg = missing_extra(exc, f"dbmef {args.command}")
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dbmef {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `dbmef info | head`: the reader left; say nothing more (Python's own advice)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -146,21 +146,23 @@ def _operating_point_lines(op: dict[str, Any]) -> list[str]:
 
 def rethought_grid(images: list[Image.Image], rows: list[dict[str, Any]], path: Path, cols: int = 10,
                    cell: int = 96) -> Path:
-    """A PNG of the rethought digits, each captioned backbone -> DBMEF (truth); green where DBMEF is
-    right, red where it is wrong."""
+    """A PNG of the rethought digits, each captioned backbone -> DBMEF (truth) and "right" or "WRONG"
+    (not colour alone: green and red read the same to many eyes); green where DBMEF is right, red
+    where it is wrong."""
     font = ImageFont.load_default()
     h = cell + 30
     n = len(images)
     grid = Image.new("RGB", (cols * cell, -(-n // cols) * h + 24), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), "rethought digits: backbone -> DBMEF (truth)", fill="black", font=font)
+    draw.text((4, 4), "rethought digits: backbone -> DBMEF (truth), right / WRONG", fill="black", font=font)
     for j, (img, r) in enumerate(zip(images, rows)):
         x, y = (j % cols) * cell, (j // cols) * h + 24
         grid.paste(img.resize((cell - 16, cell - 16), Image.Resampling.NEAREST), (x + 8, y + 2))
         ok = r["dbmef"] == r["truth"]
         color = (0, 140, 0) if ok else (200, 0, 0)
         draw.text((x + 4, y + cell - 12), f"{r['backbone']}->{r['dbmef']}", fill=color, font=font)
-        draw.text((x + 4, y + cell + 2), f"({r['truth']})", fill=(90, 90, 90), font=font)
+        draw.text((x + 4, y + cell + 2), f"({r['truth']}) {'right' if ok else 'WRONG'}", fill=(90, 90, 90) if ok
+                  else color, font=font)
     grid.save(path)
     return path
 

@@ -28,10 +28,51 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def progress_bar(total: int, desc: str, quiet: bool) -> Any:
-    from tqdm import tqdm
+def progress_bar(total: int, desc: str, quiet: bool, stream: Any = None, every_s: float = 30.0) -> Any:
+    """A progress bar on a terminal; on a file or a pipe (the log of a batch job), one line every
+    ``every_s`` seconds and one at the end (tqdm alone draws nothing there, or carriage returns);
+    nothing when ``quiet``. Either has ``update(n)`` and ``close()``."""
+    out = stream or sys.stderr
+    if quiet:
+        return LogProgress(total, desc, out, every_s, enabled=False)
+    if getattr(out, "isatty", lambda: False)():
+        from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet or None, file=sys.stderr, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit="img", file=out, dynamic_ncols=True)
+    return LogProgress(total, desc, out, every_s)
+
+
+class LogProgress:
+    """Progress as log lines: ``desc: 120/597 images (20%), 3.1 img/s, about 154 s left``."""
+
+    def __init__(self, total: int, desc: str, stream: Any, every_s: float, enabled: bool = True,
+                 clock: Any = None) -> None:
+        import time
+
+        self.total, self.desc, self.stream, self.every_s, self.enabled = total, desc, stream, every_s, enabled
+        self.clock = clock or time.monotonic
+        self.n = 0
+        self.start = self.last = self.clock()
+        if enabled:
+            print(f"{desc}: {total} images", file=stream, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self.clock()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        rate = self.n / max(now - self.start, 1e-9)
+        pct = f" ({self.n / self.total:.0%})" if self.total else ""
+        left = f", about {(self.total - self.n) / rate:.0f} s left" if rate > 0 and self.n < self.total else ""
+        print(f"{self.desc}: {self.n}/{self.total} images{pct}, {rate:.3g} img/s{left}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.n:
+            self._line(self.clock())
+        self.enabled = False
 
 
 def pyplot() -> Any:
@@ -53,3 +94,13 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     pyplot().close(fig)
     return out
 
+
+
+def interrupted(command: str, results: str | Path, total: int) -> int:
+    """Ctrl-C during a resumable pass: one line saying what is saved and how to go on; exit status 130."""
+    from dbmef.runtime.evaluate import read_results
+
+    n = len(read_results(Path(results)))
+    print(f"{command}: interrupted: {n} of {total} images saved in {results}; run the same command to resume",
+          file=sys.stderr, flush=True)
+    return 130

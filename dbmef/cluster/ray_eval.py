@@ -24,7 +24,7 @@ import numpy as np
 
 from dbmef.cluster import RuntimeSpec, init_ray, require_ray
 from dbmef.runtime.data import LabelledImage
-from dbmef.runtime.evaluate import ResultsFile, record, summarize
+from dbmef.runtime.evaluate import ResultsFile, record, records_for, summarize
 from dbmef.runtime.results import ragged
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def ray_evaluate(
                 if started:
                     ray.shutdown()
         done = out.done
-    summary = summarize([done[it.path] for it in items if it.path in done], total=len(items))
+    summary = summarize(records_for(items, done), total=len(items))
     summary["ray_nodes"] = {k: sorted(v) for k, v in nodes.items()}  # where this run's stages ran
     return summary
 

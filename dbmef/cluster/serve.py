@@ -270,7 +270,8 @@ class DBMEFService:
             return got
         r = got[0]
         if r.error:
-            return _json(400, {"error": "the request body " + r.error.split(": ", 1)[-1]})
+            # "the request body: not a readable image (...)", "...: 40000x40000 = ... pixels is over the limit"
+            return _json(400, {"error": "the request body: " + r.error.split(": ", 1)[-1]})
         d = r.to_dict()
         d.pop("index", None)
         d.pop("image", None)

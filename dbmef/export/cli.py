@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbmef.errors import DBMEFError
+from dbmef.errors import DBMEFError, missing_extra
 from dbmef.export.config import SCORER_CHOICES
 from dbmef.logs import configure as configure_logging
 
@@ -64,15 +64,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dbmef.export.sources import offline_env
 
     offline_env()
+    torch_path = True
     try:
         t0 = time.perf_counter()
-        out = _export_onnx_folder(args, say) if _onnx_folder(args) else _export_torch(args, say)
+        torch_path = not _onnx_folder(args)
+        out = _export_torch(args, say) if torch_path else _export_onnx_folder(args, say)
         if args.trt:
             from dbmef.export.trt_build import build_engines
 
             build_engines(out, unet_batch=args.unet_batch)
     except DBMEFError as exc:
         print(f"dbmef-export: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        msg = missing_extra(exc, "dbmef-export", "export,cpu" if torch_path else "cpu,onnx")
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
         return 2
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0

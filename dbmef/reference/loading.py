@@ -87,8 +87,14 @@ def load_backbone(path_or_name: str | Path, weights: str | Path | None = None, r
     if p.is_dir():
         return timm.create_model(f"local-dir:{p}", pretrained=True).eval()
     name = str(path_or_name)
-    if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
-        raise ExportError(f"'{name}' is neither a local timm folder nor a timm model name")
+    known = timm.list_models()
+    if name not in known and name.split(".")[0] not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name.split(".")[0], known, n=3, cutoff=0.75)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            " (timm.list_models() lists the names)"
+        raise ExportError(f"'{name}' is neither a local timm folder nor a timm model name{hint}")
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

@@ -123,7 +123,14 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[str]:
     if any(str(p).strip() == "" for p in paths):
         raise ConfigError("an input path is empty (''): name image files or folders; '.' for the current folder")
     for p in map(Path, paths):
-        found = [str(f) for f in list_images(p) if f.suffix.lower() in IMAGE_SUFFIXES] if _is_dir(p) else []
+        found: list[str] = []
+        if _is_dir(p):
+            listed = list_images(p)
+            found = [str(f) for f in listed if f.suffix.lower() in IMAGE_SUFFIXES]
+            if len(found) < len(listed):
+                other = sorted({f.suffix.lower() or "(none)" for f in listed if f.suffix.lower() not in IMAGE_SUFFIXES})
+                log.warning("%s: skipped %d file(s) that are not images by their extension (%s; images are %s)", p,
+                            len(listed) - len(found), ", ".join(other[:5]), " ".join(sorted(IMAGE_SUFFIXES)))
         # A folder without images (say, one named x.jpg) stays one input: it fails alone, with its
         # reason, instead of refusing the whole call.
         out.extend(found or [str(p)])

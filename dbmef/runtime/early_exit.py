@@ -12,24 +12,15 @@ back. The policies (``ScoringConfig.early_exit``):
   change the majority, and the least-mean-error tie-break only applies to a tie, which is then
   impossible. Decisions are identical to ``off``.
 * ``adaptive`` (opt-in): timesteps visited ``exit_interval`` at a time in van der Corput order (any
-  prefix spans the whole grid), and after each stage a paired sequential test: every candidate
-  shares the image's noise and timesteps, so per-row differences to the current leader are paired.
-  A candidate whose mean excess error over the leader, pooled over all rows evaluated so far (at
-  least ``exit_min_rows``), exceeds the threshold in standard errors is dropped and gets no further
-  rows. Votes and the final tie-break count surviving candidates only. Its parts (issue 39):
-
-  - which votes a stage serves (``exit_votes_open``): ``rounds``, exact's vote rounds; or ``all``,
-    every vote from the first stage with vote v's order shifted by v * n / V grid positions, so
-    each stage spreads over the grid and the test decides the vote as a whole;
-  - the standard error (``exit_variance``): each candidate's own paired differences (``candidate``);
-    the residual of the two-way (row x candidate) layout over every survivor (``pooled``: many
-    more degrees of freedom from a few rows); or that with a candidate effect per block of the grid
-    (``stratified``);
-  - the threshold (``exit_test``): ``z`` itself; Student's ``t`` at z's level with the standard
-    error's degrees of freedom (stricter while few rows are in); or ``mixture``, a normal-mixture
-    confidence sequence at z's level, valid however often it looks (and so much stricter).
-
-  With ``exit_z = inf`` nothing is dropped and the decisions are ``off``'s.
+  prefix spans the whole grid) and, after each stage, a paired sequential test (every candidate
+  shares the image's noise and timesteps): a candidate whose mean excess error over the leader,
+  over all rows so far (at least ``exit_min_rows``), exceeds the threshold in standard errors gets
+  no further rows; votes and the tie-break count the survivors. Its parts (issue 39): which votes
+  a stage serves (``exit_votes_open``: exact's ``rounds``, or ``all`` votes from the first stage
+  with vote v's order shifted by v n / V positions), the standard error (``exit_variance``:
+  ``candidate``, ``pooled`` or ``stratified``: ``paired_test.paired_standard_error``) and the
+  threshold (``exit_test``: ``z``, ``t`` or the always-valid ``mixture``). With ``exit_z = inf``
+  nothing is dropped and the decisions are ``off``'s.
 * ``keep_best`` (Li et al.'s Diffusion Classifier, for comparison; called ``schedule`` before, a
   name still read): one vote; after ``exit_samples[j]`` timesteps the ``exit_keep[j]`` candidates
   with the least mean error go on.
@@ -50,7 +41,7 @@ import numpy as np
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.method import vote, vote_means
-from dbmef.runtime.student_t import t_threshold
+from dbmef.runtime.paired_test import paired_standard_error, threshold
 
 POLICIES = ("off", "exact", "adaptive", "keep_best")
 RENAMED_POLICIES = {"schedule": "keep_best"}  # old name -> new: still read from manifests and flags
@@ -140,47 +131,6 @@ class ExitPolicy:
                     or any(a >= b for a, b in zip(k[1:], k)) or k[0] < 1:
                 raise ConfigError(f"early_exit 'keep_best' needs keep {k} and samples {s} of one length, samples "
                                   "increasing, keep decreasing to 1 (Li et al.'s CIFAR-10: keep 5 1, samples 50 500)")
-
-
-def paired_standard_error(e: np.ndarray, lead: int, variance: str,
-                          strata: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """Standard error of each candidate's mean paired excess over candidate ``lead``, from rows
-    ``e`` (r, a) that all a candidates have, and its degrees of freedom.
-
-    "candidate": the sample sd of that candidate's own differences (r - 1 df; 0 for the leader).
-    "pooled": every row is a block, e[j, c] = row_j + cand_c + residual; the residual variance s2
-    over all candidates has (r - 1)(a - 1) df, and a difference of two candidates' means has
-    variance 2 s2 / r. "stratified": the same with a candidate effect per stratum (``strata`` (r,),
-    timestep blocks), e[j, c] = row_j + cell_{b(j), c} + residual, (r - B)(a - 1) df: what the
-    stratum means explain (a candidate better at mid timesteps than at late ones) is no longer
-    counted as noise, which is right when every stage samples each stratum alike. With fewer rows
-    than that needs it is "pooled"."""
-    r, a = e.shape
-    if variance == "candidate":
-        d = e - e[:, [lead]]
-        return d.std(axis=0, ddof=1) / math.sqrt(r), r - 1
-    labels = strata if variance == "stratified" and strata is not None else np.zeros(r, np.int64)
-    inv = np.unique(labels, return_inverse=True)[1].reshape(-1)
-    b = int(inv.max()) + 1
-    if (r - b) * (a - 1) <= 0:
-        inv, b = np.zeros(r, np.int64), 1
-    cell = np.zeros((b, a))
-    np.add.at(cell, inv, e)
-    cell /= np.bincount(inv, minlength=b)[:, None]  # stratum x candidate means
-    res = e - e.mean(axis=1, keepdims=True) - cell[inv] + cell.mean(axis=1, keepdims=True)[inv]
-    df = (r - b) * (a - 1)
-    s2 = float((res**2).sum()) / df
-    return np.full(a, math.sqrt(2.0 * s2 / r)), df
-
-
-def mixture_threshold(z: float, rows: int, rho: float) -> float:
-    """The normal-mixture confidence sequence's boundary in standard errors after ``rows`` rows
-    (Robbins; Howard et al. 2021, eq. 14): with S the sum of r paired differences of variance s2,
-    P(some r has |S_r| >= sqrt((r + rho) s2 (2 ln(1/alpha) + ln((r + rho) / rho)))) <= alpha under
-    the null of no difference, however often one looks. alpha is z's one-sided normal tail, rho
-    (in rows) the mixture's scale: the boundary is tightest near r = rho (``min_rows``)."""
-    alpha = 0.5 * math.erfc(z / math.sqrt(2.0))
-    return math.sqrt((1.0 + rho / rows) * (2.0 * math.log(1.0 / alpha) + math.log(1.0 + rows / rho)))
 
 
 class ImagePlan:
@@ -332,12 +282,7 @@ class ImagePlan:
         self.alive[alive[drop]] = False
 
     def _threshold(self, rows: int, df: int) -> float:
-        """The elimination threshold in standard errors after ``rows`` paired rows."""
-        if self.policy.test == "t":
-            return t_threshold(self.policy.z, df)
-        if self.policy.test == "mixture":
-            return mixture_threshold(self.policy.z, rows, self.policy.min_rows)
-        return self.policy.z
+        return threshold(self.policy.test, self.policy.z, rows, df, self.policy.min_rows)
 
     def _keep_best(self) -> None:
         """Li et al.'s rule after a stage: the ``keep[j]`` candidates with the least mean error over

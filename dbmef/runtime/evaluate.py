@@ -100,9 +100,23 @@ def valid_record(rec: dict[str, Any]) -> bool:
     return all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in rec["timings"].values())
 
 
+def image_key(path: str) -> str:
+    """What identifies an image across runs: its resolved absolute path, so `digits/3.png` and
+    `/home/u/digits/3.png` (or a path through a symlink) are one image to a resume (records keep the
+    spelling they were given). ``os.path.realpath``: a symbolic-link loop stays a path (Path.resolve
+    raises on one, and such a file must get its own error record, not stop the run)."""
+    return os.path.realpath(path)
+
+
+def records_for(items: Sequence[LabelledImage], done: Records) -> list[dict[str, Any]]:
+    """The records of ``items`` in their order (those that have one)."""
+    return [done[k] for it in items if (k := image_key(it.path)) in done]
+
+
 def read_results_file(path: Path) -> tuple[dict[str, Any] | None, Records]:
-    """The header (or None) and the records of a results file, keyed by image; torn, unparseable
-    or malformed lines are skipped (their images are redone)."""
+    """The header (or None) and the records of a results file, keyed by ``image_key``; torn,
+    unparseable or malformed lines are skipped (their images are redone), and of two records of one
+    image the later is kept."""
     header: dict[str, Any] | None = None
     done: Records = {}
     if not path.is_file():
@@ -118,7 +132,7 @@ def read_results_file(path: Path) -> tuple[dict[str, Any] | None, Records]:
             if HEADER_KEY in rec and isinstance(rec.get("identity"), dict):
                 header = rec
             elif valid_record(rec):
-                done[rec["image"]] = rec
+                done[image_key(rec["image"])] = rec
     return header, done
 
 
@@ -127,10 +141,24 @@ def read_results(path: Path) -> Records:
     return read_results_file(path)[1]
 
 
+def results_home() -> Path:
+    """Where results files go unless ``--results`` says otherwise: ``$DBMEF_HOME``, else
+    ``$XDG_CACHE_HOME/dbmef``, else ``~/.cache/dbmef``; never inside a bundle, which may be inside
+    the installed package (the committed digits bundle) or read-only."""
+    if os.environ.get("DBMEF_HOME"):
+        return Path(os.environ["DBMEF_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dbmef"
+
+
 def default_results(bundle: str | Path, data: str | Path, kind: str) -> Path:
     """Where ``dbmef eval`` (kind ``eval``) and ``dbmef calibrate`` (``calibration``) keep their
-    results file by default: ``<bundle>/<kind>/<data name>.jsonl``."""
-    return Path(bundle) / kind / (Path(str(data)).name + ".jsonl")
+    results file by default: ``<results_home>/<kind>/<bundle name>-<digest[:12]>/<data name>.jsonl``
+    (the digest keeps two bundles of one name apart; a recalibrated bundle keeps its eval files)."""
+    from dbmef.runtime.bundle import read_manifest
+
+    digest = read_manifest(bundle).digest(calibration=False)[:12]
+    data_name = Path(str(data).rstrip("/\\")).resolve().name or "data"
+    return results_home() / kind / f"{Path(bundle).resolve().name}-{digest}" / f"{data_name}.jsonl"
 
 
 class ResultsFile:
@@ -185,10 +213,10 @@ class ResultsFile:
             raise
         if done:
             log.info("resuming: %d of %d images already in %s", len(done), len(items), self.path)
-        return done, [it for it in items if it.path not in done]
+        return done, [it for it in items if image_key(it.path) not in done]
 
     def add(self, rec: dict[str, Any]) -> None:
-        self.done[rec["image"]] = rec
+        self.done[image_key(rec["image"])] = rec
         self._f.write(json.dumps(rec) + "\n")
         self._unsynced += 1
         if self._unsynced >= self.sync_every:
@@ -257,7 +285,7 @@ def evaluate(runtime: Any, items: Sequence[LabelledImage], results_path: str | P
             if stop_after is not None and new >= stop_after:
                 break
         done = out.done
-    return summarize([done[it.path] for it in items if it.path in done], total=len(items))
+    return summarize(records_for(items, done), total=len(items))
 
 
 def summarize(records: Sequence[dict[str, Any]], total: int | None = None) -> dict[str, Any]:

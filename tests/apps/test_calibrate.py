@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,8 @@ def test_max_rethink_rate_and_prot_from_one_pass(calibrated, capsys):
     assert m["protector"]["threshold"] == chosen["threshold"] and m["protector"]["prot"] is None
     cal = m["sources"]["calibration"]
     assert cal["chosen"]["rule"] == "max_rethink_rate" and cal["chosen"]["value"] == 0.10 and len(cal["curve"]) > 10
-    assert (bundle / "calibration" / "calibration.png").stat().st_size > 0
+    assert Path(rep["plot"]).stat().st_size > 0 and Path(rep["plot"]).parent == Path(rep["results"]).parent
+    assert not (bundle / "calibration").exists()  # results files live outside the bundle ($DBMEF_HOME)
 
     # another rule on the same data: the pass resumes (no new UNet work) and --prot 0.95 restores
     # the stored threshold exactly

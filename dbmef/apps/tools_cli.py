@@ -1,0 +1,170 @@
+"""The ``dbmef`` sub-commands that inspect and measure rather than classify: info, bench,
+build-engines, demo (their parsers and their thin command functions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from dbmef.apps.args import add_runtime_args, runtime_spec
+from dbmef.apps.report import table
+from dbmef.errors import DBMEFError
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dbmef.runtime.bundle import Bundle
+    from dbmef.runtime.contracts import kind_of_component
+
+    b = Bundle.open(args.bundle, verify=not args.no_verify)
+    m = b.manifest
+    if args.json:
+        print(json.dumps({**m.to_dict(), "digest": m.digest()}, indent=2))
+        return 0
+    rows = []
+    for name, rec in m.components.items():
+        size = sum(b.path(f).stat().st_size for f, _ in rec.files())
+        val = rec.validation.get("status", "-")
+        worst = max((c.get("max_abs", 0) for c in rec.validation.get("checks", [])), default=None)
+        rows.append([name, rec.file, rec.precision, round(size / 2**20, 2), val, worst,
+                     ", ".join(f"{t.name}{tuple(t.shape)}" for t in rec.inputs)])
+    print(f"bundle      {args.bundle} (format v{m.format_version}, created {m.created})")
+    print(f"digest      {m.digest()}")
+    print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
+    print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
+    print(f"scorer      {kind_of_component(m.scorer_component)}; latent {m.vae.latent_shape} from {m.vae.image_size}px")
+    print(f"scoring     {json.dumps({k: v for k, v in m.scoring.to_dict().items() if k != 'templates'})}")
+    print(f"protector   {m.protector.to_dict() if m.protector else 'not calibrated (rethinks everything)'}")
+    cal = m.sources.get("calibration", {})
+    if "chosen" in cal:
+        c, p = cal["chosen"], cal["chosen"]["point"]
+        print(f"chosen by   {c['rule']} {c['value']:g} on {cal['n_images']} images ({cal['data']}): rethink rate "
+              f"{p['rethink_rate']:.1%}, accuracy {p['accuracy']:.2%} (backbone {p['backbone_accuracy']:.2%}), "
+              f"{p['mean_ms']:.2f} ms/image expected on {cal['device']}")
+        for w in c.get("warnings", []):
+            print(f"            note: {w}")
+    print(f"tools       {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
+    print()
+    print(table(rows, ["component", "file", "precision", "MiB", "validation", "max_abs_err", "inputs"]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dbmef.apps.bench import plot, run_bench
+
+    bar = None if (args.quiet or args.json) else (lambda msg: print(f"[bench] {msg}", file=sys.stderr))
+    if args.images is not None and args.images < 1:
+        raise DBMEFError(f"--images {args.images} is invalid: keep at least 1 image of the data")
+    report = run_bench(runtime_spec(args), data=args.data, source=args.source, n_images=args.images,
+                       repeats=args.repeats, modes=args.modes, baselines=tuple(args.baselines), profile=args.profile,
+                       progress=bar)
+    if args.plot:
+        report["plot"] = str(plot(report, args.plot))
+    if args.json:
+        print(json.dumps(report, indent=2, default=float))
+        return 0
+    d = report["data"]
+    print(f"{d['images']} images from {d['source']}, {d['rethought']} rethought; --batch-size {report['batch_size']}")
+    rows = []
+    for m, v in report["modes"].items():
+        for p in ("sync", "scheduler"):
+            st = v["stream"][p]
+            rows.append([m, p, st["slow_path_s"], st["unet_evals_per_rethought_image"],
+                         st["rows"]["rows_sent_per_row_needed"], st["rows"]["engine_calls"],
+                         st["latency_rethought_s"]["p50"], st["latency_rethought_s"]["p95"]])
+    print(table(rows, ["mode", "slow path", "slow s", "UNet evals/img", "rows sent/needed", "calls",
+                       "latency p50 s", "p95 s"]))
+    print()
+    once = [[m, v["all_at_once"]["wall_s"]["p50"], v["all_at_once"]["latency_s"]["p50"],
+             v["all_at_once"]["median_over_last"], v.get("at_rate", {}).get("latency_s", {}).get("p50", math.nan),
+             v.get("speedup_vs_paper_scripts", math.nan)] for m, v in report["modes"].items()]
+    print(table(once, ["mode", "all rethought at once: wall s", "latency p50 s", "median/last",
+                       "at 50% load: p50 s", "speed-up vs paper_scripts"]))
+    for k in ("speedup_vs_paper_scripts_equal_decisions", "speedup_vs_paper_scripts_equal_work",
+              "speedup_vs_paper_scripts_adaptive", "speedup_vs_paper_scripts", "speedup_vs_torch_batched"):
+        if k in report:
+            print(f"{k} {report[k]:.2f}x")
+    for k, v in report["roofline"].items():
+        if isinstance(v, dict) and "fraction_of_peak" in v:
+            print(f"fraction of peak ({k}) {v['fraction_of_peak']:.1%}")
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from dbmef.export.trt_build import build_engines
+
+    recs = build_engines(args.bundle, components=args.components, force=args.force,
+                         workspace_bytes=int(args.workspace_gb * 2**30), unet_batch=args.unet_batch,
+                         optimization_level=args.opt_level, device=args.device_id, tf32=args.tf32)
+    rows = [[n, r.file, r.precision, r.gpu, r.compute_capability, r.trt_version, r.build_seconds]
+            for n, r in recs.items()]
+    print(table(rows, ["component", "engine", "precision", "gpu", "cc", "tensorrt", "build_s"]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dbmef.apps.demo import run_demo
+
+    report = run_demo(args.out, bundle=args.bundle, limit=args.limit, progress=not args.quiet, curve=args.curve)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(report).items()},
+                         indent=1))
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
+def add_tools(sub: Any) -> None:
+    """info, bench, build-engines, demo."""
+    i = sub.add_parser("info", help="show what a bundle holds")
+    i.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
+    i.add_argument("--json", action="store_true", help="print the manifest and its digest as JSON")
+    i.add_argument("--no-verify", action="store_true", help="skip the check of every file's sha256")
+    i.set_defaults(func=cmd_info)
+
+    n = sub.add_parser("bench", help="the slow path on real data: batch-synchronous vs the row scheduler, latency, "
+                                     "paper_scripts, roofline")
+    add_runtime_args(n)
+    n.add_argument("--data", help="images to measure on: a labelled ImageFolder / file list or any image folder "
+                                  "(default: the digits test split for the digits system, else synthetic pictures)")
+    n.add_argument("--source", help="the system folder the bundle was exported from (enables the torch baselines)")
+    n.add_argument("--images", type=int, default=None, help="keep the first N images of the data (default: all; "
+                                                            "4 synthetic pictures)")
+    n.add_argument("--modes", nargs="+", choices=["off", "exact", "adaptive"], default=["off", "exact", "adaptive"],
+                   help="early-exit modes to measure (default: all three)")
+    n.add_argument("--repeats", type=int, default=3)
+    n.add_argument("--baselines", nargs="*", default=["paper_scripts", "torch_batched"])
+    n.add_argument("--profile", action="store_true", help="ONNX Runtime profile of the scorer by op type")
+    n.add_argument("--plot", help="write a PNG here")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=cmd_bench)
+
+    b = sub.add_parser("build-engines", help="build TensorRT engines for this GPU (export once, build per target)")
+    b.add_argument("--bundle", required=True)
+    b.add_argument("--components", nargs="+", help="default: backbone, text_encoder, vae_encoder and the scorer")
+    b.add_argument("--force", action="store_true", help="rebuild even when the engine key matches")
+    b.add_argument("--workspace-gb", type=float, default=8.0, help="TensorRT workspace memory-pool limit")
+    b.add_argument("--unet-batch", type=int, help="static scorer batch (default: the bundle's)")
+    b.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
+    b.add_argument("--tf32", action="store_true",
+                   help="allow TF32 math in fp32 engines (faster, ~1e-3 relative error; off by default)")
+    b.add_argument("--device-id", type=int, default=0)
+    b.set_defaults(func=cmd_build_engines)
+
+    d = sub.add_parser("demo", help="classify the digits test split with the committed digits bundle: backbone "
+                       "accuracy -> DBMEF accuracy, flips, and a PNG of the rethought digits")
+    d.add_argument("--out", default="engines/demo", help="folder for the PNG grid of rethought digits")
+    d.add_argument("--bundle", default=None, help="another digits bundle (default: the committed one)")
+    d.add_argument("--limit", type=int, default=None, help="only the first N test digits")
+    d.add_argument("--curve", action="store_true",
+                   help="also rethink the 200 calibration digits once (36 000 UNet evaluations, about 2 minutes "
+                        "on 2 CPU cores) and show where the bundle's threshold sits on the operating-point curve")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+
