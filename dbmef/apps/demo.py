@@ -168,6 +168,6 @@ def rethought_grid(images: list[Image.Image], rows: list[dict[str, Any]], path: 
 
 
 def _bar(total: int, enabled: bool, desc: str = "classifying") -> Any:
-    from tqdm.auto import tqdm
+    from dbmef.apps.report import progress_bar  # a bar on a terminal, log lines in a log
 
-    return tqdm(total=total, desc=desc, unit="img", mininterval=0.5, leave=False, disable=not enabled)
+    return progress_bar(total, desc, quiet=not enabled)

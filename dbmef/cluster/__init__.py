@@ -4,6 +4,7 @@ Ray; both build one ``DBMEFRuntime`` per worker from a ``RuntimeSpec`` (``dbmef.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from dbmef.runtime import RuntimeSpec
@@ -31,5 +32,14 @@ def init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray turns token authentication on for a new local instance (the secure default) and warns
+        # that it did on every start; that one notice is dropped. Its warning when authentication is
+        # *off* is kept.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthEnabledNotice())
         ray.init(**kwargs)
     return True
+
+
+class _AuthEnabledNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")

@@ -357,6 +357,9 @@ def drain_and_stop(started_ray: bool, timeout_s: float = 60.0) -> None:
         serve.delete("dbmef", _blocking=True)
     except Exception as exc:  # already gone, or Serve never came up
         log.info("serve.delete: %s", exc)
-    serve.shutdown()
     if started_ray:
+        # Ray goes down with everything on it; serve.shutdown() first would kill Serve's controller
+        # while its graceful_shutdown task is being retried, and Ray logs that as a failure.
         ray.shutdown()
+    else:
+        serve.shutdown()

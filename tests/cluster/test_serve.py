@@ -233,6 +233,8 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_ray_process(digits):
     assert all(a[1]["rethought"] for a in answers)
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM: draining" in out and "Traceback" not in out
+    # a clean stop prints no failure and a start no notice of Ray's secure default (issue 40)
+    assert "graceful_shutdown failed" not in out and "Token authentication is enabled" not in out, out[-3000:]
     time.sleep(2)
     assert ray_processes(tmp) == []
     shutil.rmtree(tmp, ignore_errors=True)
