@@ -255,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # a reader that left surfaces here, inside the handlers, not at interpreter exit
+        return rc
     except DBMEFError as exc:
         print(f"dbmef: error: {exc}", file=sys.stderr)
         return 2

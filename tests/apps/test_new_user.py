@@ -185,3 +185,20 @@ def test_a_typod_timm_name_gets_a_did_you_mean():
         load_backbone("resnt50")
     with pytest.raises(ExportError, match=r"timm.list_models\(\) lists the names"):
         load_backbone("zzzqqq")
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    """`dbmef info | head -1`: the pipe's reader is gone before the output is written; the command
+    exits 141 (as a process killed by SIGPIPE would) without a traceback or 'Exception ignored'."""
+    import subprocess
+    import sys
+
+    from dbmef.apps.digits import demo_bundle_dir
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as usual
+    proc = subprocess.Popen([sys.executable, "-m", "dbmef.apps.cli", "info", "--bundle", str(demo_bundle_dir())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader leaves at once
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()[-2000:]
+    assert b"Traceback" not in err and b"Exception ignored" not in err and b"BrokenPipe" not in err
