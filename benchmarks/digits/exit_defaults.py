@@ -66,12 +66,22 @@ _PER: dict[tuple[int, int], np.ndarray] = {}
 _OFF: dict[tuple[int, int], np.ndarray] = {}
 
 
+FIELDS = ("votes_open", "variance", "test", "z", "interval", "min_rows")  # an adaptive setting of the grid
+
+
+def policy_of(p: dict[str, Any], **changes: Any) -> ExitPolicy:
+    """The adaptive policy of a grid point (a dict with ``FIELDS``), with ``changes`` applied."""
+    q = {**{f: p[f] for f in FIELDS}, **changes}
+    return ExitPolicy("adaptive", q["z"], q["interval"], q["min_rows"], test=q["test"], votes_open=q["votes_open"],
+                      variance=q["variance"])
+
+
 def _point(key: tuple[tuple[str, str, str], float, int, int]) -> dict[str, Any]:
     (votes_open, variance, test), z, interval, min_rows = key
-    pol = ExitPolicy("adaptive", z, interval, min_rows, test=test, votes_open=votes_open, variance=variance)
-    res = {s: replay(e, pol) for s, e in _PER.items()}
-    return {"votes_open": votes_open, "variance": variance, "test": test, "z": z, "interval": interval,
-            "min_rows": min_rows,
+    q = {"votes_open": votes_open, "variance": variance, "test": test, "z": z, "interval": interval,
+         "min_rows": min_rows}
+    res = {s: replay(e, policy_of(q)) for s, e in _PER.items()}
+    return {**q,
             "evals": {f"k{k} V{v}": float(2 * res[(k, v)].rows.mean()) for k, v in SETTINGS},
             "disagreements": {f"k{k} V{v}": int((res[(k, v)].winner != _OFF[(k, v)]).sum()) for k, v in SETTINGS}}
 

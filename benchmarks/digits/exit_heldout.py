@@ -26,20 +26,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.digits.early_exit import full_errors
-from benchmarks.digits.exit_defaults import PREVIOUS, SETTINGS, Z_GRID, errors_for
+from benchmarks.digits.exit_defaults import PREVIOUS, SETTINGS, Z_GRID, errors_for, policy_of
 from dbmef.apps.digits import demo_bundle_dir, demo_test_split
 from dbmef.runtime.early_exit import ExitPolicy, replay
 
 HERE = Path(__file__).parent
-FIELDS = ("votes_open", "variance", "test", "z", "interval", "min_rows")
-
-
-def policy_of(p: dict[str, Any], **changes: Any) -> ExitPolicy:
-    q = {**{f: p[f] for f in FIELDS}, **changes}
-    return ExitPolicy("adaptive", q["z"], q["interval"], q["min_rows"], test=q["test"], votes_open=q["votes_open"],
-                      variance=q["variance"])
-
-
 def test_errors(bundle: Path, k: int, cache: Path) -> dict[str, Any]:
     path = cache / f"test_rethought_k{k}_V5.npz"
     if path.exists():
@@ -85,20 +76,20 @@ def run(bundle: Path, cache: Path) -> dict[str, Any]:
                                        "adaptive, chosen defaults": policy_of(chosen["chosen"])}
     for p in chosen["family_best"]:
         policies.setdefault(f"adaptive {p['votes_open']} / {p['variance']} / {p['test']}", policy_of(p))
+    off = {(k, v): replay(test[k]["errors"][:, :v], ExitPolicy("off")).winner for k, v in SETTINGS}
     table: dict[str, Any] = {}
     for name, pol in policies.items():
         table[name] = {"policy": dataclasses.asdict(pol)}
         for k, v in SETTINGS:
-            e, d = test[k]["errors"][:, :v], test[k]
-            off = replay(e, ExitPolicy("off")).winner
-            table[name][f"k{k} V{v}"] = measure(e, pol, off, d)
+            table[name][f"k{k} V{v}"] = measure(test[k]["errors"][:, :v], pol, off[(k, v)], test[k])
+    splits = {"calibration": cal[5], "test": test[5]["errors"]}
+    full = {"calibration": replay(cal[5], ExitPolicy("off")).winner, "test": off[(5, 5)]}
     curves: dict[str, Any] = {}
     for p in chosen["family_best"]:
         fam = f"{p['votes_open']} / {p['variance']} / {p['test']}"
         curves[fam] = {}
-        for split, e in (("calibration", cal[5]), ("test", test[5]["errors"])):
-            off = replay(e, ExitPolicy("off")).winner
-            curves[fam][split] = [{"z": z, **measure(e, policy_of(p, z=z), off)} for z in Z_GRID]
+        for split, e in splits.items():
+            curves[fam][split] = [{"z": z, **measure(e, policy_of(p, z=z), full[split])} for z in Z_GRID]
     sep = {"calibration": separation(cal[5]), "test": separation(test[5]["errors"])}
     return {"date": time.strftime("%Y-%m-%d"), "rethought": int(test[5]["rethink"].sum()), "separation": sep,
             "test_images": len(test[5]["labels"]), "table": table, "curves": curves,

@@ -59,7 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = str(args.results or default_results(args.bundle, args.data, "eval"))
     spec = runtime_spec(args)
     with contextlib.ExitStack() as stack:  # a bad flag is refused (the runtime built) before the data is read
-        rt = None if args.ray is not None else stack.enter_context(make_runtime(args))
+        rt = None if args.ray is not None else stack.enter_context(spec.build())
         m = read_manifest(args.bundle)
         items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))
         bar = progress_bar(len(items), "eval (ray)" if rt is None else "eval", args.quiet or args.json)

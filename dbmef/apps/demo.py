@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dbmef.apps.report import progress_bar
 from dbmef.errors import DBMEFError
 
 
@@ -62,7 +63,7 @@ def run_demo(out: str | Path = "engines/demo", bundle: str | Path | None = None,
     pils = [render(a) for a in images]
     t0 = time.perf_counter()
     with DBMEFRuntime(bundle) as rt:
-        bar = _bar(len(pils), progress)
+        bar = progress_bar(len(pils), "classifying", quiet=not progress)
         results = rt.classify(pils, names=[f"digits[{i}]" for i in split.indices[: len(pils)]], progress=bar.update)
         bar.close()
         names = rt.class_names
@@ -108,7 +109,7 @@ def operating_point(bundle: Path, out: Path, test: DemoReport, progress: bool) -
     if m.protector is None or m.protector.prot is None:
         raise DBMEFError(f"{bundle} has no Prot-calibrated protector to locate on the curve")
     items = load_labelled(write_image_folder(demo_calibration_split(), out / "calibration"), m.class_names)
-    bar = _bar(len(items), progress, "calibration curve")
+    bar = progress_bar(len(items), "calibration curve", quiet=not progress)
     cal = calibrate_operating_point(RuntimeSpec(str(bundle)), items, "prot", float(m.protector.prot),
                                     data="digits calibration split", results=out / "calibration.jsonl",
                                     write=False, progress=bar.update)
@@ -165,9 +166,3 @@ def rethought_grid(images: list[Image.Image], rows: list[dict[str, Any]], path: 
                   else color, font=font)
     grid.save(path)
     return path
-
-
-def _bar(total: int, enabled: bool, desc: str = "classifying") -> Any:
-    from dbmef.apps.report import progress_bar  # a bar on a terminal, log lines in a log
-
-    return progress_bar(total, desc, quiet=not enabled)

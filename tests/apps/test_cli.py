@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from dbmef.apps.cli import main
 from dbmef.runtime.bundle import load_manifest
+from tests.apps.conftest import FAST
 from tests.conftest import needs_ort, needs_torch, write_images
 
 pytestmark = [needs_torch, needs_ort]
-FAST = ["--timesteps", "2", "--votes", "2", "--unet-batch", "16"]
-
-
-@pytest.fixture
-def bundle(tiny_bundle, tmp_path):
-    b = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, b)
-    return b
-
-
 @pytest.fixture
 def labelled(tmp_path, many_images, tiny_bundle):
     """ImageFolder with folders named by index, by class name and by class name with a corrupt file."""

@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,8 @@ from dbmef.apps.cli import main
 from dbmef.apps.outputs import label_probability, vote_share
 from dbmef.apps.report import LogProgress
 from dbmef.runtime.results import ImageResult
+from tests.apps.conftest import FAST
 from tests.conftest import needs_ort, needs_torch, write_images
-
-FAST = ["--timesteps", "2", "--votes", "2", "--unet-batch", "16"]
-
-
-@pytest.fixture
-def bundle(tiny_bundle, tmp_path):
-    b = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, b)
-    return b
 
 
 @pytest.fixture
