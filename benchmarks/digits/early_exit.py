@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from dbmef.apps.digits import DigitsSplit, demo_bundle_dir, demo_test_split, render
-from dbmef.runtime.early_exit import ExitPolicy, replay
+from dbmef.runtime.early_exit import ExitPolicy
+from dbmef.runtime.replay import replay
 
 HERE = Path(__file__).parent
 Z_GRID = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, float("inf"))

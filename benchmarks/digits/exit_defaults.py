@@ -32,7 +32,8 @@ import numpy as np
 
 from benchmarks.digits.early_exit import full_errors
 from dbmef.apps.digits import demo_bundle_dir, demo_calibration_split
-from dbmef.runtime.early_exit import ExitPolicy, replay
+from dbmef.runtime.early_exit import ExitPolicy
+from dbmef.runtime.replay import replay
 
 HERE = Path(__file__).parent
 Z_GRID = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)

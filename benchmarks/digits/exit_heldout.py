@@ -6,7 +6,7 @@
 The committed bundle is the seed-0 weak system of Table 1 (RESULTS.md). Its 597 test digits, its
 protector: the rethought digits' full per-row errors at k = 3 and 5 (V = 5; V = 1 is the first vote)
 are computed once through the plain UNet graph (kept in ``--cache``), and every policy is the
-runtime's planner replayed over them (``early_exit.replay``): UNet evaluations per rethought digit,
+runtime's planner replayed over them (``replay.replay``): UNet evaluations per rethought digit,
 decisions unlike ``off``'s, accuracy over all 597. Policies: ``off``, ``exact``, adaptive's previous
 defaults, the chosen defaults, and each family's own choice on calibration. The plot: evaluations
 per rethought image against agreement with ``off`` at k = 5, V = 5, one curve per family (its z
@@ -28,7 +28,8 @@ import numpy as np
 from benchmarks.digits.early_exit import full_errors
 from benchmarks.digits.exit_defaults import PREVIOUS, SETTINGS, Z_GRID, errors_for, policy_of
 from dbmef.apps.digits import demo_bundle_dir, demo_test_split
-from dbmef.runtime.early_exit import ExitPolicy, replay
+from dbmef.runtime.early_exit import ExitPolicy
+from dbmef.runtime.replay import replay
 
 HERE = Path(__file__).parent
 def test_errors(bundle: Path, k: int, cache: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ Every policy sees the same noise and the same budget of n timesteps per candidat
 
 The full per-row error tensor of each split is computed once through the bundle's plain UNet graph
 (positive condition only: one UNet evaluation per row), and each policy is the runtime's own planner
-replayed over it (``early_exit.replay``); ``DBMEFRuntime`` in zero-shot mode then runs the chosen
+replayed over it (``replay.replay``); ``DBMEFRuntime`` in zero-shot mode then runs the chosen
 policies on the first test digits and must make exactly the replayed decisions and row counts.
 """
 

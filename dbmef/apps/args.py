@@ -14,10 +14,11 @@ from typing import Any
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
 from dbmef.runtime.early_exit import RENAMED_POLICIES, VARIANCES, VOTE_OPENINGS
 from dbmef.runtime.early_exit import TESTS as EXIT_TESTS
+from dbmef.runtime.method import DECISIONS
 
 SCORING_FLAGS = ("k", "n_timesteps", "votes", "lam", "seed", "unet_batch", "early_exit", "exit_z", "exit_interval",
                  "exit_min_rows", "exit_keep", "exit_samples", "exit_order", "exit_test",
-                 "exit_votes_open", "exit_variance")
+                 "exit_votes_open", "exit_variance", "decision", "fused_beta")
 
 
 def add_runtime_args(p: argparse.ArgumentParser, prot_help: str | None = None) -> None:
@@ -83,6 +84,12 @@ def add_scoring_args(p: argparse.ArgumentParser) -> Any:
     g.add_argument("--exit-order", type=int, nargs="+", metavar="I",
                    help="adaptive/keep_best: the order a vote visits the timestep grid positions 0..n-1 (a "
                         "permutation; default van der Corput)")
+    g.add_argument("--decision", choices=list(DECISIONS),
+                   help="what decides a rethought image: paper (the least diffusion error, by vote) or fused (the "
+                        "backbone's log-probability minus beta times the diffusion error, by vote; beta from "
+                        "`dbmef calibrate --decision fused`)")
+    g.add_argument("--fused-beta", type=float, metavar="B",
+                   help="fused: the diffusion error's weight (default: the bundle's calibrated one)")
     g.add_argument("--zero-shot", action="store_true",
                    help="Diffusion Classifier mode: every class a candidate, the positive condition only (lam 1), "
                         "no protector")

@@ -161,7 +161,8 @@ def early_exit_columns(errors: np.ndarray, top: np.ndarray, sel: np.ndarray, y: 
     (M, V, n, k) of the rethought images ``sel``: UNet evaluations per rethought image, agreement with
     ``off`` on those images, and test accuracy (images not rethought keep the backbone's answer)."""
     from dbmef.runtime.config import ScoringConfig
-    from dbmef.runtime.early_exit import ExitPolicy, replay
+    from dbmef.runtime.early_exit import ExitPolicy
+    from dbmef.runtime.replay import replay
 
     errors = errors.astype(np.float32)
     off = replay(errors, ExitPolicy("off"))
@@ -275,7 +276,7 @@ def early_exit_markdown(res: list[dict[str, Any]]) -> list[str]:
            for r in rows for vk, e in r["early_exit"].items() if e["adaptive"]["agreement_with_off"] < AGREEMENT]
     lines = ["## Early exit (issue 13)", "",
              "The rethought images' full per-row errors (the prot + both / + 5 votes columns above) replayed "
-             "through the runtime's early-exit planner (`dbmef.runtime.early_exit.replay`, the code the scorer "
+             "through the runtime's early-exit planner (`dbmef.runtime.replay.replay`, the code the scorer "
              f"runs): UNet evaluations per rethought image, decisions equal to `off` on the rethought images, and "
              f"test accuracy. adaptive at the runtime's defaults (z = {pol['z']}, interval {pol['interval']}, "
              f"min rows {pol['min_rows']}), chosen on the 200 calibration digits of the committed (seed-0 weak) "

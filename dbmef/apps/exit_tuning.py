@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import replay
+from dbmef.runtime.replay import replay
 
 Z_GRID = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 INTERVALS = (1, 2, 4)

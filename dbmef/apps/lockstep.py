@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dbmef.runtime.early_exit import LockstepPlans
 from dbmef.runtime.pipeline import DBMEFPipeline
+from dbmef.runtime.replay import LockstepPlans
 from dbmef.runtime.results import Batch
 from dbmef.runtime.row_scheduler import SchedulerStats, Settled
 from dbmef.runtime.scorer import DiffusionScorer, evaluate_rows
@@ -31,7 +31,7 @@ def rethink_lockstep(pipe: DBMEFPipeline, batch: Batch) -> Batch:
         return batch
     latents, neg = pipe.slow_inputs(batch, idx)
     settled, stats = score_lockstep(pipe.scorer, pipe.positive_embeddings, latents, batch.top[idx], neg,
-                                    submitted=batch.submitted[idx])
+                                    submitted=batch.submitted[idx], probs=batch.top_p[idx])
     for i, s in zip(idx, settled):
         batch.settle(int(i), s)
     batch.scoring = stats.to_dict()
@@ -40,16 +40,18 @@ def rethink_lockstep(pipe: DBMEFPipeline, batch: Batch) -> Batch:
 
 def score_lockstep(scorer: DiffusionScorer, positive: np.ndarray, latents: np.ndarray, candidates: np.ndarray,
                    negatives: np.ndarray | None, submitted: np.ndarray | None = None,
-                   clock: Callable[[], float] = time.perf_counter) -> tuple[list[Settled], SchedulerStats]:
-    """M images (latents (M,4,h,w), candidates (M,k), negatives (M,k,L,D) or None) scored in
-    lockstep stages: each image's ``Settled`` (keyed by its position) and the engine-level counts.
-    An image's engine seconds are its rows' share of each stage's calls."""
+                   clock: Callable[[], float] = time.perf_counter, probs: np.ndarray | None = None,
+                   ) -> tuple[list[Settled], SchedulerStats]:
+    """M images (latents (M,4,h,w), candidates (M,k), negatives (M,k,L,D) or None, probs (M,k) the
+    candidates' backbone probabilities for the fused decision) scored in lockstep stages: each
+    image's ``Settled`` (keyed by its position) and the engine-level counts. An image's engine
+    seconds are its rows' share of each stage's calls."""
     cfg, m_count = scorer.config, len(latents)
     start = clock()
     when = np.full(m_count, start) if submitted is None else np.asarray(submitted, np.float64)
     ex = scorer.executor(positive, m_count)
     stats = SchedulerStats()
-    plans = LockstepPlans(m_count, cfg.votes, cfg.n_timesteps, cfg.k, cfg.exit_policy)
+    plans = LockstepPlans(m_count, cfg.votes, cfg.n_timesteps, cfg.k, cfg.exit_policy, cfg.decision_offsets(probs))
     unet_s, vote_s = np.zeros(m_count), np.zeros(m_count)
     first, done_at = np.full(m_count, math.nan), np.full(m_count, math.nan)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dbmef.runtime.backends import register as register_backend
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.contracts import COMPONENTS, ComponentSpec, TensorSpec
-from dbmef.runtime.early_exit import ExitPolicy, LockstepPlans, replay
+from dbmef.runtime.early_exit import ExitPolicy
 from dbmef.runtime.engine import Engine, FunctionEngine, LazyEngine, RowScorer
 from dbmef.runtime.method import (
     Gate,
@@ -28,6 +28,7 @@ from dbmef.runtime.noise_schedule import NoiseSchedule, alphas_cumprod, scaled_l
 from dbmef.runtime.pipeline import DBMEFPipeline, PipelineEngines
 from dbmef.runtime.preprocess import BackbonePreprocess, VaePreprocess, load_image
 from dbmef.runtime.protector import Protector
+from dbmef.runtime.replay import LockstepPlans, replay
 from dbmef.runtime.results import Batch, ImageResult
 from dbmef.runtime.row_scheduler import RowScheduler, SchedulerStats, Settled
 from dbmef.runtime.scorer import DiffusionScorer, Executor

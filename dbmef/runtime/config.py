@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dbmef.errors import ConfigError
 from dbmef.runtime.early_exit import POLICIES as EARLY_EXIT_MODES
 from dbmef.runtime.early_exit import (
@@ -21,7 +23,7 @@ from dbmef.runtime.early_exit import (
     renamed_policy,
 )
 from dbmef.runtime.early_exit import TESTS as EXIT_TESTS
-from dbmef.runtime.method import PromptTemplates
+from dbmef.runtime.method import DECISIONS, PromptTemplates, fused_offsets
 
 # Sanity bounds on user-supplied numbers: far beyond any sensible setting, small enough that a typo
 # (--votes 1e9, --lam 1e30) is refused with a message instead of running out of memory or giving inf.
@@ -85,6 +87,11 @@ class ScoringConfig:
     # Diffusion Classifier (Li et al.): every class a candidate, the positive condition only (lam 1),
     # no protector; the backbone, where the bundle has one, only orders the candidates.
     zero_shot: bool = False
+    # what decides a rethought image (issue 34): "paper" (the least diffusion error, by vote) or "fused"
+    # (the backbone's log-probability minus fused_beta times the error, by vote: method.fused_vote); fused_beta
+    # is fitted by `dbmef calibrate` on the calibration pass (fusion.fit_beta), never trained
+    decision: str = "paper"
+    fused_beta: float | None = None
     templates: PromptTemplates = field(default_factory=PromptTemplates)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,12 @@ class ScoringConfig:
         need(isinstance(self.zero_shot, bool), "zero_shot", self.zero_shot, "must be true or false")
         need(not self.zero_shot or self.lam == 1.0, "lam", self.lam,
              "must be 1 in zero-shot mode (the positive condition only: there are no negatives)")
+        need(self.decision in DECISIONS, "decision", self.decision, f"must be one of {DECISIONS}")
+        need(self.fused_beta is None or (isinstance(self.fused_beta, (int, float)) and not isinstance(
+             self.fused_beta, bool) and math.isfinite(self.fused_beta) and self.fused_beta > 0), "fused_beta",
+             self.fused_beta, "must be a finite number > 0 (fitted by `dbmef calibrate --decision fused`)")
+        need(not (self.zero_shot and self.decision == "fused"), "decision", self.decision,
+             "cannot be 'fused' in zero-shot mode (no classifier's probabilities to fuse); use 'paper'")
         self.exit_policy  # noqa: B018 - the policy's own checks (a schedule's keep and samples)
 
     @property
@@ -132,6 +145,17 @@ class ScoringConfig:
         return ExitPolicy(self.early_exit, self.exit_z, self.exit_interval, self.exit_min_rows, self.exit_keep,
                           self.exit_samples, self.exit_order, self.exit_test, self.exit_votes_open,
                           self.exit_variance)
+
+    def decision_offsets(self, probs: np.ndarray | None) -> np.ndarray | None:
+        """What the decision adds to the mean errors it compares (``early_exit.ImagePlan``): the fused
+        rule's classifier terms (``method.fused_offsets``) of candidates with backbone probabilities
+        ``probs`` ((k,) or (M, k)); None under the paper's rule."""
+        if self.decision != "fused":
+            return None
+        if probs is None or self.fused_beta is None:
+            raise ConfigError("the fused decision needs each candidate's backbone probability and the bundle's "
+                              "fused_beta: run `dbmef calibrate --decision fused`, or give --fused-beta B")
+        return fused_offsets(probs, self.fused_beta)
 
     @property
     def unet_evaluations_per_image(self) -> int:

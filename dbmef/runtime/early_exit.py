@@ -27,14 +27,13 @@ back. The policies (``ScoringConfig.early_exit``):
 
 Everything here is per image: the rows an image gets depend on its own errors only, never on the
 other images of the batch, so an image alone gets the same answer as inside any batch.
-:func:`replay` runs the same plans over a full precomputed error tensor (ablations, Table 1).
+``replay.replay`` runs the same plans over a full precomputed error tensor (ablations, Table 1).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,9 +142,12 @@ class ImagePlan:
     order in which a scheduler serves it.
     """
 
-    def __init__(self, votes: int, n_timesteps: int, k: int, policy: ExitPolicy):
+    def __init__(self, votes: int, n_timesteps: int, k: int, policy: ExitPolicy, offsets: np.ndarray | None = None):
         self.V, self.n, self.k = votes, n_timesteps, k
         self.policy = policy
+        # the fused decision's classifier term per candidate (method.fused_offsets), added to every
+        # mean error the plan compares (votes, tie-break, the paired test); None: the paper's rule
+        self.offsets = None if offsets is None else np.asarray(offsets, dtype=np.float64).reshape(k)
         self.errors = np.full((votes, n_timesteps, k), np.nan, dtype=np.float32)
         self.alive = np.ones(k, dtype=bool)
         self.done = False
@@ -250,7 +252,7 @@ class ImagePlan:
             return
         complete = [v for v in range(int(self.opened)) if self.cursor[v] >= self.n]
         if self.policy.mode != "off" and complete:
-            means = vote_means(self.errors[complete][:, :, alive])  # (votes done, |alive|)
+            means = self._offset(vote_means(self.errors[complete][:, :, alive]), alive)  # (votes done, |alive|)
             counts = np.bincount(means.argmin(axis=1), minlength=len(alive))
             order = np.sort(counts)[::-1]
             left = self.V - len(complete)
@@ -258,7 +260,7 @@ class ImagePlan:
                 self._settle(int(alive[int(np.argmax(counts))]))
                 return
         if len(complete) == self.V:
-            means = vote_means(self.errors[:, :, alive])  # (V, |alive|)
+            means = self._offset(vote_means(self.errors[:, :, alive]), alive)  # (V, |alive|)
             self._settle(int(alive[vote(means)[0]]))
             return
         if len(complete) == int(self.opened):  # the round is over and undecided: one more vote
@@ -275,8 +277,10 @@ class ImagePlan:
         r = len(e)
         if r < max(2, self.policy.min_rows):
             return
-        lead = int(np.argmin(e.mean(axis=0)))
+        lead = int(np.argmin(self._offset(e.mean(axis=0), alive)))
         excess = (e - e[:, [lead]]).mean(axis=0)  # mean paired excess error over the leader
+        if self.offsets is not None:  # the fused rule's margin: plus the classifier's term, known exactly
+            excess = excess + self.offsets[alive] - self.offsets[alive[lead]]
         se, df = paired_standard_error(e, lead, self.policy.variance, self.strata[have])
         drop = (excess > self._threshold(r, df) * se) & (np.arange(len(alive)) != lead)
         self.alive[alive[drop]] = False
@@ -290,12 +294,16 @@ class ImagePlan:
         alive = np.flatnonzero(self.alive)
         j = self.policy.samples.index(int(self.cursor[0]))
         means = self.errors[0][:, alive].astype(np.float64)
-        means = np.nanmean(means, axis=0)  # (|alive|,) over the timesteps evaluated for all of them
+        means = self._offset(np.nanmean(means, axis=0), alive)  # (|alive|,) over the timesteps evaluated
         best = alive[np.argsort(means, kind="stable")[: self.policy.keep[j]]]
         self.alive[:] = False
         self.alive[best] = True
         if len(best) == 1:
             self._settle(int(best[0]))
+
+    def _offset(self, means: np.ndarray, alive: np.ndarray) -> np.ndarray:
+        """Mean errors (..., |alive|) as the decision compares them: plus the fused rule's offsets."""
+        return means if self.offsets is None else means + self.offsets[alive]
 
     def _settle(self, winner: int) -> None:
         self.done = True
@@ -319,81 +327,6 @@ class ImagePlan:
         alive = np.flatnonzero(self.alive)
         complete = [v for v in range(self.V) if self.cursor[v] >= self.n]
         if complete and len(alive):
-            means = vote_means(self.errors[complete][:, :, alive])
+            means = self._offset(vote_means(self.errors[complete][:, :, alive]), alive)
             counts[alive] = np.bincount(means.argmin(axis=1), minlength=len(alive))
         return counts
-
-
-class LockstepPlans:
-    """M images' plans driven in lockstep stages (``replay``, ablations, the batch-synchronous
-    baseline of ``dbmef bench``): stage s holds every open image's s-th stage. Per image exactly
-    ``ImagePlan``; the arrays below gather them."""
-
-    def __init__(self, m_count: int, votes: int, n_timesteps: int, k: int, policy: ExitPolicy):
-        self.M, self.V, self.n, self.k = m_count, votes, n_timesteps, k
-        self.policy = policy
-        self.plans = [ImagePlan(votes, n_timesteps, k, policy) for _ in range(m_count)]
-        self.stage_rows: list[int] = []  # rows of each stage, all images together
-
-    @property
-    def done(self) -> np.ndarray:
-        return np.array([p.done for p in self.plans], dtype=bool)
-
-    @property
-    def winner(self) -> np.ndarray:
-        return np.array([p.winner for p in self.plans], dtype=np.int64)
-
-    @property
-    def rows(self) -> np.ndarray:
-        return np.array([p.rows for p in self.plans], dtype=np.int64)
-
-    @property
-    def alive(self) -> np.ndarray:
-        return np.array([p.alive for p in self.plans], dtype=bool).reshape(self.M, self.k)
-
-    @property
-    def stages(self) -> int:
-        return len(self.stage_rows)
-
-    def next_rows(self) -> Index:
-        """The next stage's rows (m, v, i, c), each (R,) int64, in (m, v, i, c) order."""
-        parts = [np.column_stack([np.full(len(r), m), r]) for m, p in enumerate(self.plans)
-                 if len(r := p.next_rows())]
-        rows = np.concatenate(parts) if parts else np.empty((0, 4), np.int64)
-        return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
-
-    def feed(self, index: Index, errors: np.ndarray) -> None:
-        """Record a stage's errors (R,) for rows ``index`` (as from ``next_rows``)."""
-        m = index[0]
-        rows = np.column_stack(index[1:]) if len(m) else np.empty((0, 3), np.int64)
-        for mm in np.unique(m):
-            sel = m == mm
-            self.plans[int(mm)].feed(rows[sel], np.asarray(errors)[sel])
-        self.stage_rows.append(len(m))
-
-    def per_vote_errors(self) -> np.ndarray:
-        """(M, V, k): ``ImagePlan.per_vote_errors`` of every image."""
-        return np.array([p.per_vote_errors() for p in self.plans], np.float32).reshape(self.M, self.V, self.k)
-
-    def vote_counts(self) -> np.ndarray:
-        """(M, k): ``ImagePlan.vote_counts`` of every image."""
-        return np.array([p.vote_counts() for p in self.plans], np.int64).reshape(self.M, self.k)
-
-
-def run_planner(planner: LockstepPlans, evaluate: Callable[[Index], np.ndarray]) -> LockstepPlans:
-    """Drive ``planner`` to the end: ``evaluate(index) -> errors (R,)`` once per stage."""
-    while not planner.done.all():
-        index = planner.next_rows()
-        if len(index[0]) == 0:  # cannot happen with a consistent planner; never loop forever
-            raise ConfigError("early-exit planner asked for no rows while images are still open")
-        planner.feed(index, evaluate(index))
-    return planner
-
-
-def replay(errors: np.ndarray, policy: ExitPolicy) -> LockstepPlans:
-    """Run the planner over a full error tensor (M, V, n, k), as if each requested row had been
-    evaluated then: the decisions and row counts the scorer makes on the same errors, whatever
-    the scheduling."""
-    M, V, n, k = errors.shape
-    p = LockstepPlans(M, V, n, k, policy)
-    return run_planner(p, lambda idx: errors[idx])

@@ -10,6 +10,9 @@
    (§1.7); ``error_terms`` / ``error_from_terms`` give it for every lam from one UNet pair.
 6. ``vote_means`` and ``vote``: per-vote mean error over timesteps, majority over votes with the
    paper's tie-break (§1.8).
+7. ``fused_offsets`` and ``fused_vote``: the fused decision (issue 34, not the paper's): each vote
+   ranks the candidates by the classifier's log-probability plus the diffusion evidence, scaled by
+   one calibrated ``beta`` (``fusion.fit_beta``); ``decision = "paper"`` is the paper's rule.
 
 Everything else in the runtime is execution: which rows run when (early_exit.py), how they are
 batched onto an engine (scorer.py), and how images flow through it (pipeline.py). This module is
@@ -26,12 +29,15 @@ import numpy as np
 from dbmef.errors import ConfigError
 
 __all__ = [
+    "DECISIONS",
     "Gate",
     "PromptTemplates",
     "add_noise",
     "combine_and_error",
     "error_from_terms",
     "error_terms",
+    "fused_offsets",
+    "fused_vote",
     "gate",
     "negative_prompts",
     "positive_prompt",
@@ -192,3 +198,28 @@ def vote(errors: np.ndarray) -> tuple[int, np.ndarray]:
     mean_err = errors.mean(axis=0)
     winner = int(tied[np.argmin(mean_err[tied])])  # argmin: first (best-ranked) among equal means
     return winner, counts
+
+
+# -- 7: the fused decision (issue 34) ---------------------------------------------------------
+DECISIONS = ("paper", "fused")
+
+
+def fused_offsets(top_p: np.ndarray, beta: float) -> np.ndarray:
+    """The classifier's term of the fused rule in error units: ``-log p(c) / beta`` per candidate.
+
+    The fused rule scores candidate c in vote v by ``log p(c) - beta * (e_v(c) - min_c' e_v(c'))``
+    (p the backbone's softmax, e_v the vote's mean noise error, beta > 0 calibrated): the softmax
+    is a posterior over the labels and the diffusion error, up to the scale beta, a negative
+    log-likelihood (Li et al.). The per-vote minimum is common to every candidate, so the highest
+    score is the least ``e_v(c) + offset(c)``: the paper's rule on offset errors, which is how
+    every early-exit policy applies it. (k,) or (N, k) float64; p = 0 gives +inf (never wins).
+    """
+    with np.errstate(divide="ignore"):
+        return -np.log(np.asarray(top_p, dtype=np.float64)) / float(beta)
+
+
+def fused_vote(errors: np.ndarray, top_p: np.ndarray, beta: float) -> tuple[int, np.ndarray]:
+    """The fused rule for one image: errors (V, k) per-vote mean errors, top_p (k,) the candidates'
+    probabilities. Each vote picks the least ``e_v(c) + offset(c)``; majority over votes, a tie to
+    the least mean of it, then the better rank (``vote`` on the offset errors)."""
+    return vote(np.asarray(errors, dtype=np.float64) + fused_offsets(top_p, beta))

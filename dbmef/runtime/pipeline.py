@@ -266,7 +266,7 @@ class DBMEFPipeline:
             return batch
         latents, neg = self.slow_inputs(batch, idx)
         with self.slow_path(len(idx), progress) as slow:
-            for i, s in zip(idx, slow.run(latents, batch.top[idx], neg, batch.submitted[idx])):
+            for i, s in zip(idx, slow.run(latents, batch.top[idx], neg, batch.submitted[idx], batch.top_p[idx])):
                 batch.settle(int(i), s)
             batch.scoring = slow.stats.to_dict()
         return batch
@@ -318,7 +318,7 @@ class DBMEFPipeline:
                 key = int(batch.index[i])  # its stream position
                 held[key] = (batch, int(i))
                 slow.submit(key, latents[j], batch.top[i], None if neg is None else neg[j],
-                            submitted=float(batch.submitted[i]))
+                            submitted=float(batch.submitted[i]), probs=batch.top_p[i])
 
     def _decode(self, images: Sequence[ImageInput | Preprocessed], known: Sequence[str | None] | None,
                 names: Sequence[str]) -> tuple[list[np.ndarray], list[str | None]]:

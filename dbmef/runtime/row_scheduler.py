@@ -26,7 +26,7 @@ ones cost what padding would have. With ``depth`` 2 (an executor that runs one c
 prepares the next) a second call is planned only if it is full of rows asked for.
 
 An image's rows and answer depend on its own errors only (its plan never sees another image), so
-answers are those of ``early_exit.replay`` whatever the arrival order, the company or the engine
+answers are those of ``replay.replay`` whatever the arrival order, the company or the engine
 batch.
 """
 
@@ -179,12 +179,13 @@ class RowScheduler:
         self._t_last = 0.0
 
     # -- intake ------------------------------------------------------------------------------------
-    def submit(self, key: Hashable, candidates: np.ndarray, submitted: float | None = None) -> None:
-        """Queue one image (its ``key`` unique among the open ones, its k candidates); it takes a
-        slot at once if one is free, else when an image leaves. The next ``EngineCall`` lists it
-        under ``loads`` once it has a slot."""
+    def submit(self, key: Hashable, candidates: np.ndarray, submitted: float | None = None,
+               probs: np.ndarray | None = None) -> None:
+        """Queue one image (its ``key`` unique among the open ones, its k candidates and, for the
+        fused decision, their (k,) backbone probabilities); it takes a slot at once if one is free,
+        else when an image leaves. The next ``EngineCall`` lists it under ``loads`` once it has a slot."""
         cfg = self.config
-        plan = ImagePlan(cfg.votes, cfg.n_timesteps, cfg.k, cfg.exit_policy)
+        plan = ImagePlan(cfg.votes, cfg.n_timesteps, cfg.k, cfg.exit_policy, cfg.decision_offsets(probs))
         self._queue.append(_Job(key, candidates, plan, self.clock() if submitted is None else submitted))
         self._admit()
 

@@ -77,11 +77,12 @@ class SlowPath:
         return self.scheduler.fill_deadline
 
     def submit(self, key: Hashable, latent: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None,
-               submitted: float | None = None) -> None:
+               submitted: float | None = None, probs: np.ndarray | None = None) -> None:
         """Queue one image: latent (4,h,w), candidates (k,) class ids, negatives (k,L,D) (None in
-        zero-shot mode); ``submitted``: its clock reading for latency (default now)."""
+        zero-shot mode); ``submitted``: its clock reading for latency (default now); ``probs``: the
+        candidates' (k,) backbone probabilities (the fused decision needs them)."""
         self._inputs[key] = (latent, candidates, negatives)
-        self.scheduler.submit(key, candidates, submitted)
+        self.scheduler.submit(key, candidates, submitted, probs)
 
     def cancel(self, key: Hashable) -> bool:
         """Drop an open image (see ``RowScheduler.cancel``)."""
@@ -112,14 +113,14 @@ class SlowPath:
             yield from self.step()
 
     def run(self, latents: np.ndarray, candidates: np.ndarray, negatives: np.ndarray | None,
-            submitted: np.ndarray | None = None) -> list[Settled]:
+            submitted: np.ndarray | None = None, probs: np.ndarray | None = None) -> list[Settled]:
         """M images together (latents (M,4,h,w), candidates (M,k), negatives (M,k,L,D) or None,
-        ``submitted`` (M,) clock readings): ``submit`` each (keyed by its position) and ``drain``.
-        Their ``Settled``, in input order."""
+        ``submitted`` (M,) clock readings, ``probs`` (M,k) the candidates' backbone probabilities):
+        ``submit`` each (keyed by its position) and ``drain``. Their ``Settled``, in input order."""
         m_count = len(latents)
         for m in range(m_count):
             self.submit(m, latents[m], candidates[m], None if negatives is None else negatives[m],
-                        None if submitted is None else float(submitted[m]))
+                        None if submitted is None else float(submitted[m]), None if probs is None else probs[m])
         out: list[Settled | None] = [None] * m_count
         for s in self.drain():
             out[s.key] = s  # type: ignore[call-overload]

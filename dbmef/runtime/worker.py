@@ -331,7 +331,7 @@ class ClassifierWorker:
                 for it in self._handoff:  # under the lock: the fast thread counts what waits
                     self._open_items[it.req.index] = it
                     slow.submit(it.req.index, it.latent, it.batch.top[it.row], it.negatives,
-                                submitted=float(it.batch.submitted[it.row]))
+                                submitted=float(it.batch.submitted[it.row]), probs=it.batch.top_p[it.row])
                 self._handoff.clear()
                 coming = bool(self._intake or self._fast_busy)  # the fast thread may be about to hand over rows
             self.stats.slow_queue, self.stats.slow_open = 0, slow.open

@@ -9,8 +9,9 @@ import pytest
 from dbmef.apps.lockstep import score_lockstep
 from dbmef.errors import ConfigError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, replay, van_der_corput_order
+from dbmef.runtime.early_exit import ExitPolicy, van_der_corput_order
 from dbmef.runtime.method import vote, vote_means
+from dbmef.runtime.replay import replay
 from dbmef.runtime.scorer import DiffusionScorer
 from dbmef.runtime.student_t import t_threshold
 from tests.runtime.conftest import LATENT, close_call_engine, full_errors, score

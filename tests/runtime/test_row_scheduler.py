@@ -12,7 +12,8 @@ import pytest
 from dbmef.apps.lockstep import score_lockstep
 from dbmef.errors import ConfigError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ImagePlan, replay
+from dbmef.runtime.early_exit import ImagePlan
+from dbmef.runtime.replay import replay
 from dbmef.runtime.row_scheduler import RowScheduler
 from dbmef.runtime.scorer import DiffusionScorer, HostRows
 from dbmef.runtime.slow_path import SlowPath

@@ -10,9 +10,10 @@ import pytest
 
 from dbmef.errors import ConfigError
 from dbmef.runtime.config import ScoringConfig
-from dbmef.runtime.early_exit import ExitPolicy, ImagePlan, replay, van_der_corput_order
+from dbmef.runtime.early_exit import ExitPolicy, ImagePlan, van_der_corput_order
 from dbmef.runtime.method import vote, vote_means
 from dbmef.runtime.paired_test import mixture_threshold, paired_standard_error
+from dbmef.runtime.replay import replay
 from dbmef.runtime.student_t import t_threshold
 
 
