@@ -21,9 +21,11 @@ import numpy as np
 from dbmef.errors import ConfigError, DBMEFError, missing_extra
 from dbmef.runtime import RuntimeSpec
 from dbmef.runtime.bundle import Bundle, read_manifest
+from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.data import LabelledImage
 from dbmef.runtime.evaluate import default_results, evaluate, read_results, records_for, write_protector
-from dbmef.runtime.operating_point import Choice, Point, RethinkAllPass, check_rule, choose, curve, sweep, wilson
+from dbmef.runtime.fusion import FusedFit, FusionInputs
+from dbmef.runtime.operating_point import Choice, Point, RethinkAllPass, check_rule, choose, curve, point, sweep, wilson
 
 log = logging.getLogger("dbmef")
 
@@ -61,8 +63,9 @@ def calibrate_operating_point(
         if created:
             _remove_results(path)
         raise
+    scoring = report.pop("_scoring")
     if write:
-        write_protector(bundle, report.pop("_protector"), {k: v for k, v in report.items() if k != "bundle"})
+        write_protector(bundle, report.pop("_protector"), {k: v for k, v in report.items() if k != "bundle"}, scoring)
     report.pop("_protector", None)
     return report
 
@@ -70,7 +73,13 @@ def calibrate_operating_point(
 def _pass_and_choice(spec: RuntimeSpec, bundle: Bundle, items: Sequence[LabelledImage], rule: str, value: float,
                      data: str, path: Path, resume: bool, ray: str | None, progress: Callable[[int], None] | None,
                      ray_options: dict[str, Any] | None) -> dict[str, Any]:
-    every = dataclasses.replace(spec, prot=0.0)  # the pass rethinks every image once
+    cfg = spec.scoring_config(bundle)
+    # the pass rethinks every image once under the paper's rule; the fused rule re-decides it from the
+    # records for any beta, which needs every vote of every candidate: early exit off where V > 1
+    pass_scoring = {**spec.scoring, "decision": "paper", "fused_beta": None}  # what it fits: not in its identity
+    if cfg.decision == "fused" and cfg.votes > 1:
+        pass_scoring["early_exit"] = "off"
+    every = dataclasses.replace(spec, prot=0.0, scoring=pass_scoring)
     if ray is not None:
         from dbmef.cluster.ray_eval import ray_evaluate
 
@@ -83,17 +92,50 @@ def _pass_and_choice(spec: RuntimeSpec, bundle: Bundle, items: Sequence[Labelled
             device = describe_device(rt)
     recs = read_results(path)
     records = records_for(items, recs)
-    cp = RethinkAllPass.from_records(records)
+    passes = {"paper": RethinkAllPass.from_records(records)}
+    fit = _fit_fused(records, cfg, passes)
+    cp = passes[cfg.decision]
     choice = choose(cp, rule, value)
     n_correct = int((cp.backbone == cp.truth).sum())
+    chosen = choice.to_dict()
+    points = [p.to_dict() for p in curve(cp)]
+    for p in [*points, chosen["point"]]:  # the other rule at the same thresholds (the curve shows both)
+        for d in passes:
+            if d != cfg.decision:
+                p[f"accuracy_{d}"] = point(passes[d], float(p["threshold"])).accuracy
     return {
         "bundle": spec.bundle, "data": data, "results": str(path), "device": device,
         "n_images": len(cp), "n_unreadable": len(records) - len(cp), "n_correct": n_correct,
         "unet_evaluations": int(cp.unet_evals.sum()),  # the whole curve's cost: one slow path per image
-        "unet_evals_per_image": float(cp.unet_evals.mean()),
-        "chosen": choice.to_dict(), "curve": [p.to_dict() for p in curve(cp)], "sweep": sweep_for_plot(cp),
+        "unet_evals_per_image": float(cp.unet_evals.mean()), "decision": cfg.decision,
+        "fused": None if fit is None else fit.to_dict(),
+        "chosen": chosen, "curve": points, "sweep": sweep_for_plot(cp),
+        "compare": {d: sweep_for_plot(q) for d, q in passes.items() if d != cfg.decision},
         "_protector": choice.protector(n_correct),
+        "_scoring": None if fit is None else {"decision": cfg.decision, "fused_beta": fit.beta},
     }
+
+
+def _fit_fused(records: Sequence[dict[str, Any]], cfg: ScoringConfig, passes: dict[str, RethinkAllPass]
+               ) -> FusedFit | None:
+    """The fused decision's beta fitted on the pass (``fusion.fit_beta``), and the pass re-decided by
+    the fused rule (``passes["fused"]``); None where the pass lacks votes (a paper calibration with
+    early exit and V > 1: rerun with --decision fused to fit it)."""
+    ok = [r for r in records if r.get("error") is None]
+    try:
+        inputs = FusionInputs.from_records(ok, cfg.votes)
+    except ConfigError:
+        if cfg.decision == "fused":
+            raise
+        log.info("no fused fit: the pass has not every vote of every candidate (calibrate with --decision fused)")
+        return None
+    fit = inputs.fit(passes["paper"].truth)
+    if fit.at_bound:
+        log.warning("the fused decision's beta stopped at the %s end of its range (%.4g): on this calibration set the "
+                    "%s evidence %s", fit.at_bound, fit.beta, "diffusion" if fit.at_bound == "low" else "classifier's",
+                    "does not help" if fit.at_bound == "low" else "adds nothing to the diffusion model's")
+    passes["fused"] = dataclasses.replace(passes["paper"], dbmef=inputs.answers(fit.beta))
+    return fit
 
 
 def _remove_results(path: Path) -> None:
@@ -151,9 +193,14 @@ def run_from_args(args: Any, spec: RuntimeSpec) -> int:
     c = report["chosen"]
     print(f"{report['n_images']} calibration images, one slow pass: {report['unet_evaluations']} UNet evaluations "
           f"({report['unet_evals_per_image']:.0f} per image), latencies measured on {report['device']}")
-    print(table(point_rows(report), HEADERS))
+    print(table(point_rows(report), headers(report)))
     p = c["point"]
-    print(f"\nchosen by {c['rule']} {c['value']:g}: threshold {_thr(p['threshold'])}, rethink rate "
+    if report["fused"] is not None:
+        f = report["fused"]
+        print(f"fused decision: beta {f['beta']:.4g} fitted on {f['n_images']} images (mean negative log-likelihood "
+              f"of the true label {f['nll']:.3f}, classifier alone {f['nll_classifier']:.3f})")
+    print(f"\nchosen by {c['rule']} {c['value']:g} for the {report['decision']} decision: threshold "
+          f"{_thr(p['threshold'])}, rethink rate "
           f"{p['rethink_rate']:.1%}, accuracy {p['accuracy']:.2%} (backbone {p['backbone_accuracy']:.2%})"
           f"{'' if args.dry_run else '; written to ' + str(spec.bundle)}")
     for w in c["warnings"]:
@@ -209,9 +256,10 @@ def point_rows(report: dict[str, Any]) -> list[list[Any]]:
     for p in sorted(points, key=lambda p: p["rethink_rate"]):
         mark = "<- chosen" if p is chosen else ""
         lo, hi = p["accuracy_ci"]
+        other = [f"{p[k]:.2%}" for k in p if k.startswith("accuracy_") and k != "accuracy_ci"]
         rows.append([f"{p['prot']:.2f}" if p.get("prot") is not None else "", _thr(p["threshold"]),
                      f"{p['rethink_rate']:.1%}", f"{p['backbone_accuracy']:.2%}",
-                     f"{p['accuracy']:.2%} [{lo:.1%}, {hi:.1%}]", p["fixed"], p["broken"],
+                     f"{p['accuracy']:.2%} [{lo:.1%}, {hi:.1%}]", *other, p["fixed"], p["broken"],
                      f"{p['unet_evals_per_image']:.0f}", f"{p['mean_ms']:.2f}", f"{p['p50_ms']:.2f}",
                      f"{p['p95_ms']:.2f}", f"{p['images_per_s']:.1f}", mark])
     return rows
@@ -219,6 +267,14 @@ def point_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 HEADERS = ["Prot", "threshold", "rethink", "backbone acc", "DBMEF acc [95% CI]", "fixed", "broken",
            "UNet evals/img", "mean ms", "p50 ms", "p95 ms", "img/s", ""]
+
+
+def headers(report: dict[str, Any]) -> list[str]:
+    """The table's columns: with a fused fit, the decision calibrated and the other one's accuracy."""
+    other = list(report.get("compare") or {})
+    if not other:
+        return HEADERS
+    return [*HEADERS[:4], f"{report['decision']} acc [95% CI]", *(f"{d} acc" for d in other), *HEADERS[5:]]
 
 
 def _thr(t: Any) -> str:
@@ -236,7 +292,10 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     acc, lo, hi = (np.array(sw[k]) * 100 for k in ("accuracy", "ci_low", "ci_high"))
     fig, ax = pyplot().subplots(figsize=(7.5, 5.2))
     ax.fill_between(x, lo, hi, alpha=0.2, color="C0", step="post", label="DBMEF accuracy, 95 % interval")
-    ax.step(x, acc, where="post", color="C0", label="DBMEF accuracy")
+    ax.step(x, acc, where="post", color="C0", label=f"DBMEF accuracy ({report.get('decision', 'paper')} decision)")
+    for j, (d, other) in enumerate((report.get("compare") or {}).items()):
+        ax.step(np.array(other["rethink_rate"]) * 100, np.array(other["accuracy"]) * 100, where="post",
+                color=f"C{4 + j}", lw=1, label=f"DBMEF accuracy ({d} decision)")
     ax.axhline(pts[0]["backbone_accuracy"] * 100, color="gray", ls=":", label="backbone alone")
     # neighbouring Prot points (0.97 and 0.99 often sit a fraction of a point apart) get their labels
     # on four different sides, so no two consecutive ones overlap

@@ -39,6 +39,7 @@ REQUIRED_COMPONENTS = ("text_encoder", "vae_encoder")  # and the scorer; the bac
 # A manifest is a few hundred kB at most (ImageNet's 1 000 class names and wnids, the calibration
 # curve): 32 MiB bounds what a damaged or hostile one can make the runtime read and hold.
 MAX_MANIFEST_BYTES = 32 << 20
+CALIBRATED_SCORING = ("decision", "fused_beta")  # scoring fields `dbmef calibrate` writes with a threshold
 ENGINE_DIR = "trt"
 
 T = TypeVar("T")
@@ -221,6 +222,9 @@ class BundleManifest:
         if not calibration:
             d.pop("protector", None)
             d["sources"] = {k: v for k, v in d["sources"].items() if k != "calibration"}
+            # what `dbmef calibrate` writes into the scoring config with the threshold; an evaluation
+            # pins its own scoring config (decision and beta included) beside this digest anyway
+            d["scoring"] = {k: v for k, v in d["scoring"].items() if k not in CALIBRATED_SCORING}
         return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def files(self) -> list[tuple[str, str]]:

@@ -57,13 +57,16 @@ def calibrate(runtime: Any, items: Sequence[LabelledImage], prot: float,
     return protector, stats
 
 
-def write_protector(bundle: str | Path | Bundle, protector: Protector, record: dict[str, Any]) -> Bundle:
+def write_protector(bundle: str | Path | Bundle, protector: Protector, record: dict[str, Any],
+                    scoring: dict[str, Any] | None = None) -> Bundle:
     """Record a calibrated protector in the bundle's manifest, with ``record`` (the data, the sample
     counts, and for an operating-point rule the rule, the curve and the pass's cost: ``dbmef info``
-    shows it). The manifest is re-read first, so nothing another writer changed meanwhile is lost."""
+    shows it) and ``scoring``: scoring fields calibrated with it (the decision and its fused_beta).
+    The manifest is re-read first, so nothing another writer changed meanwhile is lost."""
     b = Bundle.open(bundle.dir if isinstance(bundle, Bundle) else bundle, verify=False)
     m = b.manifest
-    return b.save(m.replace(protector=protector, sources={**m.sources, "calibration": record}))
+    changes: dict[str, Any] = {"scoring": m.scoring.replace(**scoring)} if scoring else {}
+    return b.save(m.replace(protector=protector, sources={**m.sources, "calibration": record}, **changes))
 
 
 def record(path: str, label: int, r: Any) -> dict[str, Any]:

@@ -203,9 +203,9 @@ class DBMEFRuntime:
         m = b.manifest
         config = spec.scoring_config(b)
         if config.decision == "fused" and config.fused_beta is None:
-            raise ConfigError(f"decision 'fused' needs the bundle's fused calibration (scoring.fused_beta), which {b.dir} "
-                              f"does not have: run `dbmef calibrate --bundle {b.dir} --data DIR --decision fused`, or "
-                              "give --fused-beta B")
+            raise ConfigError(f"decision 'fused' needs the bundle's fused calibration (scoring.fused_beta), which "
+                              f"{b.dir} does not have: run `dbmef calibrate --bundle {b.dir} --data DIR --decision "
+                              "fused`, or give --fused-beta B")
         if "backbone" not in m.components and not config.zero_shot:
             raise ConfigError(f"bundle {b.dir} has no classifier: it can only run zero-shot "
                               "(--zero-shot, or scoring=...replace(zero_shot=True, lam=1.0))")
