@@ -34,7 +34,9 @@ def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
             for backbone in ("weak", "strong"):
                 if (report.get("seed"), backbone, k) in skip:
                     continue
-                r = ablate(run_dir / f"bundle-{backbone}", split, k, votes, keep_errors=True)
+                cal = run_dir / "calibration_split.npz"
+                r = ablate(run_dir / f"bundle-{backbone}", split, k, votes, keep_errors=True,
+                           calibration=DigitsSplit.load(cal) if cal.exists() else None)
                 r.update({"seed": report.get("seed"), "backbone": backbone,
                           "train_seconds": report.get("seconds", {}),
                           "torch_test_accuracy": report.get("torch_test_accuracy", {})})

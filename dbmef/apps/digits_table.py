@@ -36,8 +36,9 @@ TITLES = {
 
 
 def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runtime: bool = True,
-           keep_errors: bool = False) -> dict[str, Any]:
-    """All Table 1 columns for one bundle and k. Returns accuracies, costs and the runtime check."""
+           keep_errors: bool = False, calibration: DigitsSplit | None = None) -> dict[str, Any]:
+    """All Table 1 columns for one bundle and k. Returns accuracies, costs and the runtime check;
+    with the system's ``calibration`` split, the fused decision's columns too (``fused``)."""
     from dbmef.runtime import DBMEFRuntime
     from dbmef.runtime.method import error_from_terms
 
@@ -57,6 +58,11 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
         e_comb = error_from_terms(terms1, lam).mean(axis=1)  # (N, k)
         pred = predictions(top, rethink, terms1, error_from_terms(terms_v, lam).mean(axis=2), sel, lam)
         check = runtime_check(rt, images, y, e_comb, pred["combined"]) if check_runtime else {}
+        fused = None
+        if calibration is not None:
+            betas = fit_fused(rt, cfg, calibration, votes)
+            per_vote = error_from_terms(terms_v, lam).mean(axis=2)  # (M, V, k)
+            fused = {"beta": betas, **fused_columns(e_comb, per_vote, sel, top, gate.top_p, y, betas)}
 
     early_inputs = {"e1": error_from_terms(terms1[sel], lam)[:, None].astype(np.float32),
                     "ev": error_from_terms(terms_v, lam).astype(np.float32), "top": top, "sel": sel, "y": y}
@@ -79,7 +85,52 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
                   "broken": int(((pred["combined"] != y) & (top1 == y)).sum())},
         "runtime_check": check,
         "early_exit": early,
+        **({"fused": fused} if fused is not None else {}),
     }
+
+
+def fit_fused(rt: Any, cfg: Any, calibration: DigitsSplit, votes: int) -> dict[str, float]:
+    """The fused decision's beta at V = 1 and V = ``votes`` (``fusion.fit_beta``), fitted on every
+    image of the system's own calibration split, rethought (docs/fused_decision.md)."""
+    from dbmef.runtime.fusion import fit_beta
+    from dbmef.runtime.method import error_from_terms
+
+    logits, _ = rt.pipeline.backbone_logits([render(a) for a in calibration.images])
+    gate = rt.protector.gate(logits, cfg.k)
+    every = np.arange(len(calibration.labels))
+    _, terms_v, _ = error_terms(rt, cfg, calibration, gate.top, every, votes)
+    e = error_from_terms(terms_v, cfg.lam).mean(axis=2)  # (N, V, k) per-vote mean errors
+    hit = gate.top == calibration.labels[:, None]
+    truth = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+    return {"V1": fit_beta(e[:, 0], gate.top_p, truth).beta, f"V{votes}": fit_beta(e.mean(axis=1), gate.top_p,
+                                                                                     truth).beta}
+
+
+def fused_columns(e1: np.ndarray, per_vote: np.ndarray, sel: np.ndarray, top: np.ndarray, top_p: np.ndarray,
+                  y: np.ndarray, betas: dict[str, float]) -> dict[str, Any]:
+    """Accuracies of the paper's rule and the fused rule (``method.fused_vote``) from the test images'
+    V = 1 mean errors ``e1`` (N, k), the rethought images' (``sel``) per-vote errors (M, V, k), the
+    candidates ``top`` (N, k) and their probabilities: every image rethought at V = 1 (Prot 0), the
+    protector's images at V = 1 and at V = V."""
+    from dbmef.runtime.method import fused_vote, vote
+
+    V = per_vote.shape[1]
+    b1, bv = betas["V1"], betas[f"V{V}"]
+    n = np.arange(len(y))
+    every = {"paper": top[n, e1.argmin(axis=1)],
+             "fused": np.array([top[j, fused_vote(e1[j][None], top_p[j], b1)[0]] for j in n])}
+    out: dict[str, Any] = {"accuracy": {}}
+    for rule, ans in every.items():
+        at_thr = top[:, 0].copy()
+        at_thr[sel] = ans[sel]
+        voted = top[:, 0].copy()
+        for q, j in enumerate(sel):
+            pick = vote(per_vote[q])[0] if rule == "paper" else fused_vote(per_vote[q], top_p[j], bv)[0]
+            voted[j] = top[j, pick]
+        out["accuracy"].update({f"{rule}_prot0": float((ans == y).mean()), f"{rule}_V1": float((at_thr == y).mean()),
+                                f"{rule}_V{V}": float((voted == y).mean())})
+    out["accuracy"]["top1"] = float((top[:, 0] == y).mean())
+    return out
 
 
 
@@ -231,6 +282,7 @@ def markdown(data: dict[str, Any]) -> str:
             if rs:
                 lines += table_block(backbone, k, rs, spe)
     lines += early_exit_markdown(res)
+    lines += fused_markdown(res)
     return "\n".join(lines)
 
 
@@ -293,6 +345,36 @@ def early_exit_markdown(res: list[dict[str, Any]]) -> list[str]:
                 + f" | {e['exact']['agreement_with_off']:.1%} | {e['adaptive']['agreement_with_off']:.1%} | "
                 f"{e['off']['accuracy']:.2%} | {e['adaptive']['accuracy']:.2%} |")
     return [*lines, ""]
+
+
+def fused_markdown(res: list[dict[str, Any]]) -> list[str]:
+    """The fused decision's columns (issue 34) and its done-when per held-out row: no worse than the
+    better of the paper's rule and rethink-all minus 0.1 points, never below the backbone alone."""
+    rows = [r for r in res if r.get("fused")]
+    if not rows:
+        return []
+    lines = ["## The fused decision (issue 34)", "",
+             "beta fitted by maximum likelihood on each system's own 200 calibration digits, every one rethought "
+             "(`fusion.fit_beta`, docs/fused_decision.md); the test digits are held out. Columns: rethink-all "
+             "(Prot 0, V 1) and the protector at V 1 and V 5, paper's rule / fused rule; **ok** is the done-when: "
+             "fused >= max(paper, paper rethink-all) - 0.1 points and >= top-1, at every V.", "",
+             "| backbone | k | seed | beta V1 / V5 | top-1 | Prot 0 paper / fused | prot V1 paper / fused | "
+             "prot V5 paper / fused | ok |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    gains: dict[str, list[float]] = {"weak": [], "strong": []}
+    for r in sorted(rows, key=lambda r: (r["backbone"] != "weak", r["k"], r["seed"])):
+        f, a = r["fused"], r["fused"]["accuracy"]
+        vs = sorted(int(v[1:]) for v in f["beta"])
+        ok = all(a[f"fused_V{v}"] >= max(a[f"paper_V{v}"], a["paper_prot0"]) - 0.001 and
+                 a[f"fused_V{v}"] >= a["top1"] for v in vs)
+        gains[r["backbone"]] += [a[f"fused_V{v}"] - a[f"paper_V{v}"] for v in vs]
+        cols = ("prot0", *(f"V{v}" for v in vs))
+        cells = " | ".join(f"{a['paper_' + c]:.2%} / {a['fused_' + c]:.2%}" for c in cols)
+        betas = " / ".join(f"{f['beta']['V' + str(v)]:.0f}" for v in vs)
+        lines.append(f"| {r['backbone']} | {r['k']} | {r['seed']} | {betas} | {a['top1']:.2%} | {cells} | "
+                     f"{'yes' if ok else 'NO'} |")
+    lines += ["", "Mean gain of the fused rule over the paper's at the protector's threshold: "
+              + "; ".join(f"{b} {np.mean(g) * 100:+.2f} points" for b, g in gains.items() if g) + ".", ""]
+    return lines
 
 
 NOTES = "## Notes"

@@ -46,6 +46,11 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{p['mean_ms']:.2f} ms/image expected on {cal['device']}")
         for w in c.get("warnings", []):
             print(f"            note: {w}")
+    if cal.get("fused"):
+        f = cal["fused"]
+        print(f"fused       beta {f['beta']:.4g} fitted on {f['n_images']} images by likelihood (true-label NLL "
+              f"{f['nll']:.3f}, classifier alone {f['nll_classifier']:.3f}); serving the {m.scoring.decision} "
+              f"decision{'' if m.scoring.decision == 'fused' else ' (--decision fused to use it)'}")
     print(f"tools       {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
     print()
     print(table(rows, ["component", "file", "precision", "MiB", "validation", "max_abs_err", "inputs"]))

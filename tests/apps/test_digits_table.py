@@ -26,3 +26,27 @@ def test_the_adaptive_column_is_the_adaptive_policy():
     first = -(-d.exit_min_rows // d.exit_interval) * d.exit_interval
     assert cols["adaptive"]["unet_evals_per_rethought_image"] == 2 * 3 * first < 180
     assert cols["adaptive"]["agreement_with_off"] == 1.0 and cols["adaptive"]["accuracy"] == 1.0
+
+
+def test_fused_columns_and_their_done_when_check():
+    """Three images by hand: the fused rule keeps the backbone's confident answer where the paper's
+    rule would break it, and takes the diffusion model's where the backbone is unsure."""
+    from dbmef.apps.digits_table import fused_columns, fused_markdown
+
+    top = np.array([[0, 1], [1, 0], [2, 3]])
+    top_p = np.array([[0.9, 0.1], [0.55, 0.45], [0.5, 0.5]])
+    y = np.array([0, 0, 3])
+    # vote-0 mean errors: image 0's second candidate is slightly better (the paper breaks it), image
+    # 1's true label (candidate 1) is far better, image 2's candidate 1 (label 3) better
+    e1 = np.array([[0.1010, 0.1000], [0.1200, 0.1000], [0.1010, 0.1000]])
+    per_vote = np.stack([e1, e1, e1], axis=1)  # three identical votes (M = N = 3: all rethought)
+    beta = 1000.0  # log(0.9/0.1) / 1000 = 0.0022 > 0.001: image 0 keeps label 0; image 1: 0.0002 < 0.02
+    cols = fused_columns(e1, per_vote, np.arange(3), top, top_p, y, {"V1": beta, "V3": beta})["accuracy"]
+    assert cols["paper_prot0"] == cols["paper_V1"] == cols["paper_V3"] == 2 / 3  # image 0 broken
+    assert cols["fused_prot0"] == cols["fused_V1"] == cols["fused_V3"] == 1.0
+    assert cols["top1"] == 1 / 3
+    row = {"backbone": "weak", "k": 2, "seed": 0, "fused": {"beta": {"V1": beta, "V3": beta}, "accuracy": cols}}
+    text = "\n".join(fused_markdown([row]))
+    assert "| yes |" in text and "weak +33.33 points" in text
+    bad = {**row, "fused": {**row["fused"], "accuracy": {**cols, "fused_V3": 0.5}}}
+    assert "| NO |" in "\n".join(fused_markdown([bad]))
