@@ -21,7 +21,7 @@ import numpy as np
 from dbmef.errors import ConfigError, DBMEFError, missing_extra
 from dbmef.runtime import RuntimeSpec
 from dbmef.runtime.bundle import Bundle, read_manifest
-from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.config import EXIT_SETTING_MODES, ScoringConfig
 from dbmef.runtime.data import LabelledImage
 from dbmef.runtime.evaluate import default_results, evaluate, read_results, records_for, write_protector
 from dbmef.runtime.fusion import FusedFit, FusionInputs
@@ -45,6 +45,7 @@ def calibrate_operating_point(
     enough images for ``min_samples``); a run that fails leaves the bundle as it was: the results
     file it created is removed (an interrupted run keeps it, to resume)."""
     check_rule(rule, value)
+    check_min_samples(min_samples)
     if len(items) < min_samples:
         raise ConfigError(f"{len(items)} calibration images cannot give the {min_samples} correctly classified ones a "
                           "threshold needs; use more images, or --min-samples N to accept a noisier threshold")
@@ -78,6 +79,7 @@ def _pass_and_choice(spec: RuntimeSpec, bundle: Bundle, items: Sequence[Labelled
     # records for any beta, which needs every vote of every candidate: early exit off where V > 1
     pass_scoring = {**spec.scoring, "decision": "paper", "fused_beta": None}  # what it fits: not in its identity
     if cfg.decision == "fused" and cfg.votes > 1:
+        pass_scoring = {k: v for k, v in pass_scoring.items() if k not in EXIT_SETTING_MODES}
         pass_scoring["early_exit"] = "off"
     every = dataclasses.replace(spec, prot=0.0, scoring=pass_scoring)
     if ray is not None:
@@ -124,18 +126,25 @@ def _fit_fused(records: Sequence[dict[str, Any]], cfg: ScoringConfig, passes: di
     ok = [r for r in records if r.get("error") is None]
     try:
         inputs = FusionInputs.from_records(ok, cfg.votes)
-    except ConfigError:
+        fit = inputs.fit(passes["paper"].truth)
+    except ConfigError as exc:
         if cfg.decision == "fused":
             raise
-        log.info("no fused fit: the pass has not every vote of every candidate (calibrate with --decision fused)")
+        log.info("no fused fit on this pass (%s)", exc)  # the paper's calibration does not need one
         return None
-    fit = inputs.fit(passes["paper"].truth)
     if fit.at_bound:
         log.warning("the fused decision's beta stopped at the %s end of its range (%.4g): on this calibration set the "
                     "%s evidence %s", fit.at_bound, fit.beta, "diffusion" if fit.at_bound == "low" else "classifier's",
                     "does not help" if fit.at_bound == "low" else "adds nothing to the diffusion model's")
     passes["fused"] = dataclasses.replace(passes["paper"], dbmef=inputs.answers(fit.beta))
     return fit
+
+
+def check_min_samples(n: int) -> None:
+    """A threshold is a quantile of the correctly classified images' S: it needs at least one."""
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--min-samples {n} is invalid: a threshold needs at least 1 correctly classified "
+                          f"calibration image (default {MIN_SAMPLES}; fewer gives a noisier threshold)")
 
 
 def _remove_results(path: Path) -> None:
@@ -162,6 +171,7 @@ def run_from_args(args: Any, spec: RuntimeSpec) -> int:
 
     rule, value = rule_from_args(args)
     check_rule(rule, value)  # before anything is read
+    check_min_samples(args.min_samples)
     m = read_manifest(spec.bundle)
     m.scoring.replace(**spec.scoring)  # the scoring overrides, checked before any data is read
     items = load_labelled(args.data, m.class_names, m.sources.get("class_wnids"))

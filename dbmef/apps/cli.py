@@ -99,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dbmef.cluster import require_ray
 
     ray = require_ray()
-    from dbmef.cluster.serve import ServeConfig, WorkerConfig, drain_and_stop, start
+    from dbmef.cluster.serve import ServeConfig, drain_and_stop, start
+    from dbmef.runtime.worker import WorkerConfig
 
     worker = WorkerConfig(batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1e3,
                           max_queued=args.max_queued, max_rethinking=args.max_rethinking, deadline_s=args.deadline_s,
@@ -109,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_body_bytes=int(args.max_body_mb * 2**20), max_ongoing_requests=args.max_ongoing_requests,
                       body_timeout_s=args.body_timeout_s, request_timeout_s=args.request_timeout_s,
                       keep_alive_timeout_s=args.keep_alive_timeout_s, graceful_shutdown_s=args.graceful_shutdown_s,
-                      model_name=args.model_name, proxy_location=args.proxy_location)
+                      model_name=args.model_name, proxy_location=args.proxy_location, grpc_port=args.grpc_port,
+                      grpc_host=args.host)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -123,8 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         start(runtime_spec(args), cfg, host=args.host, port=args.port, address=args.address)
         for sig in (signal.SIGTERM, signal.SIGINT):  # Ray installs its own while starting: ours win
             signal.signal(sig, on_signal)
+        grpc = f" and grpc://{args.host}:{args.grpc_port} (OIP gRPC)" if args.grpc_port is not None else ""
         print(f"serving {args.bundle} on http://{args.host}:{args.port} (POST /classify, /v2/models/"
-              f"{cfg.model_name}/infer, GET /v2/health/ready, /metrics); SIGTERM or Ctrl-C drains and stops",
+              f"{cfg.model_name}/infer, GET /v2/health/ready, /metrics){grpc}; SIGTERM or Ctrl-C drains and stops",
               flush=True)
         while not stop.wait(0.5):
             pass
@@ -204,6 +207,9 @@ def _add_serve(sub: Any) -> None:
     add_runtime_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to serve other machines)")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--grpc-port", type=int, metavar="PORT",
+                    help="also serve the Open Inference Protocol over gRPC (stock tritonclient.grpc) on this port, "
+                         "from every replica (8001 is Triton's); default: HTTP only")
     sv.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local instance")
     sv.add_argument("--replicas", type=int, default=1)
     sv.add_argument("--gpus-per-replica", type=float, default=0.0, help="1: one replica per GPU, 0.5: two")
@@ -242,6 +248,8 @@ SERVE_EPILOG = """endpoints:
   GET  /v2/health/live, /v2/health/ready liveness; readiness (503 until the engines are open and warmed up)
   GET  /v2, /v2/models/NAME[/ready]      server / model metadata and readiness
   GET  /metrics                          Prometheus
+  gRPC inference.GRPCInferenceService    with --grpc-port: ServerLive/Ready, ModelReady, ServerMetadata,
+                                         ModelMetadata, ModelInfer (the client's deadline is the request's)
 
 Kubernetes probes (the container runs `dbmef serve --host 0.0.0.0 --bundle /bundle`):
   livenessProbe:  {httpGet: {path: /v2/health/live, port: 8000}, periodSeconds: 10}

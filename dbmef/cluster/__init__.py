@@ -30,7 +30,15 @@ def init_ray(address: str | None) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
     if address:
-        ray.init(address=address, **kwargs)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            from dbmef.errors import ConfigError
+
+            raise ConfigError(f"could not join the Ray cluster at {address!r}: {str(exc).splitlines()[0][:200]}; "
+                              "check the address (auto, HOST:6379 or ray://HOST:10001) and that the cluster is up"
+                              ) from None
     else:
         # Ray turns token authentication on for a new local instance (the secure default) and warns
         # that it did on every start; that one notice is dropped. Its warning when authentication is
@@ -38,6 +46,25 @@ def init_ray(address: str | None) -> bool:
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthEnabledNotice())
         ray.init(**kwargs)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``ray://host:port`` address must accept a connection before Ray Client tries it (which
+    otherwise retries for a long while and fails with a traceback)."""
+    if not address.startswith("ray://"):
+        return
+    import socket
+
+    from dbmef.errors import ConfigError
+
+    host, _, port = address[len("ray://"):].partition(":")
+    try:
+        port_n = int(port or 10001)
+        with socket.create_connection((host, port_n), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({type(exc).__name__}: {exc}); check the "
+                          "head node's address and Ray Client port (default 10001)") from None
 
 
 class _AuthEnabledNotice(logging.Filter):

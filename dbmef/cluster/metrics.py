@@ -80,6 +80,9 @@ class _WorkCollector:
 
     def collect(self) -> Iterator[Any]:
         w = self.m.worker
+        ready = GaugeMetricFamily("dbmef_ready", "1 once the engines are open and warmed up")
+        ready.add_metric([], 0.0 if w is None else 1.0)
+        yield ready
         if w is None:
             return
         st, sc = w.stats, w.slow.stats
@@ -105,9 +108,6 @@ class _WorkCollector:
                      ("open", st.slow_open)):
             depth.add_metric([q], v)
         yield depth
-        ready = GaugeMetricFamily("dbmef_ready", "1 once the engines are open and warmed up")
-        ready.add_metric([], 1.0)
-        yield ready
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -110,7 +110,7 @@ def _header(body: bytes, header_length: str | None, max_header_bytes: int) -> tu
     return head, body[size:]
 
 
-def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+def bytes_elements(raw: bytes, count: int) -> list[bytes]:
     """BYTES tensor data: ``count`` elements, each a 4-byte little-endian length and its bytes."""
     out, pos = [], 0
     for j in range(count):
@@ -159,9 +159,9 @@ def decode_infer(body: bytes, header_length: str | None, model: ModelInfo,
                  max_header_bytes: int = 1 << 20) -> InferRequest:
     """An infer request's images, deadline and wanted outputs; ``ProtocolError`` naming what is wrong."""
     head, binary = _header(body, header_length, max_header_bytes)
-    params = head.get("parameters") or {}
+    params = _parameters(head, "the request")
     inputs = head.get("inputs")
-    if not isinstance(params, dict) or not isinstance(inputs, list) or not inputs:
+    if not isinstance(inputs, list) or not inputs:
         raise ProtocolError("the inference header needs 'inputs': [{'name': 'image', 'datatype': 'BYTES', ...}]")
     names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
     if names != ["image"]:
@@ -173,19 +173,19 @@ def decode_infer(body: bytes, header_length: str | None, model: ModelInfo,
     if spec.get("datatype") != "BYTES":
         raise ProtocolError(f"input 'image' has datatype {spec.get('datatype')!r}; it is BYTES (encoded images)")
     shape = spec.get("shape")
-    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(isinstance(d, int) for d in shape)
+    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(_is_int(d) for d in shape)
             and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)):
         raise ProtocolError(f"input 'image' has shape {shape!r}; it is [N, 1] (or [N]) with N >= 1")
     count = shape[0]
     if count > model.max_batch:
         raise ProtocolError(f"{count} images in one request, over the {model.max_batch}-image limit", 413)
-    ip = spec.get("parameters") or {}
+    ip = _parameters(spec, "input 'image'")
     if "binary_data_size" in ip:
         size = ip["binary_data_size"]
-        if not isinstance(size, int) or size != len(binary):
+        if not _is_int(size) or size != len(binary):
             raise ProtocolError(f"input 'image' declares binary_data_size {size!r}, the body carries {len(binary)} "
                                 "bytes after the header")
-        images = _bytes_elements(binary, count)
+        images = bytes_elements(binary, count)
     elif "data" in spec:
         images = _json_images(spec["data"], count)
     else:
@@ -194,23 +194,53 @@ def decode_infer(body: bytes, header_length: str | None, model: ModelInfo,
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not math.isfinite(timeout) or timeout <= 0):
         raise ProtocolError(f"parameters.timeout = {timeout!r}: microseconds, a positive number")
-    known = dict.fromkeys(OUTPUTS)
-    wanted = head.get("outputs")
-    default_binary = bool(params.get("binary_data_output", False))
-    if wanted is None:
-        outputs, binary_flags = list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
-    else:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
-            raise ProtocolError("'outputs' must be a list of {'name': ...}")
-        outputs = [o.get("name") for o in wanted]
-        bad = [o for o in outputs if o not in known]
-        if bad:
-            raise ProtocolError(f"unknown output {bad[0]!r}; model '{model.name}' has {list(OUTPUTS)}")
-        binary_flags = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", default_binary))
-                        for o in wanted}
+    outputs, binary_flags = _outputs(head, _flag(params, "binary_data_output", False, "parameters"), model)
     rid = head.get("id")
-    return InferRequest(str(rid) if rid is not None else None, images,
-                        None if timeout is None else float(timeout) / 1e6, outputs, binary_flags)
+    if rid is not None and not isinstance(rid, str):
+        raise ProtocolError(f"'id' = {json.dumps(rid)[:60]} must be a string (it is echoed in the response)")
+    return InferRequest(rid, images, None if timeout is None else float(timeout) / 1e6, outputs, binary_flags)
+
+
+def _outputs(head: dict[str, Any], default_binary: bool, model: ModelInfo) -> tuple[list[str], dict[str, bool]]:
+    """The outputs asked for, in order, and which are wanted as binary data."""
+    wanted = head.get("outputs")
+    if wanted is None:
+        return list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
+        raise ProtocolError("'outputs' must be a list of {'name': ...}")
+    outputs = []
+    for j, o in enumerate(wanted):
+        name = o.get("name")
+        if not isinstance(name, str):
+            raise ProtocolError(f"outputs[{j}].name = {json.dumps(name)[:60]} must be a string, one of {list(OUTPUTS)}")
+        if name not in OUTPUTS:
+            raise ProtocolError(f"unknown output {name!r}; model '{model.name}' has {list(OUTPUTS)}")
+        outputs.append(name)
+    flags = {o["name"]: _flag(_parameters(o, f"outputs[{j}]"), "binary_data", default_binary, f"outputs[{j}]")
+             for j, o in enumerate(wanted)}
+    return outputs, flags
+
+
+def _is_int(x: Any) -> bool:
+    """A JSON integer (JSON's true is not 1 here)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """``obj['parameters']`` ({} when absent), refused unless a JSON object."""
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise ProtocolError(f"{where}.parameters must be a JSON object, got {type(p).__name__} {json.dumps(p)[:60]}")
+    return p
+
+
+def _flag(params: dict[str, Any], name: str, default: bool, where: str) -> bool:
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where}.parameters.{name} = {json.dumps(value)[:60]} must be true or false")
+    return value
 
 
 def _columns(results: list[ImageResult], k: int) -> dict[str, np.ndarray]:
@@ -233,18 +263,29 @@ def _columns(results: list[ImageResult], k: int) -> dict[str, np.ndarray]:
     return cols
 
 
+def output_tensors(names: list[str], results: list[ImageResult], model: ModelInfo) -> list[tuple[str, str, np.ndarray]]:
+    """The outputs ``names`` of ``results`` as (name, datatype, array): what either transport sends."""
+    cols = _columns(results, model.k)
+    dtypes = {n: d for n, d, _ in model.outputs()}
+    return [(name, dtypes[name], cols[name]) for name in names]
+
+
+def raw_bytes(a: np.ndarray) -> bytes:
+    """A tensor as the protocol's binary data: BYTES elements each a 4-byte little-endian length and
+    its bytes; numbers little-endian, row-major (HTTP's binary extension and gRPC's raw contents)."""
+    if a.dtype == object:
+        return b"".join(struct.pack("<I", len(x)) + x for x in a.reshape(-1))
+    return np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def encode_infer(req: InferRequest, results: list[ImageResult], model: ModelInfo) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (``Inference-Header-Content-Length`` when any output is
     binary, as the extension says)."""
-    cols = _columns(results, model.k)
-    dtypes = {n: d for n, d, _ in model.outputs()}
     outs, blobs = [], []
-    for name in req.outputs:
-        a = cols[name]
-        entry: dict[str, Any] = {"name": name, "datatype": dtypes[name], "shape": list(a.shape)}
+    for name, dtype, a in output_tensors(req.outputs, results, model):
+        entry: dict[str, Any] = {"name": name, "datatype": dtype, "shape": list(a.shape)}
         if req.binary.get(name):
-            raw = (b"".join(struct.pack("<I", len(x)) + x for x in a.reshape(-1)) if a.dtype == object
-                   else np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            raw = raw_bytes(a)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         elif a.dtype == object:

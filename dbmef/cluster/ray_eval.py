@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def ray_evaluate(
     actors take ``gpus_per_rethink_actor`` GPUs each (1 per GPU, or 0.5 for two per GPU).
     """
     ray = require_ray()
+    check_ray_options(fast_actors, rethink_actors, gpus_per_rethink_actor, cpus_per_actor)
     nodes: dict[str, set[str]] = {"fast": set(), "rethink": set()}
     with ResultsFile(results_path, items, resume, spec.identity(), batch_size) as out:
         if progress and len(out.done):
@@ -111,6 +113,7 @@ def ray_evaluate(
         if out.todo:
             started = init_ray(address)
             try:
+                check_gpus(ray, gpus_per_rethink_actor, rethink_actors)
                 _run(ray, spec, out, fast_actors, rethink_actors, gpus_per_rethink_actor, cpus_per_actor,
                      batch_size, progress, nodes)
             finally:
@@ -120,6 +123,32 @@ def ray_evaluate(
     summary = summarize(records_for(items, done), total=len(items))
     summary["ray_nodes"] = {k: sorted(v) for k, v in nodes.items()}  # where this run's stages ran
     return summary
+
+
+def check_ray_options(fast_actors: int, rethink_actors: int, gpus: float, cpus: float) -> None:
+    """Refuse actor counts and shares no pipeline can run, before Ray starts."""
+    from dbmef.errors import ConfigError
+
+    for flag, n in (("--ray-fast-actors", fast_actors), ("--ray-rethink-actors", rethink_actors)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"{flag} {n} is invalid: at least 1 actor runs that stage")
+    for flag, x in (("--ray-gpus-per-actor", gpus), ("CPUs per actor", cpus)):
+        if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise ConfigError(f"{flag} {x} is invalid: a finite share >= 0 (e.g. 1 for one GPU per actor, 0.5 for two)")
+
+
+def check_gpus(ray: Any, gpus: float, actors: int) -> None:
+    """Refuse GPU shares the cluster cannot give (Ray Data would wait for them forever)."""
+    from dbmef.errors import ConfigError
+
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if gpus > 0 and have < gpus:
+        raise ConfigError(f"--ray-gpus-per-actor {gpus:g}: the Ray cluster has {have:g} GPUs, so no rethink actor "
+                          "could start (Ray would wait forever); use --ray-gpus-per-actor 0 on CPUs, or join a "
+                          "cluster with GPUs")
+    if gpus > 0 and have < gpus * actors:
+        log.warning("%d rethink actors at %g GPUs each need %g GPUs; the cluster has %g: some will wait for others",
+                    actors, gpus, gpus * actors, have)
 
 
 def _run(ray: Any, spec: RuntimeSpec, out: ResultsFile, fast_actors: int, rethink_actors: int, gpus: float,

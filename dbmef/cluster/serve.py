@@ -7,6 +7,10 @@ Protocol (KServe v2 / Triton HTTP).
     GET  /v2 | /v2/models/M[/versions/V][/ready]    server and model metadata | model readiness
     POST /v2/models/M[/versions/V]/infer            OIP inference: input ``image`` BYTES [N, 1]
     GET  /metrics                                   Prometheus text format
+    gRPC inference.GRPCInferenceService             with ``grpc_port``: the same protocol (``oip_grpc``)
+
+Deploy from a file: ``app`` is an application builder (``serve run dbmef.cluster.serve:app bundle=B``,
+or ``deploy/serve.yaml``'s ``import_path``; ``serve_config.config_from_args`` reads its args).
 
 Routes match exactly (``/x/../classify`` is 404). One replica owns both paths through a
 ``ClassifierWorker``: its fast thread batches whatever requests are waiting and answers the
@@ -25,11 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ray import serve
@@ -37,62 +39,11 @@ from ray import serve
 from dbmef.cluster import RuntimeSpec
 from dbmef.cluster.metrics import CONTENT_TYPE, ServiceMetrics
 from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata, server_metadata
-from dbmef.errors import ConfigError
-from dbmef.runtime.worker import ClassifierWorker, OverloadedError, WorkerConfig
+from dbmef.cluster.serve_config import ServeConfig, config_from_args
+from dbmef.runtime.worker import ClassifierWorker, OverloadedError
 
 log = logging.getLogger(__name__)
 MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
-
-
-def _service_worker() -> WorkerConfig:
-    """A replica's worker defaults: a service bounds how long a rethink may take (a library caller does not)."""
-    return WorkerConfig(deadline_s=60.0)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """How the service is deployed and how it treats load (the command line's serve options). The
-    replica's worker (fast-path batching, queues, deadlines, overload) is ``worker``; how many images
-    rethink at once is the runtime's ``window`` (``RuntimeSpec``, ``--window``)."""
-
-    worker: WorkerConfig = field(default_factory=_service_worker)
-    replicas: int = 1
-    gpus_per_replica: float = 0.0
-    cpus_per_replica: float = 1.0
-    max_replicas_per_node: int | None = None  # 1 spreads the replicas over the nodes
-    max_body_bytes: int = 10 << 20
-    max_header_bytes: int = 1 << 20  # the OIP JSON header
-    max_images_per_request: int = 64
-    # Requests a replica holds at once. Intake is async and the worker bounds the compute, so this is
-    # high on purpose: at 64, 64 clients trickling their uploads took every slot and health checks waited.
-    max_ongoing_requests: int = 1024
-    body_timeout_s: float = 10.0  # the whole body must arrive within this, else 408 and the slot is freed
-    request_timeout_s: float = 300.0  # Serve's HTTP proxy: end to end, then 408/504
-    keep_alive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
-    graceful_shutdown_s: float = 30.0  # on shutdown, in-flight requests get this long to finish
-    model_name: str = "dbmef"
-    model_version: str = "1"
-    proxy_location: str = "EveryNode"  # Serve's HTTP proxies; HeadOnly when nodes share one machine (tests)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.worker, dict):  # from to_dict (what a Ray deployment is bound with)
-            object.__setattr__(self, "worker", WorkerConfig(**self.worker))
-        for name in ("replicas", "max_body_bytes", "max_header_bytes", "max_images_per_request",
-                     "max_ongoing_requests"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"serve option {name} = {getattr(self, name)} must be at least 1")
-        for name in ("gpus_per_replica", "cpus_per_replica", "body_timeout_s", "request_timeout_s",
-                     "keep_alive_timeout_s", "graceful_shutdown_s"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"serve option {name} = {v} must be finite and >= 0")
-        if self.proxy_location not in ("EveryNode", "HeadOnly"):
-            raise ConfigError(f"serve option proxy_location = {self.proxy_location!r}: EveryNode or HeadOnly")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name + self.model_version):
-            raise ConfigError("serve options model_name / model_version may hold letters, digits, '_', '.', '-'")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
@@ -122,6 +73,15 @@ class DBMEFService:
         import ray
 
         self.node = str(ray.get_runtime_context().get_node_id())  # the Ray node of this replica
+        self.grpc: Any = None
+        c = self.cfg
+        if c.grpc_port is not None:  # up at once, so ServerLive answers during warm-up
+            import dbmef
+            from dbmef.cluster.oip_grpc import start_server
+
+            self.grpc = start_server(self, dbmef.__version__, c.grpc_port, c.grpc_host,
+                                     max_concurrent=c.max_ongoing_requests,
+                                     max_message_bytes=c.max_body_bytes + c.max_header_bytes)
         threading.Thread(target=self._open, name="dbmef-open", daemon=True).start()
 
     # -- life cycle ---------------------------------------------------------------------------------
@@ -155,6 +115,8 @@ class DBMEFService:
             raise RuntimeError("dbmef replica's worker threads died")
 
     def __del__(self) -> None:  # Serve calls it after draining this replica's requests
+        if self.grpc is not None:  # refuse new calls, let those in flight finish
+            self.grpc.stop(grace=self.cfg.graceful_shutdown_s)
         if self.worker is not None:
             self.worker.close(timeout=self.cfg.graceful_shutdown_s)
         if self.rt is not None:
@@ -163,7 +125,12 @@ class DBMEFService:
     # -- routing ------------------------------------------------------------------------------------
     async def __call__(self, request: Any) -> Any:
         t0 = time.perf_counter()
-        endpoint, resp = await self._route(request)
+        try:
+            endpoint, resp = await self._route(request)
+        except Exception as exc:  # a defect: answered as JSON and counted, never a bare 500
+            log.exception("request %s %s failed", request.method, request.url.path)
+            endpoint, resp = "other", _json(500, {"error": f"internal error ({type(exc).__name__}); the service "
+                                                           "logged it and keeps serving"})
         status = int(getattr(resp, "status_code", 200))
         outcome = ("success" if status < 400 else "bad_request" if status in (400, 404, 405) else
                    "too_large" if status == 413 else "timeout" if status in (408, 504) else
@@ -298,6 +265,19 @@ class DBMEFService:
         payload, headers = encode_infer(req, got, self.model)
         return Response(payload, status_code=200, headers=headers)
 
+    # -- what the gRPC service (oip_grpc.Backend) calls, from its own threads ------------------------
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    def infer_images(self, images: list[bytes], deadline_s: float | None) -> list[Any]:
+        """The worker's results for ``images`` (blocking; ``OverloadedError`` when refused)."""
+        assert self.worker is not None
+        futures = [self.worker.submit(im, f"request image {j}", deadline_s) for j, im in enumerate(images)]
+        return [f.result() for f in futures]
+
+    def count(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.metrics.request(endpoint, outcome, seconds)
+
     def health(self) -> dict[str, Any]:
         if not self._ready.is_set() or self.rt is None:
             return {"status": "failed" if self._failed else "warming up", "error": str(self._failed or "")}
@@ -323,6 +303,12 @@ def build_app(spec: RuntimeSpec, config: ServeConfig | None = None) -> Any:
         graceful_shutdown_wait_loop_s=0.5, health_check_period_s=5.0, **options,
     )
     return deployment.bind(spec.to_dict(), cfg.to_dict())
+
+
+def app(args: dict[str, Any]) -> Any:
+    """Ray Serve's application builder: ``serve run dbmef.cluster.serve:app bundle=B grpc_port=8001``
+    or a Serve config file's ``import_path`` with ``args`` (``serve_config.config_from_args``)."""
+    return build_app(*config_from_args(args))
 
 
 def start(spec: RuntimeSpec, config: ServeConfig | None = None, host: str = "127.0.0.1", port: int = 8000,

@@ -46,6 +46,15 @@ ZERO_SHOT_EXIT: dict[str, Any] = {"exit_z": 2.0, "exit_interval": 1, "exit_min_r
                                   "exit_variance": "pooled", "exit_votes_open": "rounds"}
 
 
+# The early-exit settings and the modes that read them: a setting given for another mode would be
+# silently ignored, so a command line that does so is refused (RuntimeSpec.scoring_config).
+EXIT_SETTING_MODES: dict[str, tuple[str, ...]] = {
+    **{name: ("adaptive",) for name in ("exit_z", "exit_interval", "exit_min_rows", "exit_test", "exit_votes_open",
+                                        "exit_variance")},
+    "exit_order": ("adaptive", "keep_best"), "exit_keep": ("keep_best",), "exit_samples": ("keep_best",),
+}
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
     """Everything that decides a rethink's answer (docs/design.md §1.3-1.8) and how much UNet work it

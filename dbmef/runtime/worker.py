@@ -294,13 +294,18 @@ class ClassifierWorker:
             reason = "deadline"
         if reason is None:
             return True
+        self._refuse(req, batch, row, reason, f"the slow path cannot rethink this image ({reason}: {waiting} images "
+                                              "ahead); retry later")
+        return False
+
+    def _refuse(self, req: _Request, batch: Batch, row: int, reason: str, message: str) -> None:
+        """A rethink the service will not finish: ``OverloadedError`` (503) under ``on_overload =
+        "reject"``, else the fast answer with ``rethink_skipped``."""
         if self.config.on_overload == "reject":
             self.stats.rejected += 1
-            req.future.set_exception(OverloadedError(
-                f"the slow path cannot rethink this image ({reason}: {waiting} images ahead); retry later"))
-            return False
-        self._skip(req, batch, row, reason)
-        return False
+            req.future.set_exception(OverloadedError(message))
+        else:
+            self._skip(req, batch, row, reason)
 
     def _skip(self, req: _Request, batch: Batch, row: int, reason: str) -> None:
         """Answer a rethought image with its fast label, saying why it was not rethought."""
@@ -371,7 +376,8 @@ class ClassifierWorker:
         for key, it in list(self._open_items.items()):
             if it.req.deadline is not None and now > it.req.deadline and self.slow.cancel(key):
                 del self._open_items[key]
-                self._skip(it.req, it.batch, it.row, "deadline")
+                self._refuse(it.req, it.batch, it.row, "deadline", "the rethink did not finish before the request's "
+                             "deadline; retry later, or with a longer timeout")
 
     def _answer(self, req: _Request, result: ImageResult) -> None:
         self.observer.answered(result)

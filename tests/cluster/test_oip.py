@@ -45,6 +45,15 @@ def test_binary_and_json_requests_decode_to_the_images_sent():
     (lambda h: h["inputs"][0].update(shape=[9, 1]), 413, "over the 8-image limit"),
     (lambda h: h.update(outputs=[{"name": "logits"}]), 400, "unknown output 'logits'"),
     (lambda h: h.setdefault("parameters", {}).update(timeout=-3), 400, "parameters.timeout"),
+    # issue 35's probe: each of these was a bare 500 (or, for the last three, silently misread)
+    (lambda h: h.update(outputs=[{"name": ["label"]}]), 400, r"outputs\[0\].name"),
+    (lambda h: h.update(outputs=[{"name": "label", "parameters": [1]}]), 400, r"outputs\[0\].parameters"),
+    (lambda h: h["inputs"][0].update(parameters="binary_data_size"), 400, "input 'image'.parameters"),
+    (lambda h: h["inputs"][0].update(parameters=7), 400, "input 'image'.parameters"),
+    (lambda h: h.update(parameters=[]), 400, "the request.parameters"),
+    (lambda h: h.update(outputs=[{"name": "label", "parameters": {"binary_data": "no"}}]), 400, "binary_data"),
+    (lambda h: h.update(id={"a": 1}), 400, "'id' .* must be a string"),
+    (lambda h: h["inputs"][0].update(shape=[True, 1]), 400, "shape"),
 ])
 def test_bad_requests_are_refused_naming_the_problem(mutate, status, message):
     head = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],

@@ -16,6 +16,32 @@ from tests.cluster.conftest import (  # noqa: E402
 )
 
 
+@pytest.mark.parametrize("flags", [["--ray-fast-actors", "0"], ["--ray-rethink-actors", "-1"],
+                                   ["--ray-gpus-per-actor", "nan"], ["--ray", "ray://127.0.0.1:9"]])
+def test_bad_ray_options_are_refused_before_ray_starts(digits_folder, tmp_path, capsys, flags):
+    """Issue 35's probe: each ended in a traceback after Ray had started; now rc 2 and one line.
+    (First in the module: the shared local Ray session must not be up yet.)"""
+    from dbmef.apps.cli import main
+
+    assert not ray.is_initialized()
+    rc = main(["-q", "eval", "--bundle", SPEC.bundle, "--data", str(digits_folder), "--results",
+               str(tmp_path / "r.jsonl"), "--ray", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert (flags[0] if flags[0] != "--ray" else "Ray cluster") in err
+    assert not ray.is_initialized()
+
+
+def test_gpus_the_cluster_lacks_are_refused_not_waited_for(local_ray, digits_folder, tmp_path):
+    from dbmef.cluster.ray_eval import ray_evaluate
+    from dbmef.errors import ConfigError
+
+    with SPEC.build() as rt:
+        items = load_labelled(digits_folder, rt.class_names)[:4]
+    with pytest.raises(ConfigError, match="has 0 GPUs"):
+        ray_evaluate(SPEC, items, tmp_path / "gpu.jsonl", gpus_per_rethink_actor=1.0)
+
+
 def test_ray_data_eval_equals_single_process_image_by_image_and_resumes(local_ray, digits_folder, tmp_path):
     from dbmef.cluster.ray_eval import ray_evaluate
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
+import json
 import os
 import signal
 import socket
@@ -52,12 +53,13 @@ def service(local_ray):
     from dbmef.cluster.serve import ServeConfig, start
     from dbmef.runtime.worker import WorkerConfig
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     start(SPEC, ServeConfig(WorkerConfig(batch_size=8, batch_wait_s=0.05, deadline_s=60.0), max_body_bytes=50_000,
-                            body_timeout_s=4.0, max_header_bytes=4096, max_images_per_request=32), port=port)
+                            body_timeout_s=4.0, max_header_bytes=4096, max_images_per_request=32,
+                            grpc_port=grpc_port), port=port)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base)
-    yield port, base
+    yield port, base, grpc_port
     serve.shutdown()
 
 
@@ -72,7 +74,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_tritonclient_against_the_service_and_metrics_after_known_traffic(service, digits):
-    port, base = service
+    port, base, _ = service
     bodies, rethink = digits
     client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("dbmef")
@@ -134,8 +136,73 @@ def test_tritonclient_against_the_service_and_metrics_after_known_traffic(servic
     assert metric(after, "dbmef_queue_wait_seconds_count", path="slow") >= n_re
 
 
+def test_stock_grpc_client_gets_the_http_answers_and_is_counted(service, digits):
+    """One running service, both transports: tritonclient.grpc gets classify's labels (issue 35)."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    _, base, grpc_port = service
+    bodies, rethink = digits
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("dbmef")
+    before = request(base + "/metrics", method="GET")[2].decode()
+    with SPEC.build() as rt:
+        want = rt.classify(bodies)
+    x = grpcclient.InferInput("image", [len(bodies), 1], "BYTES")
+    x.set_data_from_numpy(np.array(bodies, dtype=object).reshape(-1, 1))
+    res = client.infer("dbmef", [x], request_id="g-1", client_timeout=120)
+    assert res.get_response().id == "g-1"
+    assert list(res.as_numpy("label")) == [r.label for r in want]
+    assert list(res.as_numpy("rethought")) == [r.rethought for r in want] == rethink
+    with pytest.raises(grpcclient.InferenceServerException) as e:
+        client.infer("resnet", [x])
+    assert e.value.status() == "StatusCode.NOT_FOUND"
+    after = request(base + "/metrics", method="GET")[2].decode()
+    assert metric(after, "dbmef_requests_total", endpoint="grpc_infer", outcome="success") - metric(
+        before, "dbmef_requests_total", endpoint="grpc_infer", outcome="success") == 1
+    assert metric(after, "dbmef_requests_total", endpoint="grpc_infer", outcome="bad_request") >= 1
+
+
+def test_malformed_oip_json_is_a_counted_400(service):
+    """Issue 35's probe: these were bare 500s that /metrics did not count."""
+    _, base, _ = service
+    before = request(base + "/metrics", method="GET")[2].decode()
+    head = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": ["eA=="]}]}
+    for bad in ({**head, "outputs": [{"name": ["label"]}]}, {**head, "outputs": [{"name": "label", "parameters": []}]},
+                {"inputs": [{**head["inputs"][0], "parameters": "x"}]}):
+        status, err, _ = request(base + "/v2/models/dbmef/infer", json.dumps(bad).encode())
+        assert status == 400 and ("parameters" in err["error"] or "name" in err["error"]), err
+    after = request(base + "/metrics", method="GET")[2].decode()
+    assert metric(after, "dbmef_requests_total", endpoint="infer", outcome="bad_request") - metric(
+        before, "dbmef_requests_total", endpoint="infer", outcome="bad_request") == 3
+    assert metric(after, "dbmef_ready") == 1
+
+
+def test_rayservice_probes_point_at_real_routes(service):
+    """deploy/rayservice.yaml is valid YAML; its serve config is deploy/serve.yaml's application with
+    the bundle at /bundle; every probe's path answers 200 on a running service; the pods' grace
+    period exceeds the drain."""
+    import yaml
+
+    _, base, _ = service
+    root = Path(__file__).resolve().parents[2] / "deploy"
+    svc = yaml.safe_load((root / "rayservice.yaml").read_text())
+    local = yaml.safe_load((root / "serve.yaml").read_text())
+    served = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    app, app_local = served["applications"][0], local["applications"][0]
+    assert app["import_path"] == app_local["import_path"] == "dbmef.cluster.serve:app"
+    assert app["args"]["bundle"] == "/bundle" and app["args"]["grpc_port"] == app_local["args"]["grpc_port"]
+    cluster = svc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                             for g in cluster["workerGroupSpecs"]]
+    probes = [c[k] for pod in pods for c in pod["containers"] for k in c if k.endswith("Probe")]
+    assert len(probes) >= 3
+    for probe in probes:
+        assert probe["httpGet"]["port"] == served["http_options"]["port"]
+        assert request(base + probe["httpGet"]["path"], method="GET")[0] == 200, probe
+    assert all(pod["terminationGracePeriodSeconds"] > app["args"]["graceful_shutdown_s"] for pod in pods)
+
+
 def test_classify_route_bad_input_and_exact_routes(service, digits):
-    port, base = service
+    port, base, _ = service
     bodies = digits[0]
     with SPEC.build() as rt:
         want = rt.classify(bodies[:4])
@@ -203,6 +270,41 @@ def ray_processes(tmp: Path) -> list[str]:
     """Processes whose command line names this Ray session's temporary folder."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
     return [line for line in out if str(tmp) in line and "ps -eo" not in line]
+
+
+def test_serve_run_starts_the_deploy_config(digits, tmp_path):
+    """`serve run deploy/serve.yaml` (Ray Serve's own CLI, from the repository root) starts the
+    service, which answers over HTTP and gRPC; Ctrl-C stops it. Only the ports are changed."""
+    import yaml
+
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    root = Path(__file__).resolve().parents[2]
+    cfg = yaml.safe_load((root / "deploy" / "serve.yaml").read_text())
+    port, grpc_port = free_port(), free_port()
+    cfg["http_options"].update(host="127.0.0.1", port=port)
+    cfg["applications"][0]["args"].update(grpc_port=grpc_port, grpc_host="127.0.0.1")
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(tmp_path / "serve.yaml")],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=240, proc=proc)
+        bodies = digits[0][:3]
+        with SPEC.build() as rt:
+            want = [r.label for r in rt.classify(bodies)]
+        assert [request(base + "/classify", b)[1]["label"] for b in bodies] == want
+        x = grpcclient.InferInput("image", [len(bodies), 1], "BYTES")
+        x.set_data_from_numpy(np.array(bodies, dtype=object).reshape(-1, 1))
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert list(client.infer("dbmef", [x]).as_numpy("label")) == want
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in out, out[-3000:]
 
 
 def test_sigterm_drains_in_flight_requests_and_leaves_no_ray_process(digits):

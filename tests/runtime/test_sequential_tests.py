@@ -142,3 +142,20 @@ def test_new_fields_are_checked_and_round_trip():
     cfg = ScoringConfig(early_exit="adaptive", exit_votes_open="all", exit_variance="stratified", exit_test="mixture")
     back = ScoringConfig.from_dict(cfg.to_dict()).exit_policy
     assert (back.votes_open, back.variance, back.test) == ("all", "stratified", "mixture")
+
+
+def test_t_threshold_for_any_z_matches_scipy_and_never_falls_below_z():
+    """Issue 35's probe: --exit-test t --exit-z 20 at 30 degrees of freedom gave a threshold below
+    z, and not increasing in z (the series' 1 - a cancels once the tail is under 1e-16)."""
+    from scipy import stats
+
+    for df in (1, 2, 5, 30, 200):
+        previous = 0.0
+        for z in (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0):
+            t = t_threshold(z, df)
+            ref = stats.t.isf(stats.norm.sf(z), df)
+            assert t == pytest.approx(ref, rel=1e-9), (z, df)
+            assert t >= z and t > previous
+            previous = t
+    assert t_threshold(20.0, 30) == pytest.approx(4492.84, rel=1e-5)
+    assert t_threshold(45.0, 1000) > 45.0  # where the normal tail itself underflows (erfc = 0)

@@ -131,6 +131,35 @@ def test_a_deadline_the_slow_path_cannot_meet_gets_the_fast_answer(digits, monke
     assert w.stats.rethink_skipped == {"deadline": 3}
 
 
+def test_reject_mode_refuses_a_rethink_that_runs_past_its_deadline(digits, monkeypatch):
+    """Issue 35's probe: under on_overload="reject" a rethink admitted (no speed measured yet) that
+    then runs past its deadline was answered 200 with rethink_skipped "deadline"; the contract is
+    OverloadedError (503)."""
+    rt, images, want = digits
+    slow = [im for im, r in zip(images, want) if r.rethought]
+    clock = FakeClock()
+    with ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=1, on_overload="reject"), clock=clock) as w:
+        launch = w.slow.executor.launch
+
+        def one_second_call(rows):
+            clock.advance(1.0)
+            return launch(rows)
+
+        monkeypatch.setattr(w.slow.executor, "launch", one_second_call)
+        late = w.submit(slow[0], deadline_s=2.0)
+        with pytest.raises(OverloadedError, match="deadline"):
+            late.result(timeout=WAIT)
+    assert w.stats.rejected == 1 and w.stats.rethink_skipped == {}
+
+
+def test_metrics_say_not_ready_before_the_worker_exists():
+    pytest.importorskip("prometheus_client")
+    from dbmef.cluster.metrics import ServiceMetrics
+
+    text = ServiceMetrics().render().decode()
+    assert "dbmef_ready 0.0" in text
+
+
 def test_close_answers_everything_already_taken(digits):
     rt, images, want = digits
     w = ClassifierWorker(rt.pipeline, WorkerConfig(batch_size=8), clock=FakeClock(tick=1e-4))
