@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from dbmef.errors import DBMEFError
 from dbmef.runtime.results import ImageResult
@@ -155,85 +156,100 @@ def _json_images(data: Any, count: int) -> list[bytes]:
     return out
 
 
+# The request header as typed models (strict: JSON's true is not an integer, a number not a string):
+# a structural defect is refused naming the field as a JSON path before any semantic check runs.
+Param = StrictBool | StrictInt | StrictFloat | StrictStr  # an OIP parameter value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class InputTensor(_Strict):
+    name: str
+    datatype: str
+    shape: list[StrictInt]
+    parameters: dict[str, Param] | None = None
+    data: Any = None
+
+
+class RequestedOutput(_Strict):
+    name: str
+    parameters: dict[str, Param] | None = None
+
+
+class InferHeader(_Strict):
+    """The JSON header of an OIP v2 inference request."""
+
+    id: str | None = None
+    parameters: dict[str, Param] | None = None
+    inputs: list[InputTensor] = Field(min_length=1)
+    outputs: list[RequestedOutput] | None = None
+
+
+def parse_header(head: dict[str, Any]) -> InferHeader:
+    """``head`` as an ``InferHeader``; a ``ProtocolError`` naming the first bad field otherwise."""
+    try:
+        return InferHeader.model_validate(head)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "header"
+        hint = " (the header needs 'inputs': [{'name': 'image', 'datatype': 'BYTES', ...}])" \
+            if err["loc"][:1] == ("inputs",) and len(err["loc"]) == 1 else ""
+        raise ProtocolError(f"{where}: {err['msg']}{hint}"[:300]) from None
+
+
 def decode_infer(body: bytes, header_length: str | None, model: ModelInfo,
                  max_header_bytes: int = 1 << 20) -> InferRequest:
     """An infer request's images, deadline and wanted outputs; ``ProtocolError`` naming what is wrong."""
-    head, binary = _header(body, header_length, max_header_bytes)
-    params = _parameters(head, "the request")
-    inputs = head.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise ProtocolError("the inference header needs 'inputs': [{'name': 'image', 'datatype': 'BYTES', ...}]")
-    names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
+    raw_head, binary = _header(body, header_length, max_header_bytes)
+    head = parse_header(raw_head)
+    names = [i.name for i in head.inputs]
     if names != ["image"]:
         wrong = [n for n in names if n != "image"]
         raise ProtocolError(f"unexpected inference input {wrong[0]!r} for model '{model.name}': it takes one input, "
                             "'image' (BYTES, shape [N, 1], encoded images)" if wrong else
                             f"model '{model.name}' takes input 'image' once, got {names}")
-    spec = inputs[0]
-    if spec.get("datatype") != "BYTES":
-        raise ProtocolError(f"input 'image' has datatype {spec.get('datatype')!r}; it is BYTES (encoded images)")
-    shape = spec.get("shape")
-    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(_is_int(d) for d in shape)
-            and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)):
-        raise ProtocolError(f"input 'image' has shape {shape!r}; it is [N, 1] (or [N]) with N >= 1")
+    spec = head.inputs[0]
+    if spec.datatype != "BYTES":
+        raise ProtocolError(f"input 'image' has datatype {spec.datatype!r}; it is BYTES (encoded images)")
+    shape = spec.shape
+    if not (len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)):
+        raise ProtocolError(f"input 'image' has shape {shape}; it is [N, 1] (or [N]) with N >= 1")
     count = shape[0]
     if count > model.max_batch:
         raise ProtocolError(f"{count} images in one request, over the {model.max_batch}-image limit", 413)
-    ip = _parameters(spec, "input 'image'")
+    ip = spec.parameters or {}
     if "binary_data_size" in ip:
         size = ip["binary_data_size"]
         if not _is_int(size) or size != len(binary):
             raise ProtocolError(f"input 'image' declares binary_data_size {size!r}, the body carries {len(binary)} "
                                 "bytes after the header")
         images = bytes_elements(binary, count)
-    elif "data" in spec:
-        images = _json_images(spec["data"], count)
+    elif spec.data is not None:
+        images = _json_images(spec.data, count)
     else:
         raise ProtocolError("input 'image' has neither 'data' nor binary data ('binary_data_size')")
+    params = head.parameters or {}
     timeout = params.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not math.isfinite(timeout) or timeout <= 0):
+    if timeout is not None and (isinstance(timeout, (bool, str)) or not math.isfinite(timeout) or timeout <= 0):
         raise ProtocolError(f"parameters.timeout = {timeout!r}: microseconds, a positive number")
-    outputs, binary_flags = _outputs(head, _flag(params, "binary_data_output", False, "parameters"), model)
-    rid = head.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise ProtocolError(f"'id' = {json.dumps(rid)[:60]} must be a string (it is echoed in the response)")
-    return InferRequest(rid, images, None if timeout is None else float(timeout) / 1e6, outputs, binary_flags)
-
-
-def _outputs(head: dict[str, Any], default_binary: bool, model: ModelInfo) -> tuple[list[str], dict[str, bool]]:
-    """The outputs asked for, in order, and which are wanted as binary data."""
-    wanted = head.get("outputs")
-    if wanted is None:
-        return list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
-    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
-        raise ProtocolError("'outputs' must be a list of {'name': ...}")
-    outputs = []
-    for j, o in enumerate(wanted):
-        name = o.get("name")
-        if not isinstance(name, str):
-            raise ProtocolError(f"outputs[{j}].name = {json.dumps(name)[:60]} must be a string, one of {list(OUTPUTS)}")
-        if name not in OUTPUTS:
-            raise ProtocolError(f"unknown output {name!r}; model '{model.name}' has {list(OUTPUTS)}")
-        outputs.append(name)
-    flags = {o["name"]: _flag(_parameters(o, f"outputs[{j}]"), "binary_data", default_binary, f"outputs[{j}]")
-             for j, o in enumerate(wanted)}
-    return outputs, flags
+    default_binary = _flag(params, "binary_data_output", False, "parameters")
+    if head.outputs is None:
+        outputs, flags = list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
+    else:
+        outputs = [o.name for o in head.outputs]
+        bad = [o for o in outputs if o not in OUTPUTS]
+        if bad:
+            raise ProtocolError(f"unknown output {bad[0]!r}; model '{model.name}' has {list(OUTPUTS)}")
+        flags = {o.name: _flag(o.parameters or {}, "binary_data", default_binary, f"outputs[{j}]")
+                 for j, o in enumerate(head.outputs)}
+    return InferRequest(head.id, images, None if timeout is None else float(timeout) / 1e6, outputs, flags)
 
 
 def _is_int(x: Any) -> bool:
     """A JSON integer (JSON's true is not 1 here)."""
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
-    """``obj['parameters']`` ({} when absent), refused unless a JSON object."""
-    p = obj.get("parameters")
-    if p is None:
-        return {}
-    if not isinstance(p, dict):
-        raise ProtocolError(f"{where}.parameters must be a JSON object, got {type(p).__name__} {json.dumps(p)[:60]}")
-    return p
 
 
 def _flag(params: dict[str, Any], name: str, default: bool, where: str) -> bool:

@@ -12,7 +12,9 @@ Protocol (KServe v2 / Triton HTTP).
 Deploy from a file: ``app`` is an application builder (``serve run dbmef.cluster.serve:app bundle=B``,
 or ``deploy/serve.yaml``'s ``import_path``; ``serve_config.config_from_args`` reads its args).
 
-Routes match exactly (``/x/../classify`` is 404). One replica owns both paths through a
+The routes are a FastAPI app on Ray Serve's ingress (``http_api``: exact paths, so ``/x/../classify``
+is 404; the router's 404/405 and any defect answered as JSON and counted); an OIP request's header
+is validated by typed models (``oip.InferHeader``). One replica owns both paths through a
 ``ClassifierWorker``: its fast thread batches whatever requests are waiting and answers the
 confident ones at once; its slow thread runs one row scheduler over every rethought image of the
 replica. Both share the replica's GPU: the fast path needs little of it, and keeping the two in one
@@ -29,35 +31,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
-import time
 from typing import Any
 
 from ray import serve
 
 from dbmef.cluster import RuntimeSpec
+from dbmef.cluster.http_api import API, empty_response, json_response
 from dbmef.cluster.metrics import CONTENT_TYPE, ServiceMetrics
-from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata, server_metadata
+from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata
 from dbmef.cluster.serve_config import ServeConfig, config_from_args
 from dbmef.runtime.worker import ClassifierWorker, OverloadedError
 
 log = logging.getLogger(__name__)
-MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
 
 
-def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
-    from starlette.responses import JSONResponse
-
-    return JSONResponse(payload, status_code=status, headers=headers)
-
-
-def _empty(status: int) -> Any:
-    from starlette.responses import Response
-
-    return Response(status_code=status)
-
-
+@serve.ingress(API)  # the routes are http_api's; they call the replica's methods below
 class DBMEFService:
     """One replica: a runtime built from the spec, its worker, the routes and the metrics."""
 
@@ -65,6 +54,7 @@ class DBMEFService:
         self.spec = RuntimeSpec(**spec)
         self.cfg = ServeConfig(**config)
         self.metrics = ServiceMetrics()
+        API.state.replica = self  # one replica per process: the middleware counts into its metrics
         self.worker: ClassifierWorker | None = None
         self.rt: Any = None
         self.model: ModelInfo | None = None
@@ -122,66 +112,44 @@ class DBMEFService:
         if self.rt is not None:
             self.rt.close()
 
-    # -- routing ------------------------------------------------------------------------------------
-    async def __call__(self, request: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            endpoint, resp = await self._route(request)
-        except Exception as exc:  # a defect: answered as JSON and counted, never a bare 500
-            log.exception("request %s %s failed", request.method, request.url.path)
-            endpoint, resp = "other", _json(500, {"error": f"internal error ({type(exc).__name__}); the service "
-                                                           "logged it and keeps serving"})
-        status = int(getattr(resp, "status_code", 200))
-        outcome = ("success" if status < 400 else "bad_request" if status in (400, 404, 405) else
-                   "too_large" if status == 413 else "timeout" if status in (408, 504) else
-                   "unavailable" if status == 503 else "error")
-        self.metrics.request(endpoint, outcome, time.perf_counter() - t0)
-        return resp
+    # -- what the HTTP routes (http_api) call ------------------------------------------------------------
+    def metrics_text(self) -> Any:
+        from starlette.responses import Response
 
-    async def _route(self, request: Any) -> tuple[str, Any]:
-        path, method = request.url.path, request.method
-        if path == "/metrics":
-            from starlette.responses import Response
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
-            return "metrics", Response(self.metrics.render(), media_type=CONTENT_TYPE)
-        if path == "/classify":
-            return "classify", await self._classify(request) if method == "POST" else _json(
-                405, {"error": f"{method} /classify: POST the image bytes as the body"})
-        if path == "/healthz":
-            return "health", _json(200 if self._ready.is_set() else 503, self.health())
-        if path == "/v2/health/live":
-            return "health", _empty(200)
-        if path == "/v2/health/ready":
-            return "health", _empty(200 if self._ready.is_set() else 503)
-        if path == "/v2":
-            import dbmef
+    def healthz(self) -> Any:
+        return json_response(200 if self._ready.is_set() else 503, self.health())
 
-            return "metadata", _json(200, server_metadata(dbmef.__version__))
-        m = MODEL_PATH.match(path)
-        if m is None:
-            return "other", _json(404, {"error": f"no route {path}; POST an image to /classify, or use the Open "
-                                                 "Inference Protocol under /v2 (GET /v2 for the server's metadata)"})
-        return "infer" if m.group(3) == "/infer" else "metadata", await self._model_route(request, *m.groups())
+    def ready_status(self) -> Any:
+        return empty_response(200 if self._ready.is_set() else 503)
 
-    async def _model_route(self, request: Any, name: str, version: str | None, action: str | None) -> Any:
-        c = self.cfg
-        if name != c.model_name or version not in (None, c.model_version):
-            return _json(404, {"error": f"unknown model {name!r}" + (f" version {version!r}" if version else "")
-                                        + f"; this server has model {c.model_name!r} version {c.model_version!r}"})
-        if action == "/infer":
-            if request.method != "POST":
-                return _json(405, {"error": "POST the inference request to .../infer"})
-            return await self._infer(request)
-        if request.method != "GET":
-            return _json(405, {"error": f"{request.method}: use GET"})
-        if action == "/ready":
-            return _empty(200 if self._ready.is_set() else 503)
+    def model_metadata(self, name: str, version: str | None) -> Any:
+        if (refused := self._unknown(name, version)) is not None:
+            return refused
         if self.model is None:
-            return _json(503, {"error": "the model is still loading; retry when /v2/health/ready answers 200"})
-        if action == "/config":
-            return _json(200, {"name": c.model_name, "platform": "dbmef", "max_batch_size": c.max_images_per_request,
-                               "input": [{"name": "image", "data_type": "TYPE_STRING", "dims": [1]}]})
-        return _json(200, model_metadata(self.model))
+            return json_response(503, {"error": "the model is still loading; retry when /v2/health/ready answers 200"})
+        return json_response(200, model_metadata(self.model))
+
+    def model_ready(self, name: str, version: str | None) -> Any:
+        return self._unknown(name, version) or self.ready_status()
+
+    def model_config(self, name: str, version: str | None) -> Any:
+        c = self.cfg
+        return self._unknown(name, version) or json_response(200, {
+            "name": c.model_name, "platform": "dbmef", "max_batch_size": c.max_images_per_request,
+            "input": [{"name": "image", "data_type": "TYPE_STRING", "dims": [1]}]})
+
+    async def model_infer(self, request: Any, name: str, version: str | None) -> Any:
+        return self._unknown(name, version) or await self._infer(request)
+
+    def _unknown(self, name: str, version: str | None) -> Any:
+        """The 404 for a model this server does not have (None when it has it)."""
+        c = self.cfg
+        if name == c.model_name and version in (None, c.model_version):
+            return None
+        return json_response(404, {"error": f"unknown model {name!r}" + (f" version {version!r}" if version else "")
+                                    + f"; this server has model {c.model_name!r} version {c.model_version!r}"})
 
     # -- inference ----------------------------------------------------------------------------------
     async def _body(self, request: Any) -> bytes | Any:
@@ -189,13 +157,14 @@ class DBMEFService:
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _json(413, {"error": f"body of {int(declared)} bytes is over the {limit}-byte limit"})
+            return json_response(413, {"error": f"body of {int(declared)} bytes is over the {limit}-byte limit"})
         try:
             body = await asyncio.wait_for(self._read_body(request, limit), timeout=self.cfg.body_timeout_s)
         except asyncio.TimeoutError:
-            return _json(408, {"error": f"the request body did not arrive within {self.cfg.body_timeout_s:g} s"})
+            return json_response(408, {"error": f"the request body did not arrive within "
+                                               f"{self.cfg.body_timeout_s:g} s"})
         if body is None:
-            return _json(413, {"error": f"body is over the {limit}-byte limit"})
+            return json_response(413, {"error": f"body is over the {limit}-byte limit"})
         return body
 
     @staticmethod
@@ -209,7 +178,7 @@ class DBMEFService:
         return bytes(body)
 
     def _not_ready(self) -> Any:
-        return _json(503, {"error": "the service is warming up (opening engines); retry when /v2/health/ready "
+        return json_response(503, {"error": "the service is warming up (opening engines); retry when /v2/health/ready "
                                     "answers 200"}, {"retry-after": "1"})
 
     async def _answers(self, images: list[bytes], deadline_s: float | None) -> list[Any] | Any:
@@ -218,18 +187,18 @@ class DBMEFService:
         try:
             futures = [self.worker.submit(im, f"request image {j}", deadline_s) for j, im in enumerate(images)]
         except OverloadedError as exc:
-            return _json(503, {"error": str(exc)}, {"retry-after": "1"})
+            return json_response(503, {"error": str(exc)}, {"retry-after": "1"})
         try:
             return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         except OverloadedError as exc:
-            return _json(503, {"error": str(exc)}, {"retry-after": "1"})
+            return json_response(503, {"error": str(exc)}, {"retry-after": "1"})
 
-    async def _classify(self, request: Any) -> Any:
+    async def classify_request(self, request: Any) -> Any:
         body = await self._body(request)
         if not isinstance(body, bytes):
             return body
         if not body:
-            return _json(400, {"error": "empty body: POST one encoded image (JPEG, PNG, ...)"})
+            return json_response(400, {"error": "empty body: POST one encoded image (JPEG, PNG, ...)"})
         if not self._ready.is_set():
             return self._not_ready()
         got = await self._answers([body], None)
@@ -238,11 +207,11 @@ class DBMEFService:
         r = got[0]
         if r.error:
             # "the request body: not a readable image (...)", "...: 40000x40000 = ... pixels is over the limit"
-            return _json(400, {"error": "the request body: " + r.error.split(": ", 1)[-1]})
+            return json_response(400, {"error": "the request body: " + r.error.split(": ", 1)[-1]})
         d = r.to_dict()
         d.pop("index", None)
         d.pop("image", None)
-        return _json(200, d)
+        return json_response(200, d)
 
     async def _infer(self, request: Any) -> Any:
         from starlette.responses import Response
@@ -256,12 +225,12 @@ class DBMEFService:
             req = decode_infer(body, request.headers.get("inference-header-content-length"), self.model,
                                self.cfg.max_header_bytes)
         except ProtocolError as exc:
-            return _json(exc.status, {"error": str(exc)})
+            return json_response(exc.status, {"error": str(exc)})
         got = await self._answers(req.images, req.timeout_s)
         if not isinstance(got, list):
             return got
         if all(r.error for r in got):
-            return _json(400, {"error": "the request's image " + got[0].error.split(": ", 1)[-1]})
+            return json_response(400, {"error": "the request's image " + got[0].error.split(": ", 1)[-1]})
         payload, headers = encode_infer(req, got, self.model)
         return Response(payload, status_code=200, headers=headers)
 
