@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import torch, torchvision"
 	@echo "make: 2/2 dbmef and its extras cpu, export, test, ray, digits (onnxruntime, diffusers, timm, ray, ...)"
 	$(PIP) -e '.[cpu,export,test,ray,digits]' 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import dbmef.runtime, onnxruntime, diffusers, timm, ray.data, ray.serve, sklearn"
+	$(BIN)/python -c "import dbmef.runtime, onnxruntime, diffusers, timm, ray.data, ray.serve, sklearn, tritonclient.grpc"
 	touch $@
 
 demo: $(BIN)/.installed
