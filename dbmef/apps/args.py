@@ -107,12 +107,38 @@ def runtime_spec(args: argparse.Namespace, prot_override: bool = True) -> Any:
             overrides[k] = tuple(overrides[k])
     if getattr(args, "zero_shot", False):
         overrides.update(zero_shot=True, lam=overrides.get("lam", 1.0))
+    _refuse_ignored_exit_settings(args, overrides)
     options = {"device": args.device, "intra_op_threads": args.threads}  # checked by the backend's options
     return RuntimeSpec(bundle=str(args.bundle), backend=args.backend, options=options, verify=not args.no_verify,
                        batch_size=args.batch_size, scoring=overrides,
                        prot=getattr(args, "prot", None) if prot_override else None,
                        expect_digest=args.expect_digest, scorer=_scorer(args), window=args.window,
                        rows_ahead=args.rows_ahead)
+
+
+def _refuse_ignored_exit_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """An early-exit flag the mode in force does not read (``--exit-order`` under ``exact``) would be
+    silently ignored: refuse it, naming the mode that reads it."""
+    from dbmef.errors import BundleError, ConfigError
+    from dbmef.runtime.config import EXIT_SETTING_MODES
+
+    given = sorted(set(overrides) & set(EXIT_SETTING_MODES))
+    if not given:
+        return
+    mode = overrides.get("early_exit")
+    if mode is None:
+        from dbmef.runtime.bundle import read_manifest
+
+        try:
+            mode = read_manifest(args.bundle).scoring.early_exit
+        except (BundleError, OSError):
+            return  # the bundle is unreadable: building the runtime says so
+    mode = RENAMED_POLICIES.get(mode, mode)
+    for name in given:
+        if mode not in EXIT_SETTING_MODES[name]:
+            flag, modes = "--" + name.replace("_", "-"), EXIT_SETTING_MODES[name]
+            raise ConfigError(f"{flag} has no effect with early exit {mode!r} (it is a setting of "
+                              f"{' and '.join(modes)}); add --early-exit {modes[0]}, or drop {flag}")
 
 
 def _scorer(args: argparse.Namespace) -> str | None:

@@ -22,9 +22,8 @@ from dbmef.errors import BundleError, ConfigError
 from dbmef.runtime.backends import check_options, open_engine
 from dbmef.runtime.backends import names as backend_names
 from dbmef.runtime.bundle import Bundle, BundleManifest
-from dbmef.runtime.config import EXIT_SETTING_MODES, ZERO_SHOT_EXIT, ScoringConfig
+from dbmef.runtime.config import ZERO_SHOT_EXIT, ScoringConfig
 from dbmef.runtime.contracts import SCORER_KINDS, kind_of_component, scorer_kind
-from dbmef.runtime.early_exit import RENAMED_POLICIES
 from dbmef.runtime.engine import Engine, LazyEngine
 from dbmef.runtime.pipeline import DBMEFPipeline, EmbeddingCache, PipelineEngines
 from dbmef.runtime.preprocess import ImageInput
@@ -113,13 +112,6 @@ class RuntimeSpec:
         if not self.scoring:
             return bundle.manifest.scoring
         merged = {**bundle.manifest.scoring.to_dict(), **self.scoring}
-        mode = RENAMED_POLICIES.get(merged["early_exit"], merged["early_exit"])
-        for name in sorted(set(self.scoring) & set(EXIT_SETTING_MODES)):
-            if mode not in EXIT_SETTING_MODES[name]:  # given, and would be silently ignored
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} has no effect with early exit {mode!r} (it is a setting of "
-                                  f"{' and '.join(EXIT_SETTING_MODES[name])}); add --early-exit "
-                                  f"{EXIT_SETTING_MODES[name][0]}, or drop {flag}")
         if self.scoring.get("zero_shot") and merged.get("early_exit") == "adaptive":
             merged.update({k: v for k, v in ZERO_SHOT_EXIT.items() if k not in self.scoring})
         return ScoringConfig.from_dict(merged)
