@@ -138,7 +138,7 @@ def test_one_rethink_all_pass_equals_classify_at_three_thresholds(tmp_path):
     from dbmef.runtime.evaluate import evaluate, read_results
 
     cal = demo_calibration_split()
-    part = DigitsSplit(cal.images[:60], cal.labels[:60], cal.indices[:60])
+    part = DigitsSplit(cal.images[:30], cal.labels[:30], cal.indices[:30])
     folder = write_image_folder(part, tmp_path / "cal")
     with DBMEFRuntime(demo_bundle_dir(), protector=Protector.fixed(0.0)) as rt:
         items = load_labelled(folder, rt.class_names)
