@@ -25,7 +25,7 @@ from benchmarks.digits.early_exit import full_errors
 from benchmarks.digits.exit_defaults import errors_for
 from dbmef.apps.digits import DigitsSplit, demo_bundle_dir, demo_calibration_split, demo_test_split
 from dbmef.runtime.early_exit import ExitPolicy
-from dbmef.runtime.fusion import fit_beta
+from dbmef.runtime.fusion import fit_beta, truth_positions
 from dbmef.runtime.method import fused_offsets, softmax, top_k, vote
 from dbmef.runtime.replay import replay
 
@@ -42,14 +42,9 @@ def backbone(bundle: Path, split: DigitsSplit) -> tuple[np.ndarray, float]:
         return softmax(logits), float(rt.protector.threshold)
 
 
-def truth_position(top: np.ndarray, y: np.ndarray) -> np.ndarray:
-    hit = top == y[:, None]
-    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
-
-
 def variants(e: np.ndarray, tp: np.ndarray, top: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Calibration only: each variant's accuracy at Prot 0 at its own maximum-likelihood beta."""
-    lp, mv, t = np.log(tp.astype(np.float64)), e.mean(axis=2).astype(np.float64), truth_position(top, y)
+    lp, mv, t = np.log(tp.astype(np.float64)), e.mean(axis=2).astype(np.float64), truth_positions(top, y)
     out = {}
     for form in ("difference", "relative"):
         m = mv - mv.min(axis=2, keepdims=True)
@@ -101,7 +96,7 @@ def run(bundle: Path, cache: Path) -> dict[str, Any]:
         for V in (1, 5):
             key = f"k{k}_V{V}"
             mean_cal = e_cal[:, :V].mean(axis=(1, 2))
-            fit = fit_beta(mean_cal, tp_c, truth_position(top_c, cal.labels))
+            fit = fit_beta(mean_cal, tp_c, truth_positions(top_c, cal.labels))
             out["calibration"][key] = {"fit": fit.to_dict(),
                                        "variants": variants(e_cal[:, :V], tp_c, top_c, cal.labels),
                                        **score(e_cal[:, :V], tp_c, top_c, cal.labels, thr, fit.beta)}

@@ -92,7 +92,7 @@ def ablate(bundle: Path, split: DigitsSplit, k: int, votes: int = 5, check_runti
 def fit_fused(rt: Any, cfg: Any, calibration: DigitsSplit, votes: int) -> dict[str, float]:
     """The fused decision's beta at V = 1 and V = ``votes`` (``fusion.fit_beta``), fitted on every
     image of the system's own calibration split, rethought (docs/fused_decision.md)."""
-    from dbmef.runtime.fusion import fit_beta
+    from dbmef.runtime.fusion import fit_beta, truth_positions
     from dbmef.runtime.method import error_from_terms
 
     logits, _ = rt.pipeline.backbone_logits([render(a) for a in calibration.images])
@@ -100,8 +100,7 @@ def fit_fused(rt: Any, cfg: Any, calibration: DigitsSplit, votes: int) -> dict[s
     every = np.arange(len(calibration.labels))
     _, terms_v, _ = error_terms(rt, cfg, calibration, gate.top, every, votes)
     e = error_from_terms(terms_v, cfg.lam).mean(axis=2)  # (N, V, k) per-vote mean errors
-    hit = gate.top == calibration.labels[:, None]
-    truth = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+    truth = truth_positions(gate.top, calibration.labels)
     return {"V1": fit_beta(e[:, 0], gate.top_p, truth).beta, f"V{votes}": fit_beta(e.mean(axis=1), gate.top_p,
                                                                                      truth).beta}
 

@@ -204,21 +204,8 @@ def decode_infer(body: bytes, header_length: str | None, model: ModelInfo,
     """An infer request's images, deadline and wanted outputs; ``ProtocolError`` naming what is wrong."""
     raw_head, binary = _header(body, header_length, max_header_bytes)
     head = parse_header(raw_head)
-    names = [i.name for i in head.inputs]
-    if names != ["image"]:
-        wrong = [n for n in names if n != "image"]
-        raise ProtocolError(f"unexpected inference input {wrong[0]!r} for model '{model.name}': it takes one input, "
-                            "'image' (BYTES, shape [N, 1], encoded images)" if wrong else
-                            f"model '{model.name}' takes input 'image' once, got {names}")
     spec = head.inputs[0]
-    if spec.datatype != "BYTES":
-        raise ProtocolError(f"input 'image' has datatype {spec.datatype!r}; it is BYTES (encoded images)")
-    shape = spec.shape
-    if not (len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)):
-        raise ProtocolError(f"input 'image' has shape {shape}; it is [N, 1] (or [N]) with N >= 1")
-    count = shape[0]
-    if count > model.max_batch:
-        raise ProtocolError(f"{count} images in one request, over the {model.max_batch}-image limit", 413)
+    count = image_count([i.name for i in head.inputs], spec.datatype, spec.shape, model)
     ip = spec.parameters or {}
     if "binary_data_size" in ip:
         size = ip["binary_data_size"]
@@ -238,13 +225,44 @@ def decode_infer(body: bytes, header_length: str | None, model: ModelInfo,
     if head.outputs is None:
         outputs, flags = list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
     else:
-        outputs = [o.name for o in head.outputs]
-        bad = [o for o in outputs if o not in OUTPUTS]
-        if bad:
-            raise ProtocolError(f"unknown output {bad[0]!r}; model '{model.name}' has {list(OUTPUTS)}")
+        outputs = known_outputs([o.name for o in head.outputs], model)
         flags = {o.name: _flag(o.parameters or {}, "binary_data", default_binary, f"outputs[{j}]")
                  for j, o in enumerate(head.outputs)}
     return InferRequest(head.id, images, None if timeout is None else float(timeout) / 1e6, outputs, flags)
+
+
+def image_count(names: list[str], datatype: str, shape: list[int], model: ModelInfo) -> int:
+    """The number of images an inference request sends, after checking its inputs (``names``) and
+    the ``image`` input's datatype and shape against the model: what both transports check."""
+    if names != ["image"]:
+        wrong = [n for n in names if n != "image"]
+        raise ProtocolError(f"unexpected inference input {wrong[0]!r} for model '{model.name}': it takes one input, "
+                            "'image' (BYTES, shape [N, 1], encoded images)" if wrong else
+                            f"model '{model.name}' takes input 'image' once, got {names}")
+    if datatype != "BYTES":
+        raise ProtocolError(f"input 'image' has datatype {datatype!r}; it is BYTES (encoded images)")
+    if not (len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)):
+        raise ProtocolError(f"input 'image' has shape {shape}; it is [N, 1] (or [N]) with N >= 1")
+    if shape[0] > model.max_batch:
+        raise ProtocolError(f"{shape[0]} images in one request, over the {model.max_batch}-image limit", 413)
+    return shape[0]
+
+
+def known_outputs(names: list[str], model: ModelInfo) -> list[str]:
+    """``names``, refused if any is not one of ``OUTPUTS``."""
+    bad = [o for o in names if o not in OUTPUTS]
+    if bad:
+        raise ProtocolError(f"unknown output {bad[0]!r}; model '{model.name}' has {list(OUTPUTS)}")
+    return names
+
+
+def unknown_model(name: str, version: str | None, have_name: str, have_version: str) -> str | None:
+    """Why a request for model ``name`` (``version``: None or "" for any) is refused by a server
+    with the one model ``have_name`` / ``have_version``; None when it is that model."""
+    if name == have_name and version in (None, "", have_version):
+        return None
+    return (f"unknown model {name!r}" + (f" version {version!r}" if version else "")
+            + f"; this server has model {have_name!r} version {have_version!r}")
 
 
 def _is_int(x: Any) -> bool:

@@ -34,7 +34,17 @@ from typing import Any, Protocol
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from dbmef.cluster.oip import OUTPUTS, ModelInfo, ProtocolError, bytes_elements, output_tensors, raw_bytes
+from dbmef.cluster.oip import (
+    OUTPUTS,
+    ModelInfo,
+    ProtocolError,
+    bytes_elements,
+    image_count,
+    known_outputs,
+    output_tensors,
+    raw_bytes,
+    unknown_model,
+)
 from dbmef.runtime.results import ImageResult
 from dbmef.runtime.worker import OverloadedError
 
@@ -124,9 +134,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         if m is None or not self.backend.is_ready():
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the service is warming up (opening engines); retry when "
                          "ServerReady answers true", "unavailable")
-        if name != m.name or version not in ("", m.version):
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}" + (f" version {version!r}" if version
-                         else "") + f"; this server has model {m.name!r} version {m.version!r}", "bad_request")
+        if (why := unknown_model(name, version, m.name, m.version)) is not None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, why, "bad_request")
         return m
 
     def _guarded(self, endpoint: str, context: Any, call: Callable[[], Any]) -> Any:
@@ -152,20 +161,9 @@ def decode_grpc_infer(request: Any, model: ModelInfo) -> tuple[list[bytes], list
     """A ``ModelInferRequest``'s images, wanted outputs and ``timeout`` (seconds); ``ProtocolError``
     naming what is wrong, in the words the HTTP decoder uses."""
     names = [i.name for i in request.inputs]
-    if names != ["image"]:
-        wrong = [n for n in names if n != "image"]
-        raise ProtocolError(f"unexpected inference input {wrong[0]!r} for model '{model.name}': it takes one input, "
-                            "'image' (BYTES, shape [N, 1], encoded images)" if wrong else
-                            f"model '{model.name}' takes input 'image' once, got {names}")
+    first = request.inputs[0] if names else None  # no inputs: image_count refuses the names first
+    count = image_count(names, getattr(first, "datatype", ""), list(getattr(first, "shape", [])), model)
     spec = request.inputs[0]
-    if spec.datatype != "BYTES":
-        raise ProtocolError(f"input 'image' has datatype {spec.datatype!r}; it is BYTES (encoded images)")
-    shape = list(spec.shape)
-    if not (len(shape) in (1, 2) and shape[0] >= 1 and (len(shape) == 1 or shape[1] == 1)):
-        raise ProtocolError(f"input 'image' has shape {shape}; it is [N, 1] (or [N]) with N >= 1")
-    count = shape[0]
-    if count > model.max_batch:
-        raise ProtocolError(f"{count} images in one request, over the {model.max_batch}-image limit", 413)
     if len(request.raw_input_contents) > 1:
         raise ProtocolError(f"{len(request.raw_input_contents)} raw_input_contents for one input")
     if request.raw_input_contents:
@@ -175,10 +173,7 @@ def decode_grpc_infer(request: Any, model: ModelInfo) -> tuple[list[bytes], list
     else:
         raise ProtocolError(f"input 'image': shape holds {count} elements, contents.bytes_contents has "
                             f"{len(spec.contents.bytes_contents)} (and there is no raw_input_contents)")
-    outputs = [o.name for o in request.outputs] or list(OUTPUTS)
-    bad = [o for o in outputs if o not in OUTPUTS]
-    if bad:
-        raise ProtocolError(f"unknown output {bad[0]!r}; model '{model.name}' has {list(OUTPUTS)}")
+    outputs = known_outputs([o.name for o in request.outputs], model) or list(OUTPUTS)
     timeout_s = None
     if "timeout" in request.parameters:
         p = request.parameters["timeout"]

@@ -39,7 +39,7 @@ from ray import serve
 from dbmef.cluster import RuntimeSpec
 from dbmef.cluster.http_api import API, empty_response, json_response
 from dbmef.cluster.metrics import CONTENT_TYPE, ServiceMetrics
-from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata
+from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata, unknown_model
 from dbmef.cluster.serve_config import ServeConfig, config_from_args
 from dbmef.runtime.worker import ClassifierWorker, OverloadedError
 
@@ -145,11 +145,8 @@ class DBMEFService:
 
     def _unknown(self, name: str, version: str | None) -> Any:
         """The 404 for a model this server does not have (None when it has it)."""
-        c = self.cfg
-        if name == c.model_name and version in (None, c.model_version):
-            return None
-        return json_response(404, {"error": f"unknown model {name!r}" + (f" version {version!r}" if version else "")
-                                    + f"; this server has model {c.model_name!r} version {c.model_version!r}"})
+        why = unknown_model(name, version, self.cfg.model_name, self.cfg.model_version)
+        return None if why is None else json_response(404, {"error": why})
 
     # -- inference ----------------------------------------------------------------------------------
     async def _body(self, request: Any) -> bytes | Any:
@@ -183,9 +180,8 @@ class DBMEFService:
 
     async def _answers(self, images: list[bytes], deadline_s: float | None) -> list[Any] | Any:
         """The worker's results for ``images``, or the 503 that refuses them."""
-        assert self.worker is not None
         try:
-            futures = [self.worker.submit(im, f"request image {j}", deadline_s) for j, im in enumerate(images)]
+            futures = self._submit(images, deadline_s)
         except OverloadedError as exc:
             return json_response(503, {"error": str(exc)}, {"retry-after": "1"})
         try:
@@ -240,9 +236,12 @@ class DBMEFService:
 
     def infer_images(self, images: list[bytes], deadline_s: float | None) -> list[Any]:
         """The worker's results for ``images`` (blocking; ``OverloadedError`` when refused)."""
+        return [f.result() for f in self._submit(images, deadline_s)]
+
+    def _submit(self, images: list[bytes], deadline_s: float | None) -> list[Any]:
+        """One worker future per image of a request (``OverloadedError`` when the queue is full)."""
         assert self.worker is not None
-        futures = [self.worker.submit(im, f"request image {j}", deadline_s) for j, im in enumerate(images)]
-        return [f.result() for f in futures]
+        return [self.worker.submit(im, f"request image {j}", deadline_s) for j, im in enumerate(images)]
 
     def count(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.metrics.request(endpoint, outcome, seconds)

@@ -28,7 +28,13 @@ import numpy as np
 from dbmef.errors import ConfigError
 from dbmef.runtime.method import fused_vote
 
-__all__ = ["FusedFit", "FusionInputs", "fit_beta", "nll"]
+__all__ = ["FusedFit", "FusionInputs", "fit_beta", "nll", "truth_positions"]
+
+
+def truth_positions(candidates: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N,) each true label's position among its image's candidates (N, k); -1 where it is none of them."""
+    hit = np.asarray(candidates) == np.asarray(labels)[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
 
 
 def nll(beta: float, errors: np.ndarray, top_p: np.ndarray, truth: np.ndarray) -> float:
@@ -131,9 +137,7 @@ class FusionInputs:
 
     def fit(self, labels: np.ndarray) -> FusedFit:
         """``fit_beta`` on these images with their true ``labels`` (N,) class ids."""
-        hit = self.candidates == np.asarray(labels)[:, None]
-        truth = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
-        return fit_beta(self.errors.mean(axis=1), self.top_p, truth)
+        return fit_beta(self.errors.mean(axis=1), self.top_p, truth_positions(self.candidates, labels))
 
     def answers(self, beta: float) -> np.ndarray:
         """(N,) the fused rule's labels at ``beta`` (``method.fused_vote``, as the runtime decides)."""
