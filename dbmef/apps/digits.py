@@ -69,6 +69,15 @@ def demo_calibration_split() -> DigitsSplit:
     return DigitsSplit.load(Path(str(resources.files("dbmef") / "assets" / "digits" / "calibration_split.npz")))
 
 
+def demo_train_split() -> DigitsSplit:
+    """The 1 000 digits the committed bundle's classifiers were trained on (``make_splits``' first
+    part, saved so that ``dbmef features`` can fit a head without scikit-learn)."""
+    return DigitsSplit.load(Path(str(resources.files("dbmef") / "assets" / "digits" / "train_split.npz")))
+
+
+SPLITS = {"train": demo_train_split, "calibration": demo_calibration_split, "test": demo_test_split}
+
+
 def write_image_folder(split: DigitsSplit, root: str | Path) -> Path:
     """The split as an ImageFolder (``root/<class name>/<row>.png``), what ``--data`` reads."""
     root = Path(root)

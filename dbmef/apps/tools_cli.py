@@ -1,5 +1,5 @@
-"""The ``dbmef`` sub-commands that inspect and measure rather than classify: info, bench,
-build-engines, demo (their parsers and their thin command functions)."""
+"""The ``dbmef`` sub-commands that inspect, measure and build rather than classify: info, bench,
+build-engines, demo, features (their parsers and their thin command functions)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,14 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dbmef.apps.demo import run_demo
 
+    if args.write_splits:
+        from dbmef.apps.digits import SPLITS, write_image_folder
+
+        for name, split in SPLITS.items():
+            print(f"{name:12s} {len(split().labels):5d} digits -> "
+                  f"{write_image_folder(split(), Path(args.write_splits) / name)}")
+        return 0
+
     report = run_demo(args.out, bundle=args.bundle, limit=args.limit, progress=not args.quiet, curve=args.curve)
     if args.json:
         import dataclasses
@@ -124,8 +132,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from dbmef.apps.features import FeaturesConfig, run_features
+    from dbmef.apps.report import progress_bar
+
+    cfg = FeaturesConfig(bundle=args.bundle, data=args.data, out=args.out, block=args.block, timestep=args.timestep,
+                         pool=args.pool, seed=args.seed, l2=args.l2, eval_data=args.eval_data, backend=args.backend,
+                         batch_size=args.batch_size)
+    report = run_features(cfg, progress=lambda n, desc: progress_bar(n, desc, args.quiet or args.json))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rows = [[split, report[split]["n"], report[split]["failed"], 100 * report[split]["accuracy"]]
+            for split in ("train", "eval") if split in report]
+    f = report["features"]
+    print(f"features  {f['block']} at t={f['timestep']}, pool {f['pool']}x{f['pool']} -> {report['dim']} numbers "
+          f"per image (1 VAE encoding + 1 UNet evaluation)")
+    print(f"head      linear, l2 {report['head']['l2']}, {report['head']['iterations']} L-BFGS iterations")
+    print(table(rows, ["data", "images", "unreadable", "head accuracy %"]))
+    print(f"bundle    {report['bundle']} (its backbone is now this head; calibrate its protector: dbmef calibrate "
+          f"--bundle {report['bundle']} --data CALIBRATION_DATA --prot 0.95)")
+    return 0
+
+
 def add_tools(sub: Any) -> None:
-    """info, bench, build-engines, demo."""
+    """info, bench, build-engines, demo, features."""
     i = sub.add_parser("info", help="show what a bundle holds")
     i.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
     i.add_argument("--json", action="store_true", help="print the manifest and its digest as JSON")
@@ -169,7 +200,27 @@ def add_tools(sub: Any) -> None:
     d.add_argument("--curve", action="store_true",
                    help="also rethink the 200 calibration digits once (36 000 UNet evaluations, about 2 minutes "
                         "on 2 CPU cores) and show where the bundle's threshold sits on the operating-point curve")
+    d.add_argument("--write-splits", metavar="DIR",
+                   help="only write the digits train (1 000), calibration (200) and test (597) splits as ImageFolders "
+                        "under DIR/train, DIR/calibration, DIR/test (what --data of eval, calibrate and features read)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("features", help="diffusion features (a UNet block at one timestep, pooled) of a labelled set, a "
+                       "linear head fitted on them, and a copy of the bundle whose classifier is that head")
+    f.add_argument("--bundle", required=True, help="a bundle with the plain UNet graph (unet.onnx)")
+    f.add_argument("--data", required=True, help="the labelled images the head is fitted on (ImageFolder or file list)")
+    f.add_argument("--out", required=True, help="the new bundle's folder (the source bundle is never modified)")
+    f.add_argument("--eval-data", help="labelled images to score the head on")
+    f.add_argument("--block", default="mid", help="down.<i>, mid or up.<i> (default mid: chosen on the digits "
+                   "calibration split, docs/features.md)")
+    f.add_argument("--timestep", type=int, default=10, help="the noise level t, 0..999 (default 10)")
+    f.add_argument("--pool", type=int, default=4, help="average-pool the block's activation to P x P (default 4)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the one fixed noise")
+    f.add_argument("--l2", type=float, default=1e-4, help="the head's L2 penalty (default 1e-4)")
+    f.add_argument("--backend", default="onnxruntime", help="the runtime backend that runs the features graph")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_features)
 
 

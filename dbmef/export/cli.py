@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle folder (default: engines/<backbone>-<sd>-<size>-<precision>)")
     p.add_argument("--scorer", choices=list(SCORER_CHOICES), default="fused",
                    help="fused: one error per row leaves the graph; unet: the plain UNet, errors on the host")
+    f = p.add_argument_group("diffusion features (dbmef features fits a classifier head on them; needs --scorer both)")
+    f.add_argument("--features", metavar="BLOCK", help="also write the features component: the UNet block down.<i>, "
+                   "mid or up.<i> whose pooled activation is the feature vector")
+    f.add_argument("--features-timestep", type=int, default=100, metavar="T", help="its noise level (default 100)")
+    f.add_argument("--features-pool", type=int, default=2, metavar="P", help="pooled to P x P (default 2)")
     p.add_argument("--unet-batch", type=int, default=32, help="rows per scorer call (static TensorRT profile)")
     p.add_argument("--trt", action="store_true",
                    help="after export, build TensorRT engines for the GPU this runs on (same as dbmef build-engines)")
@@ -121,7 +126,7 @@ def _export_onnx_folder(args: argparse.Namespace, say: Any) -> Any:
     cfg = OnnxExportConfig(sd=args.sd, backbone_onnx=backbone, class_names=names, data_config=data_config, out=str(out),
                            scorer=args.scorer, image_size=args.image_size, precision=args.precision,
                            validate=not args.no_validate, seed=args.seed,
-                           scoring=ScoringConfig(unet_batch=args.unet_batch))
+                           scoring=ScoringConfig(unet_batch=args.unet_batch), features=_features(args))
     bundle = export_from_onnx_folder(cfg, progress=say)
     if not args.backbone_onnx:
         import shutil
@@ -139,9 +144,17 @@ def _export_torch(args: argparse.Namespace, say: Any) -> Any:
         precision=args.precision or "fp32", image_size=args.image_size or 512, class_names=args.class_names,
         out=args.out,
         scorer=args.scorer, opset=args.opset, validate=not args.no_validate, seed=args.seed,
-        scoring=ScoringConfig(unet_batch=args.unet_batch),
+        scoring=ScoringConfig(unet_batch=args.unet_batch), features=_features(args),
     )
     return export_bundle(cfg, progress=say)
+
+
+def _features(args: argparse.Namespace) -> Any:
+    from dbmef.runtime.features import FeatureSpec
+
+    if args.features is None:
+        return None
+    return FeatureSpec(args.features, args.features_timestep, args.features_pool, args.seed)
 
 
 if __name__ == "__main__":

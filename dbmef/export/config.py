@@ -11,6 +11,7 @@ from typing import Any
 from dbmef.errors import ExportError
 from dbmef.runtime.config import ScoringConfig
 from dbmef.runtime.contracts import SCORER_KINDS
+from dbmef.runtime.features import FeatureSpec
 
 # The torch module each component is exported from (an attribute of the SD components but the backbone).
 TORCH_SOURCE = {"backbone": "backbone", "text_encoder": "text_encoder", "vae_encoder": "vae", "scorer": "unet",
@@ -27,7 +28,8 @@ class ExportConfig:
     backbone: a timm model name, a local timm folder, or ``tiny`` (the tiny system's classifier).
     sd: ``auto`` (SD v1.5 from the local HF cache), ``sd15`` (architecture, random weights),
     ``tiny``, or a local diffusers folder. scorer: ``fused`` (one error per row, the runtime's
-    default), ``unet`` (plain UNet, errors on the host) or ``both``.
+    default), ``unet`` (plain UNet, errors on the host) or ``both``. features: also write the
+    ``features`` component (diffusion features of one block at one timestep; needs the plain UNet).
     """
 
     backbone: str = "resnet50"
@@ -44,8 +46,10 @@ class ExportConfig:
     decision_cases: int = 8
     seed: int = 0
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    features: FeatureSpec | None = None
 
     def __post_init__(self) -> None:
+        check_features(self.features, self.scorer)
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision {self.precision!r}: use one of {PRECISIONS}")
         if self.scorer not in SCORER_CHOICES:
@@ -62,6 +66,11 @@ class ExportConfig:
         d = dataclasses.asdict(self)
         d["scoring"] = self.scoring.to_dict()
         return d
+
+
+def check_features(features: FeatureSpec | None, scorer: str) -> None:
+    if features is not None and scorer == "fused":
+        raise ExportError("--features cuts the plain UNet graph, which --scorer fused does not write: add --scorer both")
 
 
 @dataclass

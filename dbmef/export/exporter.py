@@ -93,6 +93,11 @@ def _export(cfg: ExportConfig, step: Callable[[str], None]) -> Path:
                                          "export_timings": {k: round(v, 3) for k, v in timings.items()}})
     (out / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     Bundle(out, manifest).save(manifest)
+    if cfg.features is not None:
+        from dbmef.export.feature_bundle import with_features
+
+        step(f"features component ({cfg.features.label()}), checked against torch")
+        with_features(out, cfg.features, check=lambda b: torch_feature_check(b, system.sd_dir, cfg.features))
     if system.sd_source["kind"] in ("tiny", "sd15-random-init"):
         import shutil
 
@@ -101,6 +106,28 @@ def _export(cfg: ExportConfig, step: Callable[[str], None]) -> Path:
                       ignore_errors=True)
     step(f"bundle written to {out}")
     return out
+
+
+def torch_feature_check(bundle: Bundle, sd_dir: Path, spec: Any) -> dict[str, Any]:
+    """The bundle's features graph against torch (the diffusers modules reloaded: the export's own
+    were released component by component) on seeded images: the block's output taken by a forward
+    hook, pooled by ``adaptive_avg_pool2d``, the empty prompt through torch's text encoder."""
+    from dbmef.export.feature_bundle import sample_images, session
+    from dbmef.export.onnx_io import compare
+    from dbmef.reference.features import empty_prompt_embedding, torch_block_activations, torch_pooled
+    from dbmef.reference.loading import load_sd
+    from dbmef.runtime.features import feature_noise
+    from dbmef.runtime.tokenizer import ClipTokenizer
+
+    m = bundle.manifest
+    sd = load_sd(sd_dir)
+    ids = ClipTokenizer(bundle.path(m.tokenizer.file), m.tokenizer.max_length, m.tokenizer.pad_id)([""])
+    images = sample_images(m.vae.image_size, seed=1)
+    abar = float(m.schedule.alphas_cumprod()[spec.timestep])
+    act = torch_block_activations(sd, images, [spec.block], spec.timestep, abar,
+                                  feature_noise(spec.seed, m.vae.latent_shape), empty_prompt_embedding(sd, ids))
+    got = session(bundle.path("features.onnx")).run(None, {"pixel_values": images})[0]
+    return {**compare("features", got, torch_pooled(act[spec.block], spec.pool), 1e-4, 1e-4), "batch": len(images)}
 
 
 def load_system(cfg: ExportConfig) -> LoadedSystem:

@@ -21,8 +21,11 @@ from typing import Any
 import numpy as np
 
 from dbmef.errors import ExportError, ValidationError
+from dbmef.export.config import check_features
+from dbmef.export.feature_bundle import with_features
 from dbmef.runtime.bundle import Bundle, with_validation
 from dbmef.runtime.config import ScoringConfig
+from dbmef.runtime.features import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ class OnnxExportConfig:
     decision_cases: int = 8
     seed: int = 0
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    features: FeatureSpec | None = None  # also write the features component (needs scorer unet or both)
+
+    def __post_init__(self) -> None:
+        check_features(self.features, self.scorer)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -113,6 +120,9 @@ def export_from_onnx_folder(cfg: OnnxExportConfig, progress: Any = None) -> Path
     manifest = manifest.replace(sources={**manifest.sources, "export_seconds": round(time.perf_counter() - t_start, 2)})
     (out / "export_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     Bundle(out, manifest).save(manifest)
+    if cfg.features is not None:
+        step(f"features component ({cfg.features.label()})")
+        with_features(out, cfg.features)
     step(f"bundle written to {out}")
     return out
 

@@ -108,7 +108,12 @@ SCORER = ComponentSpec(
         ("emb_pos", "float32", ("B", "L", "D")), ("emb_neg", "float32", ("B", "L", "D")), ("lam", "float32", (1,))),
     _io(("error", "float32", ("B",))),
 )
-COMPONENTS: dict[str, ComponentSpec] = {s.name: s for s in (BACKBONE, TEXT_ENCODER, VAE_ENCODER, UNET, SCORER)}
+# Diffusion features (``dbmef features``): the VAE image (in [-1, 1]) -> one block's pooled activation at
+# one timestep, the empty prompt and one fixed noise baked in (``dbmef.runtime.features``).
+FEATURES = ComponentSpec("features", _io(("pixel_values", "float32", ("B", 3, "H", "W"))),
+                         _io(("features", "float32", ("B", "F"))))
+COMPONENTS: dict[str, ComponentSpec] = {s.name: s for s in (BACKBONE, TEXT_ENCODER, VAE_ENCODER, UNET, SCORER,
+                                                            FEATURES)}
 
 # The one scorer vocabulary (export, runtime, CLI): "fused" is the fused scoring graph, stored as the
 # bundle's component "scorer"; "unet" the plain UNet, noising and error on the host. Export also takes
