@@ -81,13 +81,19 @@ def sample_images() -> list:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny system exported to an ONNX bundle (same seed as ``tiny_system``: same weights)."""
+    """The tiny system exported to an ONNX bundle (same seed as ``tiny_system``: same weights), with
+    the features component of ``TINY_FEATURES`` (``dbmef-export --features``)."""
     if not (has("torch") and has("diffusers") and has("timm") and has("onnxruntime")):
         pytest.skip("needs the [export] and [cpu] extras")
     from dbmef.export.exporter import ExportConfig, export_bundle
+    from dbmef.runtime.features import FeatureSpec
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return export_bundle(ExportConfig(backbone="tiny", sd="tiny", out=str(out), scorer="both"))
+    return export_bundle(ExportConfig(backbone="tiny", sd="tiny", out=str(out), scorer="both",
+                                      features=FeatureSpec(**TINY_FEATURES)))
+
+
+TINY_FEATURES = {"block": "up.1", "timestep": 90, "pool": 2}
 
 
 def write_images(folder: Path, images: list, prefix: str = "img") -> list[Path]:

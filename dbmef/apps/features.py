@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +157,11 @@ def run_features(cfg: FeaturesConfig, progress: Callable[[int, str], Any] | None
     train = load_labelled(cfg.data, m.class_names, m.sources.get("class_wnids"))
     test = load_labelled(cfg.eval_data, m.class_names, m.sources.get("class_wnids")) if cfg.eval_data else []
     copy_bundle(src, out)
-    add_features(out, spec)
+    try:
+        add_features(out, spec)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-built bundle is left behind
+        raise
 
     def extract(items: Sequence[LabelledImage], name: str) -> FeatureSet:
         bar = progress(len(items), f"features ({name})") if progress else None

@@ -57,10 +57,9 @@ def lbfgs(fun: Objective, x0: np.ndarray, tol: float = 1e-6, max_iter: int = 200
     x, (f, g) = x0, fun(x0)
     s_hist: list[np.ndarray] = []
     y_hist: list[np.ndarray] = []
-    it = 0
-    for it in range(1, max_iter + 1):
-        if np.abs(g).max() <= tol:
-            break
+    iterations = 0
+    while iterations < max_iter and np.abs(g).max() > tol:
+        iterations += 1
         q, alphas = g.copy(), []
         for s, yv in zip(reversed(s_hist), reversed(y_hist)):
             a = (s @ q) / (yv @ s)
@@ -88,7 +87,7 @@ def lbfgs(fun: Objective, x0: np.ndarray, tol: float = 1e-6, max_iter: int = 200
                 s_hist.pop(0)
                 y_hist.pop(0)
         x, f, g = x_new, f_new, g_new
-    return x, {"iterations": it, "loss": f, "grad_max": float(np.abs(g).max())}
+    return x, {"iterations": iterations, "loss": f, "grad_max": float(np.abs(g).max())}
 
 
 def fit_linear_head(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3, tol: float = 1e-6,
@@ -110,6 +109,6 @@ def fit_linear_head(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e
     b = theta[n_classes * x.shape[1]:]
     weight = w / std
     head = LinearHead(weight.astype(np.float32), (b - weight @ mean).astype(np.float32),
-                      {"l2": l2, "n_train": int(len(y)), "n_features": int(x.shape[1]), **info})
+                      {"l2": l2, "n_train": len(y), "n_features": int(x.shape[1]), **info})
     head.info["train_accuracy"] = float((head.predict(x) == y).mean())
     return head

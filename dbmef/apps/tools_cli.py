@@ -51,10 +51,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"fused       beta {f['beta']:.4g} fitted on {f['n_images']} images by likelihood (true-label NLL "
               f"{f['nll']:.3f}, classifier alone {f['nll_classifier']:.3f}); serving the {m.scoring.decision} "
               f"decision{'' if m.scoring.decision == 'fused' else ' (--decision fused to use it)'}")
+    _print_features(m)
     print(f"tools       {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
     print()
     print(table(rows, ["component", "file", "precision", "MiB", "validation", "max_abs_err", "inputs"]))
     return 0
+
+
+def _print_features(m: Any) -> None:
+    """The features component's definition and, where the backbone is a head over it, the fit."""
+    if "features" in m.components:
+        f = m.components["features"].source
+        print(f"features    {f.get('block')} at t={f.get('timestep')}, pool {f.get('pool')}x{f.get('pool')}, "
+              f"noise seed {f.get('seed')}, empty prompt -> {f.get('dim')} numbers per image")
+    src = m.components["backbone"].source if "backbone" in m.components else {}
+    if src.get("kind") == "diffusion-features-head":
+        h = src["head"]
+        print(f"backbone    linear head on those features: fitted on {h.get('n_train')} images of {h.get('data')}, "
+              f"l2 {h.get('l2')}, train accuracy {h.get('train_accuracy', 0):.2%}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -206,8 +220,8 @@ def add_tools(sub: Any) -> None:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    f = sub.add_parser("features", help="diffusion features (a UNet block at one timestep, pooled) of a labelled set, a "
-                       "linear head fitted on them, and a copy of the bundle whose classifier is that head")
+    f = sub.add_parser("features", help="diffusion features (a UNet block at one timestep, pooled) of a labelled set, "
+                       "a linear head fitted on them, and a copy of the bundle whose classifier is that head")
     f.add_argument("--bundle", required=True, help="a bundle with the plain UNet graph (unet.onnx)")
     f.add_argument("--data", required=True, help="the labelled images the head is fitted on (ImageFolder or file list)")
     f.add_argument("--out", required=True, help="the new bundle's folder (the source bundle is never modified)")

@@ -45,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle folder (default: engines/<backbone>-<sd>-<size>-<precision>)")
     p.add_argument("--scorer", choices=list(SCORER_CHOICES), default="fused",
                    help="fused: one error per row leaves the graph; unet: the plain UNet, errors on the host")
-    f = p.add_argument_group("diffusion features (dbmef features fits a classifier head on them; needs --scorer both)")
+    f = p.add_argument_group("diffusion features (dbmef features fits a classifier head on them; "
+                             "needs --scorer unet or both)")
     f.add_argument("--features", metavar="BLOCK", help="also write the features component: the UNet block down.<i>, "
                    "mid or up.<i> whose pooled activation is the feature vector")
-    f.add_argument("--features-timestep", type=int, default=100, metavar="T", help="its noise level (default 100)")
-    f.add_argument("--features-pool", type=int, default=2, metavar="P", help="pooled to P x P (default 2)")
+    f.add_argument("--features-timestep", type=int, default=10, metavar="T",
+                   help="its noise level (chosen on the digits calibration split, docs/features.md)")
+    f.add_argument("--features-pool", type=int, default=4, metavar="P", help="pooled to P x P")
     p.add_argument("--unet-batch", type=int, default=32, help="rows per scorer call (static TensorRT profile)")
     p.add_argument("--trt", action="store_true",
                    help="after export, build TensorRT engines for the GPU this runs on (same as dbmef build-engines)")

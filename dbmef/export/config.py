@@ -70,7 +70,8 @@ class ExportConfig:
 
 def check_features(features: FeatureSpec | None, scorer: str) -> None:
     if features is not None and scorer == "fused":
-        raise ExportError("--features cuts the plain UNet graph, which --scorer fused does not write: add --scorer both")
+        raise ExportError("--features cuts the plain UNet graph, which --scorer fused does not write: "
+                          "add --scorer both (or unet)")
 
 
 @dataclass

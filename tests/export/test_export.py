@@ -23,7 +23,7 @@ def test_bundle_layout_and_checker(tiny_bundle):
     import onnx
 
     m = load_manifest(tiny_bundle)
-    assert set(m.components) == {"backbone", "text_encoder", "vae_encoder", "scorer", "unet"}
+    assert set(m.components) == {"backbone", "text_encoder", "vae_encoder", "scorer", "unet", "features"}
     for rec in m.components.values():
         onnx.checker.check_model(str(tiny_bundle / rec.file))
         assert rec.validation["status"] == "passed"

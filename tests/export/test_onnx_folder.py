@@ -37,10 +37,19 @@ def test_onnx_folder_bundle_makes_the_torch_bundles_decisions(onnx_folder, tiny_
     from dbmef.export.cli import main
 
     out = tmp_path / "from-onnx"
-    assert main(export_args(onnx_folder, tiny_bundle, out, "--scorer", "both")) == 0
+    assert main(export_args(onnx_folder, tiny_bundle, out, "--scorer", "both", "--features", "up.1",
+                            "--features-timestep", "90", "--features-pool", "2")) == 0
     m = json.loads((out / "manifest.json").read_text())
-    for name in ("backbone", "text_encoder", "vae_encoder", "unet"):
+    for name in ("backbone", "text_encoder", "vae_encoder", "unet", "features"):
         assert m["components"][name]["validation"]["status"] == "passed", name
+    # the features graph cut from the folder's UNet (optimum's scope names) computes what the torch
+    # export's does (same weights; tiny_bundle's was checked against torch's forward hook)
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    from dbmef.export.feature_bundle import session
+
+    np.testing.assert_allclose(session(out / "features.onnx").run(None, {"pixel_values": x})[0],
+                               session(tiny_bundle / "features.onnx").run(None, {"pixel_values": x})[0],
+                               rtol=1e-4, atol=1e-5)
     dc = m["components"]["scorer"]["validation"]["decision_check"]
     assert dc["agree"] == dc["cases"] and dc["max_rel_error_diff"] < 1e-4
     assert m["sources"]["sd"]["kind"] == "onnx-folder"
