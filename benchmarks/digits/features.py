@@ -192,6 +192,10 @@ def markdown(out: dict[str, Any]) -> str:
     c, b, ev, w, tm, t1 = (out["chosen"], out["head_bundle"], out["dbmef_on_head"], out["weak_backbone_eval"],
                            out["timing"], out["table1_seed0"])
     best_test = max(out["rows"], key=lambda r: r["test_accuracy"])
+    weak_acc, head_acc = 100 * w["backbone_accuracy"], 100 * b["eval"]["accuracy"]
+    dbmef_acc = 100 * ev["dbmef_accuracy"]
+    # eval reports evaluations per rethought image; the mean over all images weighs it by the rethink rate
+    evals = f"1 + {ev['rethink_rate'] * ev['unet_evals_per_rethought_image']:.1f}"
     return f"""# Diffusion features as a classifier on the digits system
 
 Regenerate: `python -m benchmarks.digits.features select` (calibration only), then
@@ -208,10 +212,10 @@ L-BFGS) fitted on the 1 000 training digits' features. Chosen on the 200 calibra
 
 | classifier | test accuracy % | UNet evaluations / image | fast path ms / image (ONNX Runtime, 2 cores) |
 |---|---:|---:|---:|
-| weak timm classifier (the committed bundle's backbone) | {100 * w['backbone_accuracy']:.2f} | 0 | {tm['weak_ms']:.3f} |
+| weak timm classifier (the committed bundle's backbone) | {weak_acc:.2f} | 0 | {tm['weak_ms']:.3f} |
 | strong timm classifier (Table 1, seed 0, torch) | {100 * t1['strong']:.2f} | 0 | - |
-| **linear head on diffusion features** | **{100 * b['eval']['accuracy']:.2f}** | 1 (+ 1 VAE encoding) | {tm['head_ms']:.3f} |
-| the head + DBMEF (protector Prot 0.95 on calibration) | {100 * ev['dbmef_accuracy']:.2f} | {ev.get('unet_evals_per_image', float('nan')):.1f} + 1 | - |
+| **linear head on diffusion features** | **{head_acc:.2f}** | 1 (+ 1 VAE encoding) | {tm['head_ms']:.3f} |
+| the head + DBMEF (protector Prot 0.95 on calibration) | {dbmef_acc:.2f} | {evals} | - |
 
 Rethink rate of the head's bundle on test at its calibrated threshold: {100 * ev['rethink_rate']:.1f} %
 (fixed {ev['flips_false_to_true']}, broken {ev['flips_true_to_false']}).
