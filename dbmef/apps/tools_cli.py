@@ -1,5 +1,5 @@
 """The ``dbmef`` sub-commands that inspect, measure and build rather than classify: info, bench,
-build-engines, demo, features (their parsers and their thin command functions)."""
+build-engines, demo, features, quantize (their parsers and their thin command functions)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{f['nll']:.3f}, classifier alone {f['nll_classifier']:.3f}); serving the {m.scoring.decision} "
               f"decision{'' if m.scoring.decision == 'fused' else ' (--decision fused to use it)'}")
     _print_features(m)
+    _print_quantized(m)
     print(f"tools       {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
     print()
     print(table(rows, ["component", "file", "precision", "MiB", "validation", "max_abs_err", "inputs"]))
@@ -69,6 +70,17 @@ def _print_features(m: Any) -> None:
         h = src["head"]
         print(f"backbone    linear head on those features: fitted on {h.get('n_train')} images of {h.get('data')}, "
               f"l2 {h.get('l2')}, train accuracy {h.get('train_accuracy', 0):.2%}")
+
+
+def _print_quantized(m: Any) -> None:
+    """Each quantized graph's recipe and the decision agreement its gate measured."""
+    for name, rec in m.components.items():
+        q, gate = rec.source.get("quantization"), rec.validation.get("decision_gate")
+        if q and gate:
+            print(f"quantized   {name} {rec.precision} ({q['format']}, {q['ranges']} ranges from "
+                  f"{q['calibration_rows']} rows of {q['calibration']['images']} images): decisions agree with "
+                  f"{rec.source['quantized_from']['precision']} on {gate['agree']}/{gate['images']} "
+                  f"calibration images ({gate['agreement']:.2%}, allowed {1 - gate['max_disagree']:.1%})")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -169,8 +181,27 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dbmef.export.quantize import QuantizeConfig, quantize_bundle
+
+    report = quantize_bundle(QuantizeConfig(bundle=args.bundle, data=args.data, out=args.out, to=args.to,
+                                            images=args.images, max_disagree=args.max_disagree,
+                                            max_batches=args.calibration_batches, ranges=args.ranges,
+                                            ops=tuple(args.ops)))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"quantized {', '.join(report['components'])} to {report['to']} (Q/DQ), calibrated on the slow-path rows "
+          f"of {report['calibration']['images']} images")
+    for name, g in report["gates"].items():
+        print(f"gate      {name}: {g['agree']}/{g['images']} decisions agree with the source bundle "
+              f"({g['agreement']:.2%}; allowed {1 - g['max_disagree']:.1%})")
+    print(f"bundle    {report['bundle']} (TensorRT: dbmef build-engines --bundle {report['bundle']})")
+    return 0
+
+
 def add_tools(sub: Any) -> None:
-    """info, bench, build-engines, demo, features."""
+    """info, bench, build-engines, demo, features, quantize."""
     i = sub.add_parser("info", help="show what a bundle holds")
     i.add_argument("--bundle", required=True, help="bundle folder written by dbmef-export")
     i.add_argument("--json", action="store_true", help="print the manifest and its digest as JSON")
@@ -237,4 +268,23 @@ def add_tools(sub: Any) -> None:
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_features)
 
-
+    q = sub.add_parser("quantize", help="a copy of a bundle whose UNet graphs are INT8 (Q/DQ), calibrated on its own "
+                       "slow-path rows and refused when its decisions differ from the source's")
+    q.add_argument("--bundle", required=True, help="the source bundle (never modified)")
+    q.add_argument("--data", required=True, help="calibration images (a folder, ImageFolder or file list)")
+    q.add_argument("--out", required=True, help="the quantized bundle's folder (must be new or empty)")
+    q.add_argument("--to", default="int8", choices=["int8", "fp8"],
+                   help="the precision of the UNet graphs (fp8: not on this path yet, docs/quantization.md)")
+    q.add_argument("--images", type=int, default=64,
+                   help="calibration images whose rethinks give the ranges and feed the gate (default 64)")
+    q.add_argument("--calibration-batches", type=int, default=64,
+                   help="scorer calls whose activations set the ranges, spread over the pass (default 64)")
+    q.add_argument("--ranges", default="minmax", choices=["minmax", "percentile", "entropy"],
+                   help="how activation ranges are read from the calibration rows (default minmax)")
+    q.add_argument("--ops", nargs="+", default=["Conv"], choices=["Conv", "MatMul", "Gemm"],
+                   help="op types that get Q/DQ pairs; the rest stays float (default Conv: chosen on the digits "
+                   "calibration split, docs/quantization.md)")
+    q.add_argument("--max-disagree", type=float, default=0.005,
+                   help="refuse when more than this fraction of the gate's decisions differ (default 0.005)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quantize)

@@ -131,6 +131,22 @@ class EngineBytesFromNetwork:
         return bytes(memoryview(serialized))
 
 
+# The oldest compute capability whose tensor cores run each precision: INT8 from Turing (7.5; TensorRT
+# 10's support matrix), FP8 from Ada (8.9) and Hopper (9.0).
+MIN_COMPUTE_CAPABILITY = {"int8": (7, 5), "fp8": (8, 9)}
+
+
+def check_precision(component: str, precision: str, gpu: dict[str, Any]) -> None:
+    """Refuse a quantized graph this GPU has no kernels for, naming the GPU and what it needs."""
+    need = MIN_COMPUTE_CAPABILITY.get(precision)
+    have = tuple(int(x) for x in str(gpu["compute_capability"]).split("."))
+    if need is not None and have < need:
+        raise EngineError(f"{component} is a {precision} graph, and {gpu['name']} (compute capability "
+                          f"{gpu['compute_capability']}) has no {precision} tensor cores: it needs compute capability "
+                          f"{need[0]}.{need[1]} or newer. Build it on such a GPU, or serve the fp32/fp16 bundle it "
+                          "was quantized from")
+
+
 def build_engines(bundle_dir: str | Path, components: list[str] | None = None, force: bool = False,
                   workspace_bytes: int = 8 << 30, unet_batch: int | None = None, optimization_level: int = 3,
                   device: int = 0, tf32: bool = False) -> dict[str, EngineRecord]:
@@ -149,6 +165,8 @@ def build_engines(bundle_dir: str | Path, components: list[str] | None = None, f
     manifest = Bundle.open(bundle, verify=False).manifest
     gpu = device_info(device)
     names = components or ["backbone", "text_encoder", "vae_encoder", manifest.scorer_component]
+    for name in names:  # before any build: a refused precision should not leave half the engines built
+        check_precision(name, manifest.components[name].precision, gpu)
     existing = manifest.tensorrt.engines
     logger = trt_logger()
     out: dict[str, EngineRecord] = {}
