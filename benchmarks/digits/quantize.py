@@ -82,7 +82,7 @@ def speed(fp32: Path, int8: Path, images: list[str]) -> dict[str, Any]:
     from dbmef.runtime.bundle import Bundle
 
     m = Bundle.open(fp32).manifest
-    feeds = record_scorer_feeds(fp32, images)
+    feeds = record_scorer_feeds(fp32, images).feeds
     rows = {"scorer": feeds, "unet": unet_feeds(feeds, m.schedule)}
     evals_per_row = {"scorer": 2, "unet": 1}  # the fused graph runs the positive and the negative condition
     out: dict[str, Any] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,11 +141,24 @@ class FeaturesConfig:
         return asdict(self)
 
 
+def _extract(out: Path, items: Sequence[LabelledImage], name: str, cfg: FeaturesConfig,
+             progress: Callable[[int, str], Any] | None) -> FeatureSet:
+    """``extract_features`` for ``run_features``: cached beside the bundle (OUT.cache/NAME), with a bar."""
+    bar = progress(len(items), f"features ({name})") if progress else None
+    fs = extract_features(out, items, out.parent / f"{out.name}.cache" / name, cfg.backend, None,
+                          cfg.batch_size, bar.update if bar else None)
+    if bar:
+        bar.close()
+    for path, why in fs.failed:
+        log.warning("left out %s: %s", path, why)
+    return fs
+
+
 def run_features(cfg: FeaturesConfig, progress: Callable[[int, str], Any] | None = None) -> dict[str, Any]:
     """Copy the bundle to ``cfg.out``, add the features graph, extract features of ``cfg.data``,
     fit the head, make it the bundle's backbone, and score it on ``cfg.eval_data``: the report."""
     from dbmef.apps.linear_head import fit_linear_head
-    from dbmef.export.feature_bundle import add_features, add_head, copy_bundle
+    from dbmef.export.feature_bundle import add_features, add_head, bundle_copy
     from dbmef.runtime.bundle import read_manifest
     from dbmef.runtime.data import load_labelled
     from dbmef.runtime.features import FeatureSpec
@@ -156,33 +168,20 @@ def run_features(cfg: FeaturesConfig, progress: Callable[[int, str], Any] | None
     m = read_manifest(src)
     train = load_labelled(cfg.data, m.class_names, m.sources.get("class_wnids"))
     test = load_labelled(cfg.eval_data, m.class_names, m.sources.get("class_wnids")) if cfg.eval_data else []
-    copy_bundle(src, out)
-    try:
+    # the whole build in the copy: an interrupted or failed run leaves no half-built bundle behind, and
+    # the feature cache beside it (OUT.cache) lets the next run resume
+    with bundle_copy(src, out):
         add_features(out, spec)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # no half-built bundle is left behind
-        raise
-
-    def extract(items: Sequence[LabelledImage], name: str) -> FeatureSet:
-        bar = progress(len(items), f"features ({name})") if progress else None
-        fs = extract_features(out, items, out.parent / f"{out.name}.cache" / name, cfg.backend, None,
-                              cfg.batch_size, bar.update if bar else None)
-        if bar:
-            bar.close()
-        for path, why in fs.failed:
-            log.warning("left out %s: %s", path, why)
-        return fs
-
-    fit_set = extract(train, "train")
-    head = fit_linear_head(fit_set.x, fit_set.y, len(m.class_names), cfg.l2)
-    report: dict[str, Any] = {"features": spec.to_dict(), "dim": int(fit_set.x.shape[1]), "bundle": str(out),
-                              "train": {"n": len(fit_set.y), "failed": len(fit_set.failed),
-                                        "accuracy": head.info["train_accuracy"]},
-                              "head": head.info, "config": cfg.to_dict()}
-    add_head(out, head.weight, head.bias, {**head.info, "data": cfg.data, "n_failed": len(fit_set.failed)})
-    if test:
-        ev = extract(test, "eval")
-        report["eval"] = {"n": len(ev.y), "failed": len(ev.failed),
-                          "accuracy": float((head.predict(ev.x) == ev.y).mean())}
-    (out / "features_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    return report
+        fit_set = _extract(out, train, "train", cfg, progress)
+        head = fit_linear_head(fit_set.x, fit_set.y, len(m.class_names), cfg.l2)
+        report: dict[str, Any] = {"features": spec.to_dict(), "dim": int(fit_set.x.shape[1]), "bundle": str(out),
+                                  "train": {"n": len(fit_set.y), "failed": len(fit_set.failed),
+                                            "accuracy": head.info["train_accuracy"]},
+                                  "head": head.info, "config": cfg.to_dict()}
+        add_head(out, head.weight, head.bias, {**head.info, "data": cfg.data, "n_failed": len(fit_set.failed)})
+        if test:
+            ev = _extract(out, test, "eval", cfg, progress)
+            report["eval"] = {"n": len(ev.y), "failed": len(ev.failed),
+                              "accuracy": float((head.predict(ev.x) == ev.y).mean())}
+        (out / "features_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        return report

@@ -10,10 +10,12 @@ VAE encoding and one UNet evaluation per image, and whose unsure answers DBMEF r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,20 @@ log = logging.getLogger(__name__)
 ATOL, RTOL = 1e-5, 1e-4  # float32 graphs of the same operators, composed: differences are rounding only
 
 
-def copy_bundle(src: Path, dst: Path) -> Path:
-    """A copy of bundle ``src`` at ``dst`` (refused where ``dst`` holds anything)."""
+@contextlib.contextmanager
+def bundle_copy(src: Path, dst: Path) -> Iterator[Path]:
+    """A copy of bundle ``src`` at ``dst`` for the ``with`` body to change (refused where ``dst``
+    holds anything). Where the body fails the copy is removed: a half-built bundle is never left
+    behind to be served by mistake. ``src`` is never modified."""
     if dst.exists() and any(dst.iterdir()):
         raise ExportError(f"--out {dst} exists and is not empty: choose a new folder (the source bundle {src} is "
                           "never modified)")
     shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("engines", ".manifest-*"))
-    return dst
+    try:
+        yield dst
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
 
 
 def session(model_or_path: Any) -> Any:

@@ -28,12 +28,12 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from dbmef.errors import ConfigError, ExportError, ValidationError
-from dbmef.export.feature_bundle import copy_bundle
+from dbmef.export.feature_bundle import bundle_copy
 from dbmef.export.manifest import component_record
 from dbmef.runtime.bundle import Bundle, TensorRTRecord, sha256_file
 from dbmef.runtime.contracts import COMPONENTS, kind_of_component
@@ -95,26 +95,35 @@ class _Recording(Engine):
         self.inner.close()
 
 
-def record_scorer_feeds(bundle_dir: str | Path, images: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-    """The scorer feeds (one dict per scorer call) of the bundle's runtime rethinking ``images`` at
-    Prot = 0 on ONNX Runtime: exactly what the quantized graph will be asked."""
+class Recorded(NamedTuple):
+    feeds: list[dict[str, np.ndarray]]  # one dict per scorer call
+    labels: list[int | None]  # each image's final label (None: unreadable)
+
+
+def record_scorer_feeds(bundle_dir: str | Path, images: Sequence[Any]) -> Recorded:
+    """The scorer feeds of the bundle's runtime rethinking ``images`` at Prot = 0 on ONNX Runtime with
+    its scorer component (exactly what the quantized graph will be asked), and the decisions it made
+    (the decision gate's reference for that component: no second fp32 pass)."""
     from dbmef.runtime import DBMEFRuntime, backends
 
     sink: list[dict[str, np.ndarray]] = []
+    scorer = Bundle.open(bundle_dir).manifest.scorer_component
 
     def opener(bundle: Bundle, component: str, options: Any) -> Engine:
         engine = backends.open_engine(bundle, component, "onnxruntime", options)
-        return _Recording(engine, sink) if component == bundle.manifest.scorer_component else engine
+        return _Recording(engine, sink) if component == scorer else engine
 
     backends.register(RECORDER, opener, "records the scorer's feeds (dbmef quantize)")
-    with DBMEFRuntime(bundle_dir, prot=0.0, backend=RECORDER) as rt:
-        failed = [r for r in rt.classify(list(images)) if r.error]
+    # the scorer named: a bundle whose settings would pick another graph still records this one's rows
+    with DBMEFRuntime(bundle_dir, prot=0.0, backend=RECORDER, scorer=kind_of_component(scorer)) as rt:
+        results = rt.classify(list(images))
+    failed = [r for r in results if r.error]
     if failed:
         log.warning("quantize: %d calibration image(s) could not be read and were left out: %s", len(failed),
                     "; ".join(f"{r.name}: {r.error}" for r in failed[:5]))
     if not sink:
         raise ExportError("no calibration image reached the slow path: give readable images with --data")
-    return sink
+    return Recorded(sink, [r.label for r in results])
 
 
 def unet_feeds(scorer_feeds: Sequence[Mapping[str, np.ndarray]], schedule: Any
@@ -189,10 +198,13 @@ def decisions(bundle_dir: str | Path, images: Sequence[Any], scorer: str) -> lis
 
 
 def decision_gate(reference: str | Path, quantized: str | Path, images: Sequence[Any], names: Sequence[str],
-                  max_disagree: float, scorer: str = "fused") -> dict[str, Any]:
-    """Compare the two bundles' decisions on ``images`` (scored by their ``scorer`` graphs); raise
-    ValidationError naming the images when more than ``max_disagree`` of them differ."""
-    ref, got = decisions(reference, images, scorer), decisions(quantized, images, scorer)
+                  max_disagree: float, scorer: str = "fused",
+                  reference_labels: Sequence[int | None] | None = None) -> dict[str, Any]:
+    """Compare the two bundles' decisions on ``images`` (scored by their ``scorer`` graphs; the
+    reference's given as ``reference_labels`` where already known); raise ValidationError naming the
+    images when more than ``max_disagree`` of them differ."""
+    ref = list(reference_labels) if reference_labels is not None else decisions(reference, images, scorer)
+    got = decisions(quantized, images, scorer)
     scored = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a is not None and b is not None]
     differ = [i for i in scored if ref[i] != got[i]]
     gate: dict[str, Any] = {"images": len(scored), "agree": len(scored) - len(differ),
@@ -216,18 +228,14 @@ def quantize_bundle(cfg: QuantizeConfig) -> dict[str, Any]:
 
     src = Bundle.open(cfg.bundle)
     paths = spread(expand_inputs([cfg.data]), cfg.images)  # across the classes of a sorted ImageFolder
-    out = copy_bundle(src.dir, Path(cfg.out))
-    try:
+    with bundle_copy(src.dir, Path(cfg.out)) as out:
         return _quantize(cfg, src, out, paths)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
 
 
 def _quantize(cfg: QuantizeConfig, src: Bundle, out: Path, paths: list[str]) -> dict[str, Any]:
     m = src.manifest
     log.info("quantize: recording the slow path's scorer rows on %d calibration image(s)", len(paths))
-    feeds = record_scorer_feeds(src.dir, paths)
+    feeds, labels = record_scorer_feeds(src.dir, paths)
     targets = {m.scorer_component: spread(feeds, cfg.max_batches)}
     if "unet" in m.components and m.scorer_component != "unet":
         targets["unet"] = spread(unet_feeds(feeds, m.schedule), cfg.max_batches)
@@ -252,7 +260,8 @@ def _quantize(cfg: QuantizeConfig, src: Bundle, out: Path, paths: list[str]) -> 
         kind = kind_of_component(name)
         log.info("quantize: the decision gate of %s (%s vs %s, every calibration image rethought)", rec.file,
                  m.components[name].precision, cfg.to)
-        gates[name] = decision_gate(src.dir, out, paths, paths, cfg.max_disagree, kind)
+        known = labels if name == m.scorer_component else None  # the recording pass made these decisions
+        gates[name] = decision_gate(src.dir, out, paths, paths, cfg.max_disagree, kind, known)
         records[name] = dataclasses.replace(rec, validation={
             "status": "passed", "runtime": "onnxruntime-cpu", "precision": cfg.to, "decision_gate": gates[name]})
     q = q.save(q.manifest.replace(components={**q.manifest.components, **records}))

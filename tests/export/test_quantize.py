@@ -123,7 +123,8 @@ def test_a_broken_calibration_is_refused_naming_the_images_and_leaves_nothing(ca
 
     def shrunk(bundle_dir, images):  # type: ignore[no-untyped-def]
         # ranges measured on latents and noise a thousand times too small: every real row saturates
-        return [{**f, "x0": f["x0"] * 1e-3, "eps": f["eps"] * 1e-3} for f in real(bundle_dir, images)]
+        rec = real(bundle_dir, images)
+        return rec._replace(feeds=[{**f, "x0": f["x0"] * 1e-3, "eps": f["eps"] * 1e-3} for f in rec.feeds])
 
     monkeypatch.setattr(quantize, "record_scorer_feeds", shrunk)
     cfg = quantize.QuantizeConfig(str(demo_bundle_dir()), str(calibration), str(tmp_path / "bad"), images=10,
@@ -134,3 +135,20 @@ def test_a_broken_calibration_is_refused_naming_the_images_and_leaves_nothing(ca
     rc, _, err, _ = cli("quantize", "--bundle", str(demo_bundle_dir()), "--data", str(calibration), "--out",
                         str(tmp_path / "fp8"), "--to", "fp8")
     assert rc == 2 and "fp8 Q/DQ graphs need NVIDIA Model Optimizer" in err and not (tmp_path / "fp8").exists()
+
+
+def test_the_recording_pass_is_the_runtime_and_its_decisions_are_the_gates_reference(calibration):
+    from dbmef.export.quantize import record_scorer_feeds
+    from dbmef.runtime import DBMEFRuntime
+
+    images = sorted(str(p) for p in calibration.rglob("*.png"))[::40][:5]
+    rec = record_scorer_feeds(demo_bundle_dir(), images)
+    with DBMEFRuntime(demo_bundle_dir(), prot=0.0, backend="onnxruntime", scorer="fused") as rt:
+        results = rt.classify(images)
+    assert rec.labels == [r.label for r in results] and None not in rec.labels
+    # every scorer row the runtime evaluated was recorded: the fused graph makes two UNet evaluations per
+    # row, and the scheduler packs the images' rows into full engine batches
+    needed, width = sum(r.unet_evals for r in results) // 2, len(rec.feeds[0]["timestep"])
+    assert needed > 0 and len(rec.feeds) == -(-needed // width)
+    assert all(len(f["timestep"]) == width for f in rec.feeds)
+    assert set(rec.feeds[0]) == {"x0", "eps", "timestep", "emb_pos", "emb_neg", "lam"}
