@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,10 +31,32 @@ def pytest_configure(config: pytest.Config) -> None:
     """Results files a test writes by default (``dbmef eval`` / ``calibrate`` without --results)
     go to a scratch folder of this session, never to the user's ~/.cache/dbmef; subprocesses
     inherit it."""
-    import os
-    import tempfile
-
     os.environ["DBMEF_HOME"] = tempfile.mkdtemp(prefix="dbmef-home-")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        one_thread_per_worker()
+
+
+def one_thread_per_worker() -> None:
+    """``make unit`` runs the suite in pytest-xdist workers, one per core. Each worker computes on
+    one thread: with every library's pool sized to the machine (ONNX Runtime, torch and BLAS all
+    default to every core), two workers on two cores spent 30 % more CPU switching threads and
+    finished no sooner than one process. Thread counts a test sets itself are kept."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"  # this worker's torch and numpy, and the processes it starts
+    if has("torch"):
+        import torch
+
+        torch.set_num_threads(1)
+    if has("onnxruntime"):
+        import onnxruntime as ort
+
+        class OneThread(ort.SessionOptions):  # type: ignore[misc]
+            def __setattr__(self, name: str, value: object) -> None:
+                if name in ("intra_op_num_threads", "inter_op_num_threads") and value == 0:
+                    value = 1  # 0 is "ONNX Runtime decides": every core
+                super().__setattr__(name, value)
+
+        ort.SessionOptions = OneThread
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -59,7 +84,7 @@ def tiny_system(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("needs the [export] extra")
     from dbmef.reference.tiny import build_tiny_system
 
-    return build_tiny_system(tmp_path_factory.mktemp("systems") / "tiny")
+    return built_once(tmp_path_factory, "tiny-system", lambda d: build_tiny_system(d / "tiny"))
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +113,27 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dbmef.export.exporter import ExportConfig, export_bundle
     from dbmef.runtime.features import FeatureSpec
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return export_bundle(ExportConfig(backbone="tiny", sd="tiny", out=str(out), scorer="both",
-                                      features=FeatureSpec(**TINY_FEATURES)))
+    return built_once(tmp_path_factory, "tiny-bundle", lambda d: export_bundle(ExportConfig(
+        backbone="tiny", sd="tiny", out=str(d / "tiny"), scorer="both", features=FeatureSpec(**TINY_FEATURES))))
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """``build(folder)`` once per test run: pytest-xdist's workers share the first worker's result
+    (their temporary roots have one parent), the others waiting on a file lock while it builds.
+    Read-only for tests, as a session fixture always was: a test that changes it copies it first."""
+    import fcntl
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(factory.mktemp(name))
+    root = factory.getbasetemp().parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / f"{name}.path"
+        if done.is_file():
+            return Path(done.read_text())
+        out = build(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))
+        done.write_text(str(out))
+        return out
 
 
 TINY_FEATURES = {"block": "up.1", "timestep": 90, "pool": 2}

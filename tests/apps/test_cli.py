@@ -51,7 +51,7 @@ def test_calibrate_writes_manifest(bundle, labelled, capsys):
     assert "12 calibration images cannot give the 100" in err and "--min-samples" in err, err
     assert (bundle / "manifest.json").read_bytes() == before
     assert main(["calibrate", "--bundle", str(bundle), "--data", str(labelled), "--prot", "0.9", "--json",
-                 "--min-samples", "1"]) == 0
+                 "--min-samples", "1", *FAST]) == 0
     out = json.loads(capsys.readouterr().out)
     m = load_manifest(bundle)
     assert m.protector is not None and m.protector.prot == 0.9

@@ -41,7 +41,7 @@ def recording_engine(path: Path, name: str, log: list[str]):  # type: ignore[no-
 @needs_torch
 def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_images, tmp_path, monkeypatch):
     from dbmef.apps.cli import main
-    from dbmef.runtime import DBMEFRuntime, Protector, register_backend
+    from dbmef.runtime import DBMEFRuntime, Protector, ScoringConfig, register_backend
     from dbmef.runtime.backends import _REGISTRY
 
     calls: list[str] = []
@@ -52,8 +52,9 @@ def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_ima
     monkeypatch.setattr("dbmef.runtime.backends._REGISTRY", dict(_REGISTRY))  # removed again after the test
     register_backend("recording", open_recording)  # the one line README shows
     every = Protector(float("inf"), 0.0, None)
-    with DBMEFRuntime(tiny_bundle, backend="recording", protector=every) as toy, \
-            DBMEFRuntime(tiny_bundle, protector=every) as ort:
+    few = ScoringConfig(n_timesteps=2, votes=2, unet_batch=16)  # every component runs; a few rows each
+    with DBMEFRuntime(tiny_bundle, backend="recording", protector=every, scoring=few) as toy, \
+            DBMEFRuntime(tiny_bundle, protector=every, scoring=few) as ort:
         ours = toy.classify(sample_images[:4])
         ref = ort.classify(sample_images[:4])
     assert [r.label for r in ours] == [r.label for r in ref]
@@ -61,7 +62,7 @@ def test_a_registered_backend_classifies_the_tiny_bundle(tiny_bundle, sample_ima
     # the CLI offers it too
     paths = write_images(tmp_path, sample_images[:2])
     assert main(["-q", "classify", "--bundle", str(tiny_bundle), "--backend", "recording", "--prot", "0",
-                 *map(str, paths)]) == 0
+                 "--timesteps", "2", "--votes", "2", *map(str, paths)]) == 0
     with pytest.raises(ConfigError, match="not one of"):
         DBMEFRuntime(tiny_bundle, backend="nonexistent")
 

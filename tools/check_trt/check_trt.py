@@ -12,7 +12,7 @@ cuda-python: every ``cuda*`` call in dbmef/runtime/backends/cuda.py is bound aga
 of ``cuda.bindings.runtime`` (Cython functions carry their signatures) and every enum it names
 must exist.
 
-Usage: check_trt.py [--cache DIR] [--self-test] [FILES...]
+Usage: check_trt.py [--cache DIR] [--self-test | --stubs-only]
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def fix_stubs(text: str) -> str:
 
 def mypy_against(stubs: Path, files: list[Path]) -> tuple[bool, str]:
     env = {**os.environ, "MYPYPATH": str(stubs)}
-    r = run([sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent", "--python-version",
+    # one incremental cache per version's stubs: the self-test's runs re-check only the broken copy
+    cache = stubs.parent / f"mypy-{stubs.name}"
+    r = run([sys.executable, "-m", "mypy", "--cache-dir", str(cache), "--follow-imports=silent", "--python-version",
              "3.11", "--ignore-missing-imports", "--check-untyped-defs", "--no-error-summary",
              *map(str, files)], env=env, cwd=ROOT)
     # A version's stubs are what is checked: an unresolved `tensorrt` would make every call Any.
@@ -236,9 +238,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "check-trt"))
     ap.add_argument("--self-test", action="store_true", help="also prove that broken calls are caught")
+    ap.add_argument("--stubs-only", action="store_true", help="only generate each version's stubs in the cache "
+                    "(make test does this first: tests/runtime/test_trt.py type-checks against them)")
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if args.stubs_only:
+        for major, version in TRT_VERSIONS.items():
+            print(f"check-trt: stubs of TensorRT {version} in {stubs_for(major, version, cache)}")
+        return 0
     ok = check([ROOT / f for f in TRT_FILES], [ROOT / f for f in CUDA_FILES], cache)
     if args.self_test:
         ok = self_test(cache) and ok
