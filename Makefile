@@ -32,9 +32,9 @@ typecheck: $(BIN)/.installed
 check-imports: $(BIN)/.installed
 	$(BIN)/lint-imports
 
-# The generated TensorRT stubs, made once before check-trt and the suite run side by side (both read
-# them; tests/runtime/test_trt.py's check of a misspelt method is skipped where they are missing).
-TRT_STUBS := .cache/check-trt/stubs-11.4.0.106/tensorrt/__init__.pyi
+# The generated TensorRT stubs of every version check_trt.py names, made before the suite, which reads
+# them (tests/runtime/test_trt.py's check of a misspelt method is skipped where they are missing).
+TRT_STUBS := .cache/check-trt/stubs.made
 $(TRT_STUBS): tools/check_trt/check_trt.py | $(BIN)/.installed
 	$(BIN)/python tools/check_trt/check_trt.py --stubs-only
 	touch $@
@@ -62,9 +62,9 @@ unit-cluster: $(BIN)/.installed
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_serve.py
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_multinode.py
 
-# The two quick checks, the main suite on both cores, then the slow static checks, single-threaded each, side by side with
-# the Ray processes, which mostly wait (on Ray's start, on the service). Output is kept per target, so
-# each log reads as if it ran alone.
+# The two quick checks; the main suite on both cores; then the slow static checks, single-threaded
+# each, side by side with the Ray processes, which mostly wait (on Ray's start, on the service).
+# Output is kept per target, so each log reads as if it ran alone.
 test: $(BIN)/.installed
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint check-imports
 	$(MAKE) --no-print-directory unit-main

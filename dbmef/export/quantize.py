@@ -35,9 +35,10 @@ import numpy as np
 from dbmef.errors import ConfigError, ExportError, ValidationError
 from dbmef.export.feature_bundle import bundle_copy
 from dbmef.export.manifest import component_record
-from dbmef.runtime.bundle import Bundle, TensorRTRecord, sha256_file
+from dbmef.runtime.bundle import Bundle, TensorRTRecord, read_manifest, sha256_file
 from dbmef.runtime.contracts import COMPONENTS, kind_of_component
 from dbmef.runtime.engine import Engine
+from dbmef.runtime.method import add_noise
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def record_scorer_feeds(bundle_dir: str | Path, images: Sequence[Any]) -> Record
     from dbmef.runtime import DBMEFRuntime, backends
 
     sink: list[dict[str, np.ndarray]] = []
-    scorer = Bundle.open(bundle_dir).manifest.scorer_component
+    scorer = read_manifest(bundle_dir).scorer_component  # the runtime below opens and verifies the bundle
 
     def opener(bundle: Bundle, component: str, options: Any) -> Engine:
         engine = backends.open_engine(bundle, component, "onnxruntime", options)
@@ -131,10 +132,12 @@ def unet_feeds(scorer_feeds: Sequence[Mapping[str, np.ndarray]], schedule: Any
     """The plain UNet's inputs for the same rows: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with the
     positive and the negative condition (the two UNet evaluations the fused graph makes per row)."""
     abar = schedule.alphas_cumprod()
+    # the runtime's own noising and tables (float64 roots cast to float32): the rows its plain UNet is fed
+    sqrt_abar, sqrt_one_minus_abar = np.sqrt(abar).astype(np.float32), np.sqrt(1.0 - abar).astype(np.float32)
     out = []
     for f in scorer_feeds:
-        a = abar[f["timestep"]].astype(np.float32)[:, None, None, None]
-        x_t = (np.sqrt(a) * f["x0"] + np.sqrt(1 - a) * f["eps"]).astype(np.float32)
+        t = f["timestep"]
+        x_t = add_noise(f["x0"], f["eps"], sqrt_abar[t], sqrt_one_minus_abar[t])
         for emb in (f["emb_pos"], f["emb_neg"]):
             out.append({"sample": x_t, "timestep": f["timestep"], "encoder_hidden_states": emb})
     return out
