@@ -188,8 +188,9 @@ class ImagePlan:
             if a >= self.n:
                 continue
             pos = np.sort(self.orders[v, a : self._stage_end(a)])
-            grid = np.stack(np.meshgrid(pos, cand, indexing="ij"), -1).reshape(-1, 2)  # (steps*|cand|, 2)
-            parts.append(np.column_stack([np.full(len(grid), v), grid]))
+            # every (position, candidate) pair, position-major: (steps * |cand|, 3) rows (v, i, c)
+            parts.append(np.column_stack([np.full(len(pos) * len(cand), v), np.repeat(pos, len(cand)),
+                                          np.tile(cand, len(pos))]))
         return np.concatenate(parts).astype(np.int64) if parts else np.empty((0, 3), np.int64)
 
     def next_rows(self) -> np.ndarray:
