@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck check-imports check-trt unit unit-main unit-cluster wheel device-wheels clean
+.PHONY: demo test lint typecheck check-imports check-trt unit unit-main unit-cluster test-seconds wheel device-wheels clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	@echo "make: creating $(VENV) and installing dbmef (once; a few minutes on a fresh machine)"
@@ -47,16 +47,20 @@ check-trt: $(BIN)/.installed $(TRT_STUBS)
 # (a native crash at interpreter exit would otherwise print nothing but "Segmentation fault").
 # The main suite runs in pytest-xdist workers, one per core, each computing on one thread
 # (tests/conftest.py: one_thread_per_worker); a file's tests stay on one worker, so its module
-# fixtures are built once. `make unit XDIST=` runs it in this process.
+# fixtures are built once, and the files are dealt slowest first, by tests/file_seconds.json
+# (`make test-seconds` measures it anew). `make unit XDIST=` runs it in this process.
 # The service and multi-node Ray tests run in processes of their own: see tests/cluster/conftest.py.
-XDIST ?= -n auto --dist loadfile
+XDIST ?= -n auto --dist loadfile --no-loadscope-reorder
+MAIN_SUITE := --ignore=tests/cluster/test_serve.py --ignore=tests/cluster/test_multinode.py
 unit: $(BIN)/.installed
 	$(MAKE) --no-print-directory unit-main
 	$(MAKE) --no-print-directory unit-cluster
 
 unit-main: $(BIN)/.installed $(TRT_STUBS)
-	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q $(XDIST) --durations=25 --ignore=tests/cluster/test_serve.py \
-	    --ignore=tests/cluster/test_multinode.py
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q $(XDIST) --durations=25 $(MAIN_SUITE)
+
+test-seconds: $(BIN)/.installed $(TRT_STUBS)
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q $(XDIST) --store-file-seconds $(MAIN_SUITE)
 
 unit-cluster: $(BIN)/.installed
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_serve.py

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -59,12 +61,45 @@ def one_thread_per_worker() -> None:
         ort.SessionOptions = OneThread
 
 
+# Seconds each test file took (setup, call and teardown of its tests, summed) in one run on this
+# project's 2-core machine: `make test-seconds` writes it. It orders the files for pytest-xdist.
+FILE_SECONDS = TESTS / "file_seconds.json"
+_seconds_run: dict[str, float] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-file-seconds", action="store_true",
+                     help=f"write each test file's seconds in this run to {FILE_SECONDS.relative_to(ROOT)}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The Ray tests run last: the local Ray session they share stays up until the test session ends
-    (it cannot be restarted safely in one process: tests/cluster/conftest.py), and its daemons and
-    idle actors take CPU from every test that would run after them. A stable sort: the order is
-    otherwise the files' own."""
-    items.sort(key=lambda item: TESTS / "cluster" in item.path.parents)
+    """Slowest files first, Ray's last; a stable sort, so a file's tests keep their order.
+
+    pytest-xdist hands a worker the next file whenever it is nearly out of work (`--dist loadfile
+    --no-loadscope-reorder` keeps this order): with the long files first, the short ones fill in at
+    the end and both workers finish about together (dealt by test count, one ran 70 s longer than the
+    other). A file the table lacks counts as its median. The Ray tests still go last: the local Ray
+    session they share stays up until the worker ends (it cannot be restarted safely in one process:
+    tests/cluster/conftest.py), and its daemons and idle actors take CPU from every test after them."""
+    seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+    unknown = statistics.median(seconds.values()) if seconds else 0.0
+
+    def key(item: pytest.Item) -> tuple[bool, float]:
+        return TESTS / "cluster" in item.path.parents, -seconds.get(item.path.relative_to(ROOT).as_posix(), unknown)
+
+    items.sort(key=key)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller sees every worker's reports too
+        file = report.nodeid.split("::")[0]
+        _seconds_run[file] = _seconds_run.get(file, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("store_file_seconds") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        table = {f: round(s, 1) for f, s in sorted(_seconds_run.items(), key=lambda fs: -fs[1])}
+        FILE_SECONDS.write_text(json.dumps(table, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -134,6 +169,47 @@ def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path
         out = build(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root)))
         done.write_text(str(out))
         return out
+
+
+@pytest.fixture(scope="session")
+def digits_calibration_pass(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed digits bundle's rethink-all pass over its 200-digit calibration split, exactly
+    as ``dbmef demo`` makes it (``apps/demo.py: operating_point``), fresh, once per test run: a folder
+    holding the split as an ImageFolder (``calibration/``) and the pass's results
+    (``calibration.jsonl``). The most UNet work of any fixture (about 45 s on one core), and the demo
+    and ``dbmef calibrate`` tests each ran it again: they now resume from a copy (``seed_results``),
+    which is the product's own resume path, and still check every number of the pass."""
+    if not has("onnxruntime"):
+        pytest.skip("needs onnxruntime ([cpu] extra)")
+
+    def build(root: Path) -> Path:
+        from dbmef.apps.calibrate import calibrate_operating_point
+        from dbmef.apps.digits import DIGIT_NAMES, demo_bundle_dir, demo_calibration_split, write_image_folder
+        from dbmef.runtime import RuntimeSpec
+        from dbmef.runtime.data import load_labelled
+
+        items = load_labelled(write_image_folder(demo_calibration_split(), root / "calibration"), DIGIT_NAMES)
+        calibrate_operating_point(RuntimeSpec(str(demo_bundle_dir())), items, "prot", 0.95,
+                                  data="digits calibration split", results=root / "calibration.jsonl", write=False)
+        return root
+
+    return built_once(tmp_path_factory, "digits-calibration", build)
+
+
+def seed_results(calibration_pass: Path, folder: Path, results: Path) -> Path:
+    """``results``: the shared pass's results file (``digits_calibration_pass``) with each record's
+    image path moved from the pass's ImageFolder to ``folder``, a copy of the same split (the
+    records are keyed by path): a run over ``folder`` that resumes from it finds every image done."""
+    src = calibration_pass / "calibration"
+    lines = (calibration_pass / "calibration.jsonl").read_text().splitlines()
+    out = [lines[0]]  # the header: the runtime's identity
+    for line in lines[1:]:
+        rec = json.loads(line)
+        rec["image"] = str(folder / Path(os.path.realpath(rec["image"])).relative_to(os.path.realpath(src)))
+        out.append(json.dumps(rec))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text("\n".join(out) + "\n")
+    return results
 
 
 TINY_FEATURES = {"block": "up.1", "timestep": 90, "pool": 2}

@@ -1,7 +1,8 @@
 """A production service installs only the runtime: the wheel `make wheel` builds, installed with
 `[cpu]` into a fresh virtual environment (no torch, diffusers, transformers, timm), classifies a digit
-with the digits bundle inside the installed package and with a bundle from the export side: the
-README's Install commands, run as written."""
+with the digits bundle inside the installed package and with a bundle from the export side; then
+`[cpu,onnx]` added to the same environment exports from an ONNX Stable Diffusion folder without torch:
+the README's Install commands, run as written."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -29,10 +31,9 @@ def build_wheel(out: Path) -> Path:
     return wheel
 
 
-def fresh_venv(venv: Path, extras: str, heavy: tuple[str, ...], source: Path = ROOT) -> list[str]:
-    """A new virtual environment with ``source[extras]`` installed (this checkout or a wheel);
-    returns which of the ``heavy`` modules it can import (the callers require none)."""
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+def install(venv: Path, source: Path, extras: str, heavy: tuple[str, ...]) -> list[str]:
+    """``source[extras]`` pip-installed into ``venv``; returns which of the ``heavy`` modules it can
+    then import (the callers require none)."""
     py = venv / "bin" / "python"
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{source}[{extras}]"],
                        capture_output=True, text=True, timeout=900)
@@ -42,16 +43,32 @@ def fresh_venv(venv: Path, extras: str, heavy: tuple[str, ...], source: Path = R
     return ast.literal_eval(found.stdout.strip())
 
 
+class Installed(NamedTuple):
+    venv: Path
+    wheel: Path
+    heavy: list[str]  # what the cpu extra alone made importable, probed before any other extra went in
+
+
+@pytest.fixture(scope="module")
+def cpu_venv(tmp_path_factory) -> Installed:
+    """The wheel `make wheel` builds, pip-installed with ``[cpu]`` into a new virtual environment: one
+    for the file (a venv and the runtime's dependencies take half a minute on 2 cores); the onnx test
+    adds its extra to it after the cpu extra's contents were probed."""
+    root = tmp_path_factory.mktemp("install")
+    wheel = build_wheel(root / "dist")
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
+    heavy = install(root / "venv", wheel, "cpu", ("torch", "diffusers", "transformers", "timm", "onnx", "matplotlib"))
+    return Installed(root / "venv", wheel, heavy)
+
+
 @needs_torch
 @needs_ort
 @pytest.mark.skipif(os.environ.get("DBMEF_SKIP_INSTALL_TEST") == "1", reason="DBMEF_SKIP_INSTALL_TEST=1")
-def test_the_wheel_with_the_cpu_extra_in_a_fresh_venv_classifies(tiny_bundle, tmp_path):
+def test_the_wheel_with_the_cpu_extra_in_a_fresh_venv_classifies(cpu_venv, tiny_bundle, tmp_path):
     from dbmef.apps.digits import demo_test_split, render
 
-    wheel = build_wheel(tmp_path / "dist")
-    venv = tmp_path / "venv"
-    heavy = fresh_venv(venv, "cpu", ("torch", "diffusers", "transformers", "timm", "onnx", "matplotlib"), wheel)
-    assert heavy == [], f"the cpu extra pulled in {heavy}"
+    venv = cpu_venv.venv
+    assert cpu_venv.heavy == [], f"the cpu extra pulled in {cpu_venv.heavy}"
     split = demo_test_split()
     digit = tmp_path / "digit.png"
     render(split.images[0]).save(digit)
@@ -79,15 +96,15 @@ def test_the_wheel_with_the_cpu_extra_in_a_fresh_venv_classifies(tiny_bundle, tm
 @needs_torch
 @needs_ort
 @pytest.mark.skipif(os.environ.get("DBMEF_SKIP_INSTALL_TEST") == "1", reason="DBMEF_SKIP_INSTALL_TEST=1")
-def test_onnx_folder_export_without_torch(onnx_folder, tiny_bundle, sample_images, tmp_path):
+def test_onnx_folder_export_without_torch(cpu_venv, onnx_folder, tiny_bundle, sample_images, tmp_path):
     """Issue 18: ``pip install 'dbmef[cpu,onnx]'`` (no torch, diffusers, transformers, timm) builds a
     bundle from an ONNX SD folder, and it classifies as the torch-exported bundle of the same weights."""
     from PIL import Image
 
     from dbmef.runtime import DBMEFRuntime, Protector, ScoringConfig
 
-    venv = tmp_path / "venv"
-    heavy = fresh_venv(venv, "cpu,onnx", ("torch", "diffusers", "transformers", "timm"))
+    venv = cpu_venv.venv
+    heavy = install(venv, cpu_venv.wheel, "cpu,onnx", ("torch", "diffusers", "transformers", "timm"))
     assert heavy == [], f"the onnx extra pulled in {heavy}"
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     (tmp_path / "names.json").write_text(json.dumps(m["class_names"]))

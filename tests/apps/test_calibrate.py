@@ -11,18 +11,25 @@ import pytest
 
 from dbmef.apps.cli import main
 from dbmef.apps.digits import demo_bundle_dir, demo_calibration_split, write_image_folder
-from tests.conftest import needs_ort
+from tests.conftest import needs_ort, seed_results
 
 pytestmark = needs_ort
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
-    """A copy of the digits bundle and its calibration split as an ImageFolder."""
+def calibrated(tmp_path_factory, digits_calibration_pass):
+    """A copy of the digits bundle and its calibration split as an ImageFolder. The rethink-all pass
+    `dbmef calibrate` keeps (by default under $DBMEF_HOME) is seeded from the run's shared one: the
+    commands below resume it, as a second `dbmef calibrate` on the same data does (a fresh pass
+    through the CLI: tests/apps/test_cli.py, on the tiny bundle)."""
+    from dbmef.runtime.evaluate import default_results
+
     root = tmp_path_factory.mktemp("cal")
     bundle = root / "bundle"
     shutil.copytree(demo_bundle_dir(), bundle)
-    return bundle, write_image_folder(demo_calibration_split(), root / "calibration")
+    data = write_image_folder(demo_calibration_split(), root / "calibration")
+    seed_results(digits_calibration_pass, data, default_results(bundle, data, "calibration"))
+    return bundle, data
 
 
 def _run(capsys, *argv) -> dict:

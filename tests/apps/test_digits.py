@@ -11,6 +11,7 @@ import pytest
 
 from dbmef.apps.digits import DIGIT_NAMES, IMAGE_SIZE, DigitsSplit, demo_bundle_dir, demo_test_split, render
 from dbmef.errors import ConfigError
+from tests.conftest import seed_results
 
 
 def test_render_and_split_round_trip(tmp_path):
@@ -29,11 +30,13 @@ def test_render_and_split_round_trip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """``dbmef demo``'s report (the test split classified, the calibration split's curve) and its folder."""
+def demo(tmp_path_factory, digits_calibration_pass):  # type: ignore[no-untyped-def]
+    """``dbmef demo``'s report (the test split classified, the calibration split's curve) and its folder.
+    Its calibration pass resumes from the run's shared one (what a second ``dbmef demo`` does)."""
     from dbmef.apps.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
+    seed_results(digits_calibration_pass, out / "calibration", out / "calibration.jsonl")
     return run_demo(out, progress=False), out
 
 
