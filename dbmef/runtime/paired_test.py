@@ -28,13 +28,11 @@ def paired_standard_error(e: np.ndarray, lead: int, variance: str,
     if variance == "candidate":
         d = e - e[:, [lead]]
         return d.std(axis=0, ddof=1) / math.sqrt(r), r - 1
+    inv, b = np.zeros(r, np.int64), 1  # "pooled": one block (no np.unique sort: a hot loop in replays)
     if variance == "stratified" and strata is not None:
-        inv = np.unique(strata, return_inverse=True)[1].reshape(-1)
-        b = int(inv.max()) + 1
-    else:  # one block: what np.unique of all-zero labels gives, without its sort (a hot loop in replays)
-        inv, b = np.zeros(r, np.int64), 1
-    if (r - b) * (a - 1) <= 0:
-        inv, b = np.zeros(r, np.int64), 1
+        blocks = np.unique(strata, return_inverse=True)[1].reshape(-1)
+        if (r - int(blocks.max()) - 1) * (a - 1) > 0:  # else too few rows for the strata: pooled
+            inv, b = blocks, int(blocks.max()) + 1
     cell = np.zeros((b, a))
     np.add.at(cell, inv, e)
     cell /= np.bincount(inv, minlength=b)[:, None]  # stratum x candidate means
