@@ -4,12 +4,15 @@ Ray; both build one ``DBMEFRuntime`` per worker from a ``RuntimeSpec`` (``dbmef.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import os
 from typing import Any
 
 from dbmef.runtime import RuntimeSpec
 
-__all__ = ["RuntimeSpec", "init_ray", "require_ray"]
+__all__ = ["RuntimeSpec", "for_this_actor", "init_ray", "require_ray"]
 
 
 def require_ray() -> Any:
@@ -20,6 +23,25 @@ def require_ray() -> Any:
 
         raise ConfigError("Ray is not installed: pip install 'dbmef[ray]' (Ray Data and Ray Serve)") from exc
     return ray
+
+
+def for_this_actor(spec: RuntimeSpec) -> RuntimeSpec:
+    """``spec`` as a Ray actor or Serve replica builds it: ONNX Runtime's thread pool sized to the
+    CPUs Ray assigned this actor (``--cpus-per-actor``, ``cpus_per_replica``; at least 1), unless the
+    spec sets ``intra_op_threads`` itself. ONNX Runtime's default is a thread per core of the node,
+    whatever Ray reserved, and its pool threads spin while they wait: N replicas of one CPU each on an
+    N-core node would run N^2 threads, each replica taking CPU Ray had given the others."""
+    opts = spec.options
+    if spec.backend not in ("onnxruntime", "auto") or not isinstance(opts, dict) or opts.get("intra_op_threads"):
+        return spec
+    try:
+        cpus = float(require_ray().get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except Exception:  # not inside a Ray worker: nothing assigned, ONNX Runtime's own default
+        return spec
+    if cpus <= 0:
+        return spec
+    threads = max(1, min(math.floor(cpus), os.cpu_count() or 1))
+    return dataclasses.replace(spec, options={**opts, "intra_op_threads": threads})
 
 
 def init_ray(address: str | None) -> bool:

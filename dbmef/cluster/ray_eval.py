@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dbmef.cluster import RuntimeSpec, init_ray, require_ray
+from dbmef.cluster import RuntimeSpec, for_this_actor, init_ray, require_ray
 from dbmef.runtime.data import LabelledImage
 from dbmef.runtime.evaluate import ResultsFile, record, records_for, summarize
 from dbmef.runtime.results import ragged
@@ -53,7 +53,7 @@ class FastPathStage:
     by the protector are final; rethought rows carry their VAE input, so nothing is decoded twice."""
 
     def __init__(self, spec: dict[str, Any]):
-        self.rt = RuntimeSpec(**{**spec, "lazy": True}).build()  # load only this half's engines
+        self.rt = for_this_actor(RuntimeSpec(**{**spec, "lazy": True})).build()  # only this half's engines
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         fast = self.rt.pipeline.fast_path(list(batch["pixels"]), [str(p) for p in batch["path"]],
@@ -66,7 +66,7 @@ class RethinkStage:
     """Ray Data actor: the slow path for the rethought images of a batch; passes the rest through."""
 
     def __init__(self, spec: dict[str, Any]):
-        self.rt = RuntimeSpec(**{**spec, "lazy": True}).build()  # load only this half's engines
+        self.rt = for_this_actor(RuntimeSpec(**{**spec, "lazy": True})).build()  # only this half's engines
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from dbmef.runtime.results import Batch

@@ -36,7 +36,7 @@ from typing import Any
 
 from ray import serve
 
-from dbmef.cluster import RuntimeSpec
+from dbmef.cluster import RuntimeSpec, for_this_actor
 from dbmef.cluster.http_api import API, empty_response, json_response
 from dbmef.cluster.metrics import CONTENT_TYPE, ServiceMetrics
 from dbmef.cluster.oip import ModelInfo, ProtocolError, decode_infer, encode_infer, model_metadata, unknown_model
@@ -82,7 +82,7 @@ class DBMEFService:
         try:
             from importlib import resources
 
-            rt = self.rt = self.spec.build()
+            rt = self.rt = for_this_actor(self.spec).build()
             c = self.cfg
             self.model = ModelInfo(c.model_name, c.model_version, rt.config.k, len(rt.class_names),
                                    max_batch=c.max_images_per_request)

@@ -79,3 +79,28 @@ def test_calibrate_on_ray_gives_the_single_process_curve(local_ray, digits_folde
     keys = ("threshold", "rethink_rate", "accuracy", "fixed", "broken", "unet_evals_per_image", "prot")
     assert [[p[k] for k in keys] for p in a["curve"]] == [[p[k] for k in keys] for p in b["curve"]]
     assert a["chosen"]["point"]["threshold"] == b["chosen"]["point"]["threshold"]
+
+
+def test_actors_run_onnx_runtime_on_the_cpus_ray_gave_them(local_ray):
+    """A replica's or actor's runtime gets ONNX Runtime threads = its Ray CPUs (ONNX Runtime's own
+    default, every core of the node, would ignore them); a count the spec sets is kept, and outside
+    an actor nothing changes."""
+    import dataclasses
+
+    from dbmef.cluster import for_this_actor
+
+    @ray.remote
+    def threads(spec):
+        spec = for_this_actor(spec)
+        with spec.build() as rt:
+            sessions = {e.session.get_session_options().intra_op_num_threads for _, e in rt.pipeline.engines.items()}
+        return spec.options, sessions
+
+    assert ray.get(threads.options(num_cpus=1).remote(SPEC)) == ({"intra_op_threads": 1}, {1})
+    assert ray.get(threads.options(num_cpus=2).remote(SPEC)) == ({"intra_op_threads": 2}, {2})
+    assert ray.get(threads.options(num_cpus=0.5).remote(SPEC))[0] == {"intra_op_threads": 1}
+    set_by_user = dataclasses.replace(SPEC, options={"intra_op_threads": 2})
+    assert ray.get(threads.options(num_cpus=1).remote(set_by_user))[0] == {"intra_op_threads": 2}
+    assert for_this_actor(SPEC) is SPEC  # the driver: no CPUs assigned to it
+    trt = dataclasses.replace(SPEC, backend="tensorrt", options={}, verify=False)
+    assert ray.get(ray.remote(for_this_actor).options(num_cpus=1).remote(trt)).options == {}
