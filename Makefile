@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test lint typecheck check-imports check-trt unit unit-main unit-cluster test-seconds wheel device-wheels clean
+.PHONY: demo test lint typecheck check-imports check-trt unit unit-main unit-cluster unit-serve unit-multinode test-seconds wheel device-wheels clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	@echo "make: creating $(VENV) and installing dbmef (once; a few minutes on a fresh machine)"
@@ -63,16 +63,23 @@ test-seconds: $(BIN)/.installed $(TRT_STUBS)
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q $(XDIST) --store-file-seconds $(MAIN_SUITE)
 
 unit-cluster: $(BIN)/.installed
+	$(MAKE) --no-print-directory unit-serve unit-multinode
+
+# Each in a process of its own; they may run side by side (the multi-node cluster has a Ray folder of its
+# own, so no other ray.init() on the machine can join it).
+unit-serve: $(BIN)/.installed
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_serve.py
+
+unit-multinode: $(BIN)/.installed
 	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q tests/cluster/test_multinode.py
 
 # The two quick checks; the main suite on both cores; then the slow static checks, single-threaded
-# each, side by side with the Ray processes, which mostly wait (on Ray's start, on the service).
+# each, side by side with the two Ray processes, which mostly wait (on Ray's start, on the service).
 # Output is kept per target, so each log reads as if it ran alone.
 test: $(BIN)/.installed
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint check-imports
 	$(MAKE) --no-print-directory unit-main
-	$(MAKE) --no-print-directory -j3 --output-sync=target typecheck check-trt unit-cluster
+	$(MAKE) --no-print-directory -j4 --output-sync=target typecheck check-trt unit-serve unit-multinode
 
 # The wheel the README's Install table installs (pip install 'dist/dbmef-<version>-py3-none-any.whl[cpu]');
 # tests/test_install_cpu_only.py builds it the same way. build/ is removed first: an in-tree build

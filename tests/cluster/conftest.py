@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ OWN_PROCESS = ("test_serve.py", "test_multinode.py")
 # up and names the cluster's processes here; once pytest has printed its summary they are killed and
 # the process exits with pytest's own status, Ray's atexit shutdown never running.
 KILL_AT_EXIT = pytest.StashKey[list[int]]()
+RAY_FOLDER = pytest.StashKey[str]()  # that cluster's own Ray folder (RAY_TMPDIR), removed with it
 EXIT_STATUS = pytest.StashKey[int]()
 
 
@@ -58,9 +60,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             pass
     import ray._common.utils
 
-    # what Cluster.shutdown does last: forget the cluster's address (/tmp/ray/ray_current_cluster), or the
-    # next ray.init() on this machine takes the dead cluster for a running one and refuses num_cpus
+    # what Cluster.shutdown does last: forget the cluster's address (<Ray folder>/ray_current_cluster), or
+    # the next ray.init() there takes the dead cluster for a running one and refuses num_cpus
     ray._common.utils.reset_ray_address()
+    if folder := config.stash.get(RAY_FOLDER, None):
+        shutil.rmtree(folder, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 1))

@@ -6,6 +6,8 @@ same."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 import time
 
@@ -17,7 +19,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 
 from dbmef.runtime.data import load_labelled  # noqa: E402
 from dbmef.runtime.evaluate import evaluate, read_results  # noqa: E402
-from tests.cluster.conftest import KILL_AT_EXIT, N_IMAGES, SPEC, same_record  # noqa: E402
+from tests.cluster.conftest import KILL_AT_EXIT, N_IMAGES, RAY_FOLDER, SPEC, same_record  # noqa: E402
 
 WORKER = {"num_cpus": 2, "include_dashboard": False}
 
@@ -27,6 +29,11 @@ def cluster(request):
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    # A Ray folder of its own: a Cluster writes its address to <Ray folder>/ray_current_cluster, where
+    # any ray.init() on the machine would find and join it (`make test` runs the service tests beside
+    # this file). Short: Ray's unix sockets live under it.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="raymn", dir="/tmp")
+    request.config.stash[RAY_FOLDER] = os.environ["RAY_TMPDIR"]
     # The head keeps 1 CPU (read tasks); each actor asks for 2, so actors only fit on the workers.
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     workers = [c.add_node(**WORKER), c.add_node(**WORKER)]
