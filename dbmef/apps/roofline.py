@@ -4,6 +4,7 @@ fraction of that peak a measured slow path reaches (``dbmef bench`` reports them
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import tempfile
@@ -76,6 +77,13 @@ def ort_profile_by_op(model_path: str | Path, feeds: dict[str, np.ndarray], thre
 
 def machine_matmul_rate() -> dict[str, float]:
     """float32 GEMM rate through every library at hand; the best is the machine's reference peak."""
+    return dict(_machine_matmul_rate())
+
+
+# The peak is the machine's, not the run's: measured once per process (about 4 s of 2048^3 GEMMs on
+# one core), however many reports a process writes.
+@functools.cache
+def _machine_matmul_rate() -> dict[str, float]:
     rates = {"numpy": numpy_matmul_rate()}
     try:
         import torch

@@ -130,22 +130,22 @@ def test_records_from_a_run_with_a_protector_are_refused():
 
 
 @needs_ort
-def test_one_rethink_all_pass_equals_classify_at_three_thresholds(tmp_path):
-    """The curve's premise: at any threshold, the pass's answers are the runtime's answers."""
-    from dbmef.apps.digits import DigitsSplit, demo_bundle_dir, demo_calibration_split, write_image_folder
+def test_one_rethink_all_pass_equals_classify_at_three_thresholds(digits_calibration_pass):
+    """The curve's premise: at any threshold, the pass's answers are the runtime's answers. The pass
+    is the run's shared one (what ``dbmef calibrate`` records over the digits calibration split);
+    30 of its digits, every class, are classified again at three thresholds."""
+    from dbmef.apps.digits import demo_bundle_dir
     from dbmef.runtime import DBMEFRuntime
     from dbmef.runtime.data import load_labelled
-    from dbmef.runtime.evaluate import evaluate, read_results
+    from dbmef.runtime.evaluate import read_results
 
-    cal = demo_calibration_split()
-    part = DigitsSplit(cal.images[:30], cal.labels[:30], cal.indices[:30])
-    folder = write_image_folder(part, tmp_path / "cal")
     with DBMEFRuntime(demo_bundle_dir(), protector=Protector.fixed(0.0)) as rt:
-        items = load_labelled(folder, rt.class_names)
-        evaluate(rt, items, tmp_path / "pass.jsonl")
-        recs = read_results(tmp_path / "pass.jsonl")
-        cp = RethinkAllPass.from_records([recs[it.path] for it in items])
-        evals_pass = int(cp.unet_evals.sum())
+        every = load_labelled(digits_calibration_pass / "calibration", rt.class_names)
+        items = [every[j] for j in np.linspace(0, len(every) - 1, 30).astype(int)]
+        assert len(items) == 30 and len({it.label for it in items}) == 10
+        recs = read_results(digits_calibration_pass / "calibration.jsonl")
+        records = [recs[it.path] for it in items]
+        cp = RethinkAllPass.from_records(records)
         for q in (0.2, 0.5, 0.8):
             t = float(np.quantile(cp.s, q))
             res = rt.with_protector(Protector(t)).classify([it.path for it in items])
@@ -154,4 +154,4 @@ def test_one_rethink_all_pass_equals_classify_at_three_thresholds(tmp_path):
             # a threshold's slow-path work is the pass's work on the images it rethinks
             assert sum(r.unet_evals for r in res) == int(cp.unet_evals[cp.rethink(t)].sum())
         assert rt.protector.threshold == math.inf  # with_protector left the runtime itself as it was
-    assert evals_pass == sum(r["unet_evals"] for r in recs.values())
+    assert int(cp.unet_evals.sum()) == sum(r["unet_evals"] for r in records)
