@@ -178,7 +178,8 @@ def digits_calibration_pass(tmp_path_factory: pytest.TempPathFactory) -> Path:
     holding the split as an ImageFolder (``calibration/``) and the pass's results
     (``calibration.jsonl``). The most UNet work of any fixture (about 45 s on one core), and the demo
     and ``dbmef calibrate`` tests each ran it again: they now resume from a copy (``seed_results``),
-    which is the product's own resume path, and still check every number of the pass."""
+    which is the product's own resume path, and still check every number of the pass; the operating
+    point test reads its records as they are."""
     if not has("onnxruntime"):
         pytest.skip("needs onnxruntime ([cpu] extra)")
 

@@ -36,7 +36,7 @@ def for_this_actor(spec: RuntimeSpec) -> RuntimeSpec:
         return spec
     try:
         cpus = float(require_ray().get_runtime_context().get_assigned_resources().get("CPU", 0.0))
-    except Exception:  # not inside a Ray worker: nothing assigned, ONNX Runtime's own default
+    except Exception:  # the driver, or Ray not connected: Ray assigns nothing there; ONNX Runtime's default
         return spec
     if cpus <= 0:
         return spec

@@ -30,9 +30,9 @@ def paired_standard_error(e: np.ndarray, lead: int, variance: str,
         return d.std(axis=0, ddof=1) / math.sqrt(r), r - 1
     inv, b = np.zeros(r, np.int64), 1  # "pooled": one block (no np.unique sort: a hot loop in replays)
     if variance == "stratified" and strata is not None:
-        blocks = np.unique(strata, return_inverse=True)[1].reshape(-1)
-        if (r - int(blocks.max()) - 1) * (a - 1) > 0:  # else too few rows for the strata: pooled
-            inv, b = blocks, int(blocks.max()) + 1
+        names, blocks = np.unique(strata, return_inverse=True)
+        if (r - len(names)) * (a - 1) > 0:  # else too few rows for the strata: pooled
+            inv, b = blocks.reshape(-1), len(names)
     cell = np.zeros((b, a))
     np.add.at(cell, inv, e)
     cell /= np.bincount(inv, minlength=b)[:, None]  # stratum x candidate means

@@ -58,13 +58,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    import ray._common.utils
-
-    # what Cluster.shutdown does last: forget the cluster's address (<Ray folder>/ray_current_cluster), or
-    # the next ray.init() there takes the dead cluster for a running one and refuses num_cpus
-    ray._common.utils.reset_ray_address()
-    if folder := config.stash.get(RAY_FOLDER, None):
-        shutil.rmtree(folder, ignore_errors=True)
+    # the cluster's own Ray folder, and with it what Cluster.shutdown would forget last: the cluster's
+    # address (ray_current_cluster), which the next ray.init() there would take for a running cluster
+    shutil.rmtree(config.stash[RAY_FOLDER], ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash.get(EXIT_STATUS, 1))
