@@ -26,7 +26,7 @@ import numpy as np
 
 from dbmef.errors import BundleError
 from dbmef.runtime.config import SCHEDULER_FIELDS, ScoringConfig
-from dbmef.runtime.contracts import TensorSpec
+from dbmef.runtime.contracts import TensorIO, TensorSpec
 from dbmef.runtime.noise_schedule import NoiseSchedule
 from dbmef.runtime.preprocess import BackbonePreprocess
 from dbmef.runtime.protector import Protector
@@ -47,7 +47,7 @@ T = TypeVar("T")
 
 # -- the records ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ComponentRecord:
+class ComponentRecord(TensorIO):
     """One ONNX component: its files (graph and optional external data) with their hashes, its I/O
     contract (the ``contracts.ComponentSpec``'s tensors, as exported), the precision it was exported
     at, where it came from and how it was validated."""
@@ -61,14 +61,6 @@ class ComponentRecord:
     external_data_sha256: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
 
     @property
     def dynamic_batch(self) -> bool:

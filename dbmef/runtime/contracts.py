@@ -47,11 +47,10 @@ class TensorSpec:
         return "(" + ", ".join(map(str, self.shape)) + ")"
 
 
-@dataclass(frozen=True)
-class ComponentSpec:
-    """The I/O contract of one exported component."""
+class TensorIO:
+    """The names of a component's tensors, for the two records that hold them: the contract
+    (``ComponentSpec``) and the bundle's record of the exported graph (``bundle.ComponentRecord``)."""
 
-    name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
@@ -62,6 +61,15 @@ class ComponentSpec:
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
+
+
+@dataclass(frozen=True)
+class ComponentSpec(TensorIO):
+    """The I/O contract of one exported component."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
 
     @property
     def input_dtypes(self) -> dict[str, np.dtype]:
