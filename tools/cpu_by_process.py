@@ -37,11 +37,14 @@ KINDS = (  # (kind, any of these in the lower-cased command line), first match w
 
 def machine_busy() -> float:
     """Busy core-seconds since boot: every /proc/stat cpu field but idle and iowait."""
-    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def sample(seen: dict[int, tuple[str, float]]) -> None:
+def sample(seen: dict[tuple[int, int], tuple[str, float]]) -> None:
+    """Every process's (command line, user + system seconds so far), keyed by (pid, start time): a
+    pid reused by a new process is a new key, and a kernel thread that renames itself is not."""
     hz = os.sysconf("SC_CLK_TCK")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -52,7 +55,8 @@ def sample(seen: dict[int, tuple[str, float]]) -> None:
         except OSError:  # gone meanwhile
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        seen[int(pid)] = (cmd or stat.split("(", 1)[1].split(")")[0], (int(fields[11]) + int(fields[12])) / hz)
+        key = (int(pid), int(fields[19]))  # fields[19]: starttime, the 22nd field of /proc/PID/stat
+        seen[key] = (cmd or stat.split("(", 1)[1].split(")")[0], (int(fields[11]) + int(fields[12])) / hz)
 
 
 def kind(cmd: str) -> str:
@@ -64,20 +68,19 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
-    before: dict[int, tuple[str, float]] = {}
+    before: dict[tuple[int, int], tuple[str, float]] = {}
     sample(before)
     busy0, t0 = machine_busy(), time.perf_counter()
     proc = subprocess.Popen(argv)
-    seen: dict[int, tuple[str, float]] = {}
+    seen: dict[tuple[int, int], tuple[str, float]] = {}
     while proc.poll() is None:
         sample(seen)
         time.sleep(0.5)
     sample(seen)
     wall, busy = time.perf_counter() - t0, machine_busy() - busy0
     totals: Counter[str] = Counter()
-    for pid, (cmd, cpu) in seen.items():
-        old = before.get(pid)
-        totals[kind(cmd)] += cpu - (old[1] if old and old[0] == cmd else 0.0)
+    for key, (cmd, cpu) in seen.items():
+        totals[kind(cmd)] += cpu - before.get(key, ("", 0.0))[1]
     print(f"\nwall {wall:.0f} s, machine busy {busy:.0f} core-s ({busy / wall / os.cpu_count() * 100:.0f} % of "
           f"{os.cpu_count()} cores), sampled {sum(totals.values()):.0f} core-s", file=sys.stderr)
     for k, v in totals.most_common():
