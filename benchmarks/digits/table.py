@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from dbmef.apps.digits import DigitsSplit
-from dbmef.apps.digits_table import NOTES, ablate, early_exit_from, early_exit_markdown, markdown, with_notes
+from dbmef.apps.digits_report import NOTES, early_exit_markdown, markdown, with_notes
+from dbmef.apps.digits_table import ablate, early_exit_from
 
 
 def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
@@ -39,7 +40,8 @@ def run(runs: list[Path], ks: tuple[int, ...] = (3, 5), votes: int = 5,
                            calibration=DigitsSplit.load(cal) if cal.exists() else None)
                 r.update({"seed": report.get("seed"), "backbone": backbone,
                           "train_seconds": report.get("seconds", {}),
-                          "torch_test_accuracy": report.get("torch_test_accuracy", {})})
+                          "torch_test_accuracy": report.get("torch_test_accuracy", {}),
+                          **({"diffusion_from": report["diffusion_from"]} if report.get("diffusion_from") else {})})
                 data["results"].append(r)
                 accs = ", ".join(f"{c} {v:.2%}" for c, v in r["accuracy"].items())
                 print(f"seed {r['seed']} {backbone} k={k}: {accs}", flush=True)
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                                               r["votes"])
         a.json.write_text(json.dumps(old, indent=1) + "\n")
         if a.markdown:
-            a.markdown.write_text(with_notes(markdown(old), a.markdown.read_text() if a.markdown.is_file() else ""))
+            a.markdown.write_text(with_notes(markdown(old, str(a.json)),
+                                             a.markdown.read_text() if a.markdown.is_file() else ""))
         print("\n".join(early_exit_markdown(old["results"])))
         return
 
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     data = merged(run(a.runs, tuple(a.k), a.votes, save, skip) if a.runs else {"results": []})
     data["unet_seconds_per_eval"] = measure_seconds_per_eval(Path(data["results"][0]["bundle"]))
     save(data)
-    md = markdown(data)
+    md = markdown(data, str(a.json))
     if a.markdown:
         previous = a.markdown.read_text() if a.markdown.is_file() else ""
         a.markdown.write_text(with_notes(md, previous))

@@ -51,10 +51,12 @@ def train_system(cfg: TrainConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"seed": cfg.seed, "n_train": len(clf.labels), "n_calibration": len(calib.labels),
                               "n_test": len(test.labels), "seconds": {}}
     train_classifiers(cfg, clf, test, system, report)
-    # The diffusion side trains on the whole training split (classifier part + calibration part).
-    train_diffusion(cfg, DigitsSplit(np.concatenate([clf.images, calib.images]),
-                                     np.concatenate([clf.labels, calib.labels]),
-                                     np.concatenate([clf.indices, calib.indices])), system, report)
+    if cfg.diffusion_from:
+        report["diffusion_from"] = cfg.diffusion_from
+    else:  # the diffusion side trains on the whole training split (classifier part + calibration part)
+        train_diffusion(cfg, DigitsSplit(np.concatenate([clf.images, calib.images]),
+                                         np.concatenate([clf.labels, calib.labels]),
+                                         np.concatenate([clf.indices, calib.indices])), system, report)
     secs = report["seconds"]
     if cfg.export:
         for name in ("weak", "strong"):
@@ -120,6 +122,7 @@ def export_and_calibrate(cfg: TrainConfig, system: Path, backbone: str, bundle: 
     """``dbmef-export``'s library path with the digits defaults, then the protector calibrated on
     the calibration split, as ``dbmef calibrate`` does."""
     from dbmef.export.exporter import ExportConfig, export_bundle
+    from dbmef.export.from_bundle import export_with_bundle_diffusion
     from dbmef.runtime.config import ScoringConfig
     from dbmef.runtime.evaluate import calibrate, write_protector
     from dbmef.runtime.system import DBMEFRuntime
@@ -127,9 +130,13 @@ def export_and_calibrate(cfg: TrainConfig, system: Path, backbone: str, bundle: 
     scoring = ScoringConfig(k=cfg.k, n_timesteps=cfg.n_timesteps, votes=cfg.votes, lam=cfg.lam, unet_batch=64)
     # scorer "both": the fused graph serves; the plain UNet graph lets the Table 1 ablations get
     # every lam and the negative-only error from one pass (DiffusionScorer.score_terms).
-    export_bundle(ExportConfig(backbone=str(system / f"backbone_{backbone}"), sd=str(system / "sd"),
-                               image_size=IMAGE_SIZE, class_names=str(system / "class_names.json"),
-                               out=str(bundle), scoring=scoring, seed=cfg.seed, scorer="both"))
+    export = ExportConfig(backbone=str(system / f"backbone_{backbone}"), sd=cfg.diffusion_from or str(system / "sd"),
+                          image_size=IMAGE_SIZE, out=str(bundle), scoring=scoring, seed=cfg.seed, scorer="both",
+                          class_names=None if cfg.diffusion_from else str(system / "class_names.json"))
+    if cfg.diffusion_from:  # the bundle's graphs and scoring as they are (the committed one has both graphs)
+        export_with_bundle_diffusion(export)
+    else:
+        export_bundle(export)
     prot = cfg.prot_strong if backbone == "strong" else cfg.prot
     with DBMEFRuntime(bundle) as rt:
         protector, stats = calibrate(rt, labelled(calib), prot)

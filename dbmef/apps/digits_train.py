@@ -68,6 +68,9 @@ class TrainConfig:
     prot_strong: float = 0.99  # the paper's Prot for strong backbones
     export: bool = True
     export_only: bool = False  # re-export and re-calibrate an already trained system/
+    # a bundle whose diffusion side the systems reuse (`dbmef-export --sd BUNDLE`): only the classifiers are
+    # trained, so a system costs minutes instead of an hour (the UNet is the bundle's, trained with its own seed)
+    diffusion_from: str = ""
 
 
 # -- data ----------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"bundle      {args.bundle} (format v{m.format_version}, created {m.created})")
     print(f"digest      {m.digest()}")
     print(f"classes     {len(m.class_names)}: {', '.join(m.class_names[:5])}{' ...' if len(m.class_names) > 5 else ''}")
-    print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={m.sources.get('sd', {}).get('id')}")
+    sd = m.sources.get("sd", {})
+    via = f" (diffusion side copied from the bundle {sd['bundle']})" if sd.get("bundle") else ""
+    print(f"sources     backbone={m.sources.get('backbone', {}).get('id')}  sd={sd.get('id')}{via}")
     print(f"scorer      {kind_of_component(m.scorer_component)}; latent {m.vae.latent_shape} from {m.vae.image_size}px")
     print(f"scoring     {json.dumps({k: v for k, v in m.scoring.to_dict().items() if k != 'templates'})}")
     print(f"protector   {m.protector.to_dict() if m.protector else 'not calibrated (rethinks everything)'}")

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--random-init", action="store_true", help="backbone architecture only, random weights")
     p.add_argument("--sd", default="auto",
                    help="'auto' (SD v1.5 from the local Hugging Face cache), a local diffusers folder, an ONNX folder "
-                        "in optimum's layout (no torch needed; with --backbone-onnx), 'sd15' (SD v1.5 architecture, "
+                        "in optimum's layout (no torch needed; with --backbone-onnx), a dbmef bundle (its diffusion "
+                        "side reused as it is: only --backbone is exported; docs/bundle.md), 'sd15' (SD v1.5 "
+                        "architecture, "
                         "random weights) or 'tiny' (the test system)")
     o = p.add_argument_group("a classifier already in ONNX (with an ONNX --sd folder)")
     o.add_argument("--backbone-onnx", metavar="FILE", help="the classifier graph: one image input, logits first")
@@ -43,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the system's own")
     p.add_argument("--class-names", help="class names for a non-ImageNet backbone: JSON list or one per line")
     p.add_argument("--out", help="bundle folder (default: engines/<backbone>-<sd>-<size>-<precision>)")
-    p.add_argument("--scorer", choices=list(SCORER_CHOICES), default="fused",
-                   help="fused: one error per row leaves the graph; unet: the plain UNet, errors on the host")
+    p.add_argument("--scorer", choices=list(SCORER_CHOICES), default=None,
+                   help="fused (the default): one error per row leaves the graph; unet: the plain UNet, errors on the "
+                        "host; both")
     f = p.add_argument_group("diffusion features (dbmef features fits a classifier head on them; "
                              "needs --scorer unet or both)")
     f.add_argument("--features", metavar="BLOCK", help="also write the features component: the UNet block down.<i>, "
@@ -74,8 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch_path = True
     try:
         t0 = time.perf_counter()
-        torch_path = not _onnx_folder(args)
-        out = _export_torch(args, say) if torch_path else _export_onnx_folder(args, say)
+        kind = _source_kind(args)
+        torch_path = kind != "onnx"
+        export = {"torch": _export_torch, "onnx": _export_onnx_folder, "bundle": _export_from_bundle}[kind]
+        out = export(args, say)
         if args.trt:
             from dbmef.export.trt_build import build_engines
 
@@ -93,15 +98,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _onnx_folder(args: argparse.Namespace) -> bool:
+def _source_kind(args: argparse.Namespace) -> str:
+    """torch (diffusers or generated sources), onnx (an optimum folder) or bundle (a dbmef bundle)."""
+    from dbmef.export.from_bundle import is_bundle
     from dbmef.export.onnx_folder import is_onnx_sd_folder
 
     if is_onnx_sd_folder(args.sd):
-        return True
+        return "onnx"
     if args.backbone_onnx or args.backbone_data_config:
         raise DBMEFError("--backbone-onnx and --backbone-data-config go with an ONNX Stable Diffusion folder as --sd "
                          f"(optimum's layout: unet/model.onnx, ...); {args.sd} is not one")
-    return False
+    return "bundle" if is_bundle(args.sd) else "torch"
+
+
+def _export_from_bundle(args: argparse.Namespace, say: Any) -> Any:
+    """A new classifier in front of a bundle's diffusion side, which comes as it is: its graphs,
+    precision, image size, scorer graphs, features and scoring settings."""
+    from dbmef.export.exporter import ExportConfig
+    from dbmef.export.from_bundle import export_with_bundle_diffusion
+
+    given = [flag for flag, v in (("--precision", args.precision), ("--image-size", args.image_size),
+                                  ("--scorer", args.scorer), ("--features", args.features)) if v is not None]
+    if given:
+        raise DBMEFError(f"{', '.join(given)}: with a bundle as --sd ({args.sd}) the diffusion side is copied as it "
+                         "is, so these come from that bundle; leave them out, or export from the diffusers folder")
+    cfg = ExportConfig(backbone=args.backbone, weights=args.weights, random_init=args.random_init, sd=args.sd,
+                       class_names=args.class_names, out=args.out, opset=args.opset, validate=not args.no_validate,
+                       seed=args.seed)
+    return export_with_bundle_diffusion(cfg, progress=say)
 
 
 def _export_onnx_folder(args: argparse.Namespace, say: Any) -> Any:
@@ -126,7 +150,7 @@ def _export_onnx_folder(args: argparse.Namespace, say: Any) -> Any:
                                                           args.class_names, out / "_backbone", args.opset)
         backbone, data_config, names = str(path), json.dumps(data_cfg), str(names_file)
     cfg = OnnxExportConfig(sd=args.sd, backbone_onnx=backbone, class_names=names, data_config=data_config, out=str(out),
-                           scorer=args.scorer, image_size=args.image_size, precision=args.precision,
+                           scorer=args.scorer or "fused", image_size=args.image_size, precision=args.precision,
                            validate=not args.no_validate, seed=args.seed,
                            scoring=ScoringConfig(unet_batch=args.unet_batch), features=_features(args))
     bundle = export_from_onnx_folder(cfg, progress=say)
@@ -145,7 +169,7 @@ def _export_torch(args: argparse.Namespace, say: Any) -> Any:
         backbone=args.backbone, weights=args.weights, random_init=args.random_init, sd=args.sd,
         precision=args.precision or "fp32", image_size=args.image_size or 512, class_names=args.class_names,
         out=args.out,
-        scorer=args.scorer, opset=args.opset, validate=not args.no_validate, seed=args.seed,
+        scorer=args.scorer or "fused", opset=args.opset, validate=not args.no_validate, seed=args.seed,
         scoring=ScoringConfig(unet_batch=args.unet_batch), features=_features(args),
     )
     return export_bundle(cfg, progress=say)

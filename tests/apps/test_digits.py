@@ -80,7 +80,7 @@ def test_table_ablation_agrees_with_the_runtime():
 
 
 def test_regenerated_report_keeps_the_hand_written_notes():
-    from dbmef.apps.digits_table import with_notes
+    from dbmef.apps.digits_report import with_notes
 
     old = "# Old\n\n| stale | table |\n\n## Notes\n\n* seed 2 is odd\n\n## Notes on cost\n* slow\n"
     new = with_notes("# New\n\n| fresh | table |\n\n", old)
@@ -90,7 +90,7 @@ def test_regenerated_report_keeps_the_hand_written_notes():
 
 
 def test_report_header_states_the_prot_each_backbone_ran_with():
-    from dbmef.apps.digits_table import markdown
+    from dbmef.apps.digits_report import markdown
 
     committed = json.loads((Path(__file__).parents[2] / "benchmarks/digits/results.json").read_text())
     rows = [{**r, "prot": 0.9 if r["backbone"] == "weak" else 0.995} for r in committed["results"]]
@@ -118,3 +118,28 @@ def test_training_script_runs_end_to_end(tmp_path):
             assert set(rt.manifest.components) >= {"scorer", "unet"}
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["unet_steps"] == 3
+    # The classifiers alone, in front of that run's diffusion side (dbmef-export --sd BUNDLE)
+    source = tmp_path / "run" / "bundle-weak"
+    shared = train_system(TrainConfig(out=str(tmp_path / "clf"), seed=1, weak_epochs=1, strong_epochs=1,
+                                      diffusion_from=str(source)))
+    assert shared["diffusion_from"] == str(source) and "unet" not in shared["seconds"]
+    assert not (tmp_path / "clf" / "system" / "sd" / "unet").exists()
+    for name in ("weak", "strong"):
+        bundle = tmp_path / "clf" / f"bundle-{name}"
+        for f in ("scorer.onnx", "unet.onnx", "text_encoder.onnx", "positive_embeddings.npy"):
+            assert (bundle / f).read_bytes() == (source / f).read_bytes()
+        with DBMEFRuntime(bundle) as rt:
+            assert rt.protector.prot == (0.99 if name == "strong" else 0.95) and rt.config.n_timesteps == 4
+
+
+def test_report_of_runs_sharing_one_diffusion_side_says_so():
+    from dbmef.apps.digits_report import markdown
+
+    committed = json.loads((Path(__file__).parents[2] / "benchmarks/digits/results.json").read_text())
+    rows = [{**r, "diffusion_from": "dbmef/assets/digits/bundle"} for r in committed["results"]]
+    md = markdown({**committed, "results": rows}, "benchmarks/digits/results_shared_unet.json")
+    assert md.startswith("# Digits: Table 1 on systems that share one diffusion side\n")
+    assert "--diffusion-from dbmef/assets/digits/bundle --out engines/digits/clf-seed$s" in md
+    assert "Raw numbers: `benchmarks/digits/results_shared_unet.json`" in md
+    assert "each seed retrains the classifiers; one diffusion side" in md
+    assert "share one diffusion side" not in markdown(committed)

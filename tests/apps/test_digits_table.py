@@ -31,7 +31,8 @@ def test_the_adaptive_column_is_the_adaptive_policy():
 def test_fused_columns_and_their_done_when_check():
     """Three images by hand: the fused rule keeps the backbone's confident answer where the paper's
     rule would break it, and takes the diffusion model's where the backbone is unsure."""
-    from dbmef.apps.digits_table import fused_columns, fused_markdown
+    from dbmef.apps.digits_report import fused_markdown
+    from dbmef.apps.digits_table import fused_columns
 
     top = np.array([[0, 1], [1, 0], [2, 3]])
     top_p = np.array([[0.9, 0.1], [0.55, 0.45], [0.5, 0.5]])
