@@ -9,9 +9,11 @@ they are copied byte for byte (their sha256 checked on the way in) and only the 
 exported, validated against torch and recorded.
 
 What does not carry over: the protector and the fused decision's beta were fitted on the old
-classifier's probabilities, and TensorRT engines were built for the old bundle's folder. The new
-bundle is uncalibrated (``dbmef calibrate`` next; until then it rethinks every image by the paper's rule) and has no
-engines until ``dbmef-export --trt`` or ``dbmef build-engines`` makes them.
+classifier's probabilities, so the new bundle is uncalibrated (``dbmef calibrate`` next; until
+then it rethinks every image by the paper's rule). TensorRT engines of the copied graphs do carry
+over (with the timing cache): an engine's key is its graph's sha256 with the TensorRT version, the
+GPU and the shape profile, all unchanged, so ``dbmef build-engines`` reuses them and builds the
+classifier's alone (on another GPU or TensorRT the keys differ and it rebuilds, as it always does).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def export_with_bundle_diffusion(cfg: ExportConfig, progress: Callable[[str], No
     manifest = m.replace(
         components={**m.components, "backbone": record},
         backbone_preprocess=BackbonePreprocess.from_data_config(data_cfg),
-        protector=None, tensorrt=TensorRTRecord(),
+        protector=None, tensorrt=_copy_engines(src, out),
         scoring=m.scoring.replace(decision="paper", fused_beta=None),
         sources={"backbone": source, "sd": {**m.sources.get("sd", {}), "bundle": str(src.dir),
                                             "bundle_digest": src.digest(calibration=False)}},
@@ -114,3 +116,24 @@ def _backbone(cfg: ExportConfig, m: Any, text_width: int, out: Path
     source = {"id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init, "num_classes": n,
               "weights_sha256": sha256_file(cfg.weights) if cfg.weights else None}
     return spec, path, validation, data_cfg, source
+
+
+def _copy_engines(src: Bundle, out: Path) -> TensorRTRecord:
+    """The source's TensorRT engines but the classifier's, each copied only if its file is present
+    and unaltered (a damaged one is left for ``build-engines`` to rebuild), and its timing cache."""
+    trt = src.manifest.tensorrt
+    kept = {}
+    for name, rec in trt.engines.items():
+        file = src.dir / rec.file
+        if name == "backbone" or not file.is_file() or sha256_file(file) != rec.sha256:
+            continue
+        (out / rec.file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, out / rec.file)
+        kept[name] = rec
+    cache = trt.timing_cache if trt.timing_cache and (src.dir / trt.timing_cache).is_file() else None
+    if cache is not None:
+        (out / cache).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.dir / cache, out / cache)
+    if kept:
+        log.info("TensorRT engines carried over: %s", ", ".join(sorted(kept)))
+    return TensorRTRecord(kept, cache)

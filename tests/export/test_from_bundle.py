@@ -62,18 +62,33 @@ def test_what_belonged_to_the_old_classifier_is_dropped(tiny_bundle, tiny_system
 
     from dbmef.export.config import ExportConfig
     from dbmef.export.from_bundle import export_with_bundle_diffusion
+    from dbmef.runtime.bundle import EngineRecord, TensorRTRecord, sha256_file
     from dbmef.runtime.protector import Protector
 
     src = tmp_path / "calibrated"
     shutil.copytree(tiny_bundle, src)
+    (src / "trt").mkdir()
+    engines = {}
+    for name in ("backbone", "unet", "text_encoder"):  # stand-in engine files: only their bytes matter here
+        (src / "trt" / f"{name}.engine").write_bytes(name.encode() * 10)
+        engines[name] = EngineRecord(f"trt/{name}.engine", "k", sha256_file(src / "trt" / f"{name}.engine"), "10.9",
+                                     "H100", "9.0", "fp32", {}, 1.0)
+    (src / "trt" / "text_encoder.engine").write_bytes(b"altered after its build")
+    (src / "trt" / "cache.bin").write_bytes(b"timings")
     b = Bundle.open(src)
     b.save(b.manifest.replace(protector=Protector(0.3, prot=0.95, n_samples=40),
-                              scoring=b.manifest.scoring.replace(decision="fused", fused_beta=120.0)))
+                              scoring=b.manifest.scoring.replace(decision="fused", fused_beta=120.0),
+                              tensorrt=TensorRTRecord(engines, "trt/cache.bin")))
     out = export_with_bundle_diffusion(ExportConfig(backbone=str(tiny_system / "backbone"), sd=str(src),
                                                     out=str(tmp_path / "new")))
     m = load_manifest(out)
     assert m.protector is None and m.scoring.decision == "paper" and m.scoring.fused_beta is None
-    assert not m.tensorrt.engines
+    # the graphs' engines carry over (their keys hold the unchanged graph hashes); the classifier's and
+    # an altered one do not
+    assert m.tensorrt.engines == {"unet": engines["unet"]} and m.tensorrt.timing_cache == "trt/cache.bin"
+    assert (out / "trt" / "unet.engine").read_bytes() == b"unet" * 10
+    assert (out / "trt" / "cache.bin").read_bytes() == b"timings"
+    assert not (out / "trt" / "backbone.engine").exists() and not (out / "trt" / "text_encoder.engine").exists()
     assert json.loads((out / "export_config.json").read_text())["sd"] == str(src)
 
 
