@@ -119,3 +119,29 @@ def test_cli_refuses_what_the_bundle_decides_and_writing_over_it(tiny_bundle, ti
     assert main(["--backbone", backbone, "--sd", str(tiny_bundle), "--out", str(tiny_bundle), "-q"]) == 2
     assert "is the --sd bundle itself" in capsys.readouterr().err
     Bundle.open(tiny_bundle)  # untouched
+
+
+def test_build_engines_reuses_the_carried_engines_and_builds_the_classifiers_alone(tiny_bundle, tiny_system,
+                                                                                    tmp_path, monkeypatch):
+    """On the simulated device (tests/simdevice.py): TensorRT's build itself is checked on a GPU."""
+    import shutil
+
+    from dbmef.export.config import ExportConfig
+    from dbmef.export.from_bundle import export_with_bundle_diffusion
+    from dbmef.export.trt_build import build_engines
+    from dbmef.runtime import DBMEFRuntime
+    from tests.simdevice import install
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_bundle, src)
+    dev = install(monkeypatch)
+    old = build_engines(src)
+    assert dev.calls["engine_build"] == 4
+    out = export_with_bundle_diffusion(ExportConfig(backbone=str(tiny_system / "backbone"), sd=str(src),
+                                                    out=str(tmp_path / "new")))
+    new = build_engines(out)
+    assert dev.calls["engine_build"] == 5  # the classifier's engine alone
+    assert {n: r.key for n, r in new.items() if n != "backbone"} == {n: r.key for n, r in old.items()
+                                                                     if n != "backbone"}
+    with DBMEFRuntime(out, backend="tensorrt") as rt:
+        assert rt.describe()["providers"]["scorer"] == "TensorRT"
