@@ -162,9 +162,11 @@ def fused_markdown(res: list[dict[str, Any]]) -> list[str]:
              "beta fitted by maximum likelihood on each system's own 200 calibration digits, every one rethought "
              "(`fusion.fit_beta`, docs/fused_decision.md); the test digits are held out. Columns: rethink-all "
              "(Prot 0, V 1) and the protector at V 1 and V 5, paper's rule / fused rule; **ok** is the done-when: "
-             "fused >= max(paper, paper rethink-all) - 0.1 points and >= top-1, at every V.", "",
+             "fused >= max(paper, paper rethink-all) - 0.1 points and >= top-1, at every V. **cost**: the "
+             "protector's rethink rate and UNet evaluations per test image at V 1 / V 5, the same for both rules "
+             "(they rethink the same images; `exact` early exit spends slightly different amounts on each).", "",
              "| backbone | k | seed | beta V1 / V5 | top-1 | Prot 0 paper / fused | prot V1 paper / fused | "
-             "prot V5 paper / fused | ok |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "prot V5 paper / fused | cost | ok |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     gains: dict[str, list[float]] = {"weak": [], "strong": []}
     for r in sorted(rows, key=lambda r: (r["backbone"] != "weak", r["k"], r["seed"])):
         f, a = r["fused"], r["fused"]["accuracy"]
@@ -175,7 +177,9 @@ def fused_markdown(res: list[dict[str, Any]]) -> list[str]:
         cols = ("prot0", *(f"V{v}" for v in vs))
         cells = " | ".join(f"{a['paper_' + c]:.2%} / {a['fused_' + c]:.2%}" for c in cols)
         betas = " / ".join(f"{f['beta']['V' + str(v)]:.0f}" for v in vs)
-        lines.append(f"| {r['backbone']} | {r['k']} | {r['seed']} | {betas} | {a['top1']:.2%} | {cells} | "
+        ev = r["unet_evals_per_image"]
+        cost = f"{r['rethink_rate']:.1%}, {ev['combined']:.1f} / {ev['combined_votes']:.1f}"
+        lines.append(f"| {r['backbone']} | {r['k']} | {r['seed']} | {betas} | {a['top1']:.2%} | {cells} | {cost} | "
                      f"{'yes' if ok else 'NO'} |")
     lines += ["", "Mean gain of the fused rule over the paper's at the protector's threshold: "
               + "; ".join(f"{b} {np.mean(g) * 100:+.2f} points" for b, g in gains.items() if g) + ".", ""]

@@ -46,8 +46,10 @@ def test_fused_columns_and_their_done_when_check():
     assert cols["paper_prot0"] == cols["paper_V1"] == cols["paper_V3"] == 2 / 3  # image 0 broken
     assert cols["fused_prot0"] == cols["fused_V1"] == cols["fused_V3"] == 1.0
     assert cols["top1"] == 1 / 3
-    row = {"backbone": "weak", "k": 2, "seed": 0, "fused": {"beta": {"V1": beta, "V3": beta}, "accuracy": cols}}
+    row = {"backbone": "weak", "k": 2, "seed": 0, "fused": {"beta": {"V1": beta, "V3": beta}, "accuracy": cols},
+           "rethink_rate": 0.125, "unet_evals_per_image": {"combined": 7.5, "combined_votes": 22.5}}
     text = "\n".join(fused_markdown([row]))
     assert "| yes |" in text and "weak +33.33 points" in text
+    assert "| 12.5%, 7.5 / 22.5 |" in text
     bad = {**row, "fused": {**row["fused"], "accuracy": {**cols, "fused_V3": 0.5}}}
     assert "| NO |" in "\n".join(fused_markdown([bad]))
