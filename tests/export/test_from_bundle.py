@@ -25,7 +25,9 @@ def swapped(tiny_system, tiny_bundle, tmp_path_factory):
     return out
 
 
-def test_the_diffusion_side_is_copied_byte_for_byte_and_the_backbone_validated(swapped, tiny_bundle):
+def test_the_diffusion_side_is_copied_byte_for_byte_and_the_backbone_validated(swapped, tiny_bundle, capsys):
+    from dbmef.apps.cli import main
+
     old, new = load_manifest(tiny_bundle), load_manifest(swapped)
     assert set(new.components) == set(old.components)
     for name, rec in old.components.items():
@@ -40,6 +42,9 @@ def test_the_diffusion_side_is_copied_byte_for_byte_and_the_backbone_validated(s
     assert new.sources["sd"]["bundle"] == str(tiny_bundle)
     assert new.sources["sd"]["bundle_digest"] == old.digest(calibration=False)
     Bundle.open(swapped)  # every recorded sha256 matches what was written
+    assert main(["info", "--bundle", str(swapped)]) == 0
+    out = capsys.readouterr().out
+    assert f"(diffusion side copied from the bundle {tiny_bundle})" in out and "not calibrated" in out
 
 
 def test_the_new_bundle_answers_as_the_bundle_it_came_from(swapped, tiny_bundle, many_images):
