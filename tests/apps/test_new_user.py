@@ -79,7 +79,7 @@ def test_missing_extras_are_named_with_their_install_command(monkeypatch, capsys
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
     monkeypatch.setattr(export_cli, "_export_torch", needs_torch)
-    monkeypatch.setattr(export_cli, "_onnx_folder", lambda args: False)
+    monkeypatch.setattr(export_cli, "_source_kind", lambda args: "torch")
     assert export_cli.main(["--backbone", "resnet50", "--out", "x"]) == 2
     assert "pip install 'dbmef[export,cpu]'" in capsys.readouterr().err
 
