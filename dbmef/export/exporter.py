@@ -252,21 +252,32 @@ def export_backbone_only(backbone: str, weights: str | None, random_init: bool, 
                          out_dir: Path, opset: int = 17) -> tuple[Path, dict[str, Any], Path]:
     """A timm classifier exported and validated alone (the torch half of ``--sd ONNX_FOLDER`` with a
     timm ``--backbone``): its ONNX file, its data config and a class-names file."""
-    from dbmef.export.onnx_tools import export_onnx, validate_component
-    from dbmef.export.specs import make_specs
-    from dbmef.reference.loading import backbone_data_config, load_backbone
-    from dbmef.reference.modules import BackboneModule
+    from dbmef.reference.loading import load_backbone
 
     model = load_backbone(backbone, weights=weights, random_init=random_init)
     cfg = ExportConfig(backbone=backbone, class_names=class_names)
     names, _ = _class_names(cfg, int(model.num_classes), None)
-    data_cfg = backbone_data_config(model)
-    spec = make_specs(image_size=64, backbone_size=tuple(data_cfg["input_size"][1:]), text_width=8,
-                      latent_shape=(4, 8, 8))["backbone"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    module = BackboneModule(model)
-    path = export_onnx(module, spec, out_dir / "backbone.onnx", opset=opset)
-    validate_component(module, path, spec, "fp32")
+    _, path, _, data_cfg = trace_backbone(model, out_dir, opset)
     names_file = out_dir / "class_names.json"
     names_file.write_text(json.dumps(names))
     return path, data_cfg, names_file
+
+
+def trace_backbone(model: Any, out_dir: Path, opset: int = 17, validate: bool = True, seed: int = 0
+                   ) -> tuple[Any, Path, dict[str, Any], dict[str, Any]]:
+    """A loaded timm classifier traced to ``out_dir/backbone.onnx`` and, with ``validate``, checked
+    against torch at two batch sizes: (its export spec, path, validation record, timm data config).
+    The backbone's spec depends only on the classifier's input size; the other sizes are placeholders."""
+    from dbmef.export.onnx_tools import export_onnx, validate_component
+    from dbmef.export.specs import make_specs
+    from dbmef.reference.loading import backbone_data_config
+    from dbmef.reference.modules import BackboneModule
+
+    data_cfg = backbone_data_config(model)
+    spec = make_specs(image_size=64, backbone_size=tuple(data_cfg["input_size"][1:]), text_width=8,
+                      latent_shape=(4, 8, 8), seed=seed)["backbone"]
+    module = BackboneModule(model)
+    path = export_onnx(module, spec, out_dir / "backbone.onnx", opset=opset)
+    validation = validate_component(module, path, spec, "fp32") if validate else {"status": "skipped"}
+    return spec, path, validation, data_cfg

@@ -60,8 +60,7 @@ def export_with_bundle_diffusion(cfg: ExportConfig, progress: Callable[[str], No
         raise ExportError(f"--backbone {cfg.backbone} cannot go with a bundle as --sd: give a timm model name or "
                           "folder (a zero-shot bundle needs no re-export: `dbmef classify --zero-shot`)")
     step(f"exporting backbone {cfg.backbone}")
-    width = int(src.positive_embeddings().shape[-1])
-    spec, path, validation, data_cfg, source = _backbone(cfg, m, width, out)
+    spec, path, validation, data_cfg, source = _backbone(cfg, m, out)
     step("copying the text encoder, VAE encoder, scorer graphs, tokenizer and embeddings")
     old_backbone = {rel for rel, _ in m.components["backbone"].files()} if "backbone" in m.components else set()
     for rel, _ in m.files():
@@ -83,15 +82,13 @@ def export_with_bundle_diffusion(cfg: ExportConfig, progress: Callable[[str], No
     return out
 
 
-def _backbone(cfg: ExportConfig, m: Any, text_width: int, out: Path
-              ) -> tuple[Any, Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The classifier traced to ``out/backbone.onnx`` and validated against torch at two batch sizes:
-    (its export spec, path, validation, timm data config, source record). Refuses a classifier whose classes are not
-    the bundle's: the bundle's positive embeddings are of its class names, row for row."""
-    from dbmef.export.onnx_tools import export_onnx, validate_component
-    from dbmef.export.specs import make_specs
-    from dbmef.reference.loading import backbone_data_config, load_backbone, read_class_names
-    from dbmef.reference.modules import BackboneModule
+def _backbone(cfg: ExportConfig, m: Any, out: Path) -> tuple[Any, Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The classifier traced to ``out/backbone.onnx`` and validated against torch at two batch sizes
+    (``exporter.trace_backbone``): (its export spec, path, validation, timm data config, source
+    record). Refuses a classifier whose classes are not the bundle's: the bundle's positive
+    embeddings are of its class names, row for row."""
+    from dbmef.export.exporter import trace_backbone
+    from dbmef.reference.loading import load_backbone, read_class_names
 
     model = load_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init)
     n = int(model.num_classes)
@@ -104,15 +101,10 @@ def _backbone(cfg: ExportConfig, m: Any, text_width: int, out: Path
         raise ExportError(f"--class-names {cfg.class_names} differ from the class names of the bundle {cfg.sd} (in "
                           "name or order); its positive embeddings are of its own names: leave --class-names out, or "
                           "export the diffusion side anew")
-    data_cfg = backbone_data_config(model)
-    spec = make_specs(image_size=m.vae.image_size, backbone_size=tuple(data_cfg["input_size"][1:]),
-                      text_width=text_width, latent_shape=tuple(m.vae.latent_shape), seed=cfg.seed)["backbone"]
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()  # a half-rewritten bundle must not look valid
-    module = BackboneModule(model)
-    path = export_onnx(module, spec, out / "backbone.onnx", opset=cfg.opset)
-    validation = validate_component(module, path, spec, "fp32") if cfg.validate else {"status": "skipped"}
+    spec, path, validation, data_cfg = trace_backbone(model, out, cfg.opset, cfg.validate, cfg.seed)
     source = {"id": cfg.backbone, "weights": cfg.weights, "random_init": cfg.random_init, "num_classes": n,
               "weights_sha256": sha256_file(cfg.weights) if cfg.weights else None}
     return spec, path, validation, data_cfg, source
